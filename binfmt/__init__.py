@@ -1,0 +1,1 @@
+"""binfmt_misc, platforms, ELF and QEMU handlers."""

@@ -1,0 +1,1 @@
+"""runtimed: an emulation-aware execution runtime for Linux build hosts."""

@@ -1,0 +1,11 @@
+"""IO: the command groups of ``runtimectl``; each module has ``register(subparsers)``.
+
+To add a group, write ``runtimed/commands/<group>.py`` and list it in COMMAND_MODULES.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Final
+
+COMMAND_MODULES: Final[tuple[ModuleType, ...]] = ()

@@ -1,0 +1,1 @@
+"""Snapshots, copy-on-write views, namespaces and process execution."""

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+
+from runtimed.errors import (
+    InternalError,
+    KernelError,
+    RuntimedError,
+    all_error_classes,
+    error_class_for_code,
+)
+
+
+def test_errors_codes_are_unique_per_class() -> None:
+    owners: dict[str, type[RuntimedError]] = {}
+    for cls in all_error_classes():
+        if "code" not in vars(cls):
+            continue
+        assert cls.code not in owners, f"{cls.__name__} reuses {owners[cls.code].__name__}'s code"
+        owners[cls.code] = cls
+
+
+def test_errors_varlink_names_are_unique() -> None:
+    names = [cls.varlink_name() for cls in all_error_classes() if "code" in vars(cls)]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("cls", all_error_classes())
+def test_errors_every_class_has_a_dotted_code_and_error_suffix(cls: type[RuntimedError]) -> None:
+    area, _, name = cls.code.partition(".")
+    assert area
+    assert name
+    assert name[0].isupper()
+    assert cls.__name__.endswith("Error")
+
+
+@pytest.mark.parametrize("cls", all_error_classes())
+def test_errors_code_maps_back_to_its_class(cls: type[RuntimedError]) -> None:
+    owns_code = "code" in vars(cls) and cls is not RuntimedError
+    expected = cls if owns_code else InternalError
+    assert error_class_for_code(cls.code) is expected
+
+
+def test_errors_unknown_code_is_internal() -> None:
+    assert error_class_for_code("nope.Nope") is InternalError
+
+
+def test_errors_kernel_error_carries_errno_by_name() -> None:
+    exc = KernelError("mount overlay on /x: EPERM", syscall="mount", errno_name="EPERM", path="/x")
+    assert exc.to_json()["details"] == {"syscall": "mount", "errno": "EPERM", "path": "/x"}
