@@ -21,7 +21,7 @@ import pytest
 MUST_WORK: Final = os.environ.get("RUNTIMED_TESTS_MUST_WORK") == "1"
 CACHE: Final = Path(os.environ.get("RUNTIMED_TEST_CACHE", "/var/cache/runtimed-tests"))
 REPO: Final = Path(__file__).resolve().parent.parent
-# Debian architecture names of the busybox-static fixtures, see scripts/fetch-test-fixtures.
+# Debian architecture names of the busybox-static fixtures, see scripts/fetch-busybox.
 BUSYBOX_ARCHES: Final = ("amd64", "arm64", "armhf", "s390x", "ppc64el")
 
 
@@ -80,7 +80,7 @@ def busybox(debian_arch: str) -> Path:
     path = CACHE / "busybox" / debian_arch / "busybox"
     require(
         path.is_file(),
-        f"fixture {path} missing: run scripts/fetch-test-fixtures (busybox-static:{debian_arch})",
+        f"fixture {path} missing: run scripts/fetch-busybox (busybox-static:{debian_arch})",
     )
     return path
 
