@@ -87,6 +87,7 @@ CAPABILITIES: Final[Mapping[str, int]] = {
     "CAP_SYS_ADMIN": 21,
     "CAP_MKNOD": 27,
     "CAP_AUDIT_WRITE": 29,
+    "CAP_SETFCAP": 31,
 }
 
 # --- <asm/unistd.h>: syscalls without a glibc wrapper (x86_64 and aarch64 share 437) -------------
