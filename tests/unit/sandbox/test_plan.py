@@ -1,0 +1,147 @@
+"""Plans: op order, redundant binds, overlay options, and the JSON trip to the helper."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtimed.errors import Json, SandboxError
+from sandbox.plan import (
+    BindMount,
+    MaskPath,
+    Op,
+    OverlayMount,
+    Plan,
+    ProcMount,
+    TmpfsMount,
+    build_plan,
+    optimize,
+)
+from sandbox.spec import ExecSpec, Identity
+
+
+def _plan(**request: Json) -> Plan:
+    spec = ExecSpec.from_json({"snapshot": "s", **request})
+    return build_plan(
+        spec=spec,
+        layers=["/store/l1", "/store/l2"],
+        run_dir="/store/runs/r1",
+        argv=["sh"],
+        env={"PATH": "/bin"},
+        identity=Identity(uid=1000, gid=1000, groups=(10,)),
+        resolv_conf="nameserver 10.0.0.1\n",
+        cgroups=["/sys/fs/cgroup/pids/runtimed/r1"],
+        cgroup_namespace=False,
+    )
+
+
+def test_plan_overlay_lists_top_layer_first_with_explicit_options() -> None:
+    root = OverlayMount(layers=("/l/bottom", "/l/top"), upper="/r/upper", work="/r/work")
+    assert root.options() == (
+        "lowerdir=/l/top:/l/bottom,upperdir=/r/upper,workdir=/r/work,"
+        "userxattr,index=off,metacopy=off"
+    )
+
+
+def test_plan_ops_sorted_by_depth_parents_first() -> None:
+    plan = _plan(mounts=[{"source": "/src", "destination": "/dev/x/y"}])
+    depths = [op.destination.count("/") for op in plan.ops]
+    assert depths == sorted(depths)
+    destinations = [op.destination for op in plan.ops]
+    assert destinations.index("/proc") < destinations.index("/proc/kcore")
+    assert destinations.index("/dev") < destinations.index("/dev/null")
+
+
+@pytest.mark.parametrize(
+    ("ops", "kept"),
+    [
+        # hidden by a later mount on the same destination
+        (
+            [BindMount(source="/a", destination="/x"), TmpfsMount(destination="/x")],
+            [TmpfsMount(destination="/x")],
+        ),
+        # covered by a parent bind of the same subtree
+        (
+            [
+                BindMount(source="/a", destination="/x"),
+                BindMount(source="/a/b", destination="/x/b"),
+            ],
+            [BindMount(source="/a", destination="/x")],
+        ),
+        # a different source or read-only flag is not redundant
+        (
+            [
+                BindMount(source="/a", destination="/x"),
+                BindMount(source="/a/b", destination="/x/b", readonly=True),
+                BindMount(source="/c", destination="/x/c"),
+            ],
+            [
+                BindMount(source="/a", destination="/x"),
+                BindMount(source="/a/b", destination="/x/b", readonly=True),
+                BindMount(source="/c", destination="/x/c"),
+            ],
+        ),
+        # stable among equal depths, deeper after shallower
+        (
+            [MaskPath(destination="/proc/kcore"), ProcMount(), TmpfsMount(destination="/tmp")],
+            [ProcMount(), TmpfsMount(destination="/tmp"), MaskPath(destination="/proc/kcore")],
+        ),
+    ],
+)
+def test_plan_optimize(ops: list[Op], kept: list[Op]) -> None:
+    assert optimize(ops) == kept
+
+
+def test_plan_network_none_adds_net_namespace_and_loopback() -> None:
+    assert "net" in _plan().namespaces
+    assert _plan().loopback
+    assert "net" not in _plan(network="host").namespaces
+
+
+def test_plan_json_round_trip() -> None:
+    plan = _plan(
+        mounts=[{"source": "/src", "destination": "/src", "readonly": True}],
+        tmpfs=[{"destination": "/tmp", "size": 4096}],
+        rlimits={"nofile": [10, 20]},
+        cwd="/work",
+    )
+    assert Plan.from_json(plan.to_json()) == plan
+    assert plan.describe()[0].startswith("overlay root: 2 layer(s)")
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"uid": "0"}, "uid"),
+        ({"uid": True}, "uid"),
+        ({"groups": ["1"]}, "groups"),
+        ({"namespaces": ["user"]}, "namespaces"),
+        ({"ops": [{"op": "explode", "destination": "/"}]}, "ops"),
+        (
+            {"ops": [{"op": "bind", "source": "/a", "destination": "/b", "readonly": 1}]},
+            "ops.bind.readonly",
+        ),
+        ({"ops": [{"op": "tmpfs", "destination": "rel"}]}, "ops.tmpfs.destination"),
+    ],
+)
+def test_plan_from_json_refuses(patch: dict[str, Json], field: str) -> None:
+    obj = _plan().to_json()
+    obj.update(patch)
+    with pytest.raises(SandboxError) as info:
+        Plan.from_json(obj)
+    assert info.value.details["field"] == field
+
+
+def test_plan_refuses_layer_paths_overlay_cannot_express() -> None:
+    spec = ExecSpec.from_json({"snapshot": "s"})
+    with pytest.raises(SandboxError, match="overlay"):
+        build_plan(
+            spec=spec,
+            layers=["/a:b"],
+            run_dir="/r",
+            argv=["sh"],
+            env={},
+            identity=Identity(uid=0, gid=0),
+            resolv_conf="",
+            cgroups=[],
+            cgroup_namespace=False,
+        )
