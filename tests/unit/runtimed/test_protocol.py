@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtimed.errors import InvalidParamsError, Json, MalformedFrameError
@@ -40,6 +40,8 @@ def _drain(conn: Connection) -> list[Event]:
     return events
 
 
+@pytest.mark.slow
+@settings(max_examples=60)
 @given(st.lists(calls, max_size=5), st.integers(1, 64))
 def test_protocol_calls_round_trip_in_any_chunking(messages: list[Call], chunk: int) -> None:
     client = Connection(Role.CLIENT)
@@ -54,6 +56,8 @@ def test_protocol_calls_round_trip_in_any_chunking(messages: list[Call], chunk: 
     assert received == [*messages, EOF]
 
 
+@pytest.mark.slow
+@settings(max_examples=60)
 @given(st.lists(replies, max_size=5))
 def test_protocol_replies_round_trip(messages: list[Reply]) -> None:
     server = Connection(Role.SERVER)
