@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import platform
 from collections.abc import Mapping
@@ -48,6 +49,8 @@ MS_REC: Final = 0x4000
 MS_SILENT: Final = 0x8000
 MS_PRIVATE: Final = 0x40000
 MS_SLAVE: Final = 0x80000
+MS_NODIRATIME: Final = 0x800
+MS_RELATIME: Final = 0x200000
 MS_STRICTATIME: Final = 0x1000000
 
 # --- <sys/mount.h>: umount2(2) flags ------------------------------------------------------------
@@ -60,6 +63,20 @@ RESOLVE_NO_MAGICLINKS: Final = 0x02
 RESOLVE_NO_SYMLINKS: Final = 0x04
 RESOLVE_BENEATH: Final = 0x08
 RESOLVE_IN_ROOT: Final = 0x10
+
+# --- <bits/statvfs.h>: statvfs(3) f_flag bits of a mount ----------------------------------------
+ST_RDONLY: Final = 0x1
+ST_NOSUID: Final = 0x2
+ST_NODEV: Final = 0x4
+ST_NOEXEC: Final = 0x8
+ST_NOATIME: Final = 0x400
+ST_NODIRATIME: Final = 0x800
+ST_RELATIME: Final = 0x1000
+
+# --- <linux/sockios.h> and <net/if.h>: interface flags ioctls ------------------------------------
+SIOCGIFFLAGS: Final = 0x8913
+SIOCSIFFLAGS: Final = 0x8914
+IFF_UP: Final = 0x1
 
 # --- <linux/prctl.h> ----------------------------------------------------------------------------
 PR_SET_PDEATHSIG: Final = 1
@@ -116,6 +133,8 @@ _MOUNT_FLAGS: Final[Mapping[int, str]] = {
     MS_SILENT: "MS_SILENT",
     MS_PRIVATE: "MS_PRIVATE",
     MS_SLAVE: "MS_SLAVE",
+    MS_NODIRATIME: "MS_NODIRATIME",
+    MS_RELATIME: "MS_RELATIME",
     MS_STRICTATIME: "MS_STRICTATIME",
 }
 _UMOUNT_FLAGS: Final[Mapping[int, str]] = {MNT_FORCE: "MNT_FORCE", MNT_DETACH: "MNT_DETACH"}
@@ -245,6 +264,14 @@ def sethostname(name: str) -> None:
     """sethostname(2) in the current UTS namespace."""
     raw = name.encode()
     _check(_libc.sethostname(raw, len(raw)), "sethostname", flags=name)
+
+
+def ioctl(fd: int, request: int, arg: bytes) -> bytes:
+    """ioctl(2) with a buffer argument; returns the buffer as the kernel left it."""
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as exc:
+        raise oserror(exc, syscall="ioctl", flags=hex(request)) from exc
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:

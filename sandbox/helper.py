@@ -1,0 +1,376 @@
+"""IO: the sandbox helper, exec'd once per run as ``python -I -m sandbox.helper``.
+
+It sets up namespaces, the overlay root and the mounts of a :class:`sandbox.plan.Plan`, then
+runs the command under a PID 1 of its own. It is single-threaded and imports only the stdlib
+and ``sandbox`` (STYLE §6): ``unshare`` of some namespaces fails with EINVAL in a threaded
+process, which is why the trio side never does any of this itself.
+
+Arguments: ``--plan-fd N`` (the plan as JSON, read to EOF), ``--status-fd M`` (messages below),
+``--debug`` (log each step to stderr).
+
+Processes::
+
+    launcher ──► helper (outer) ── unshare ──► PID 1 (init) ── fork ──► command
+                 forwards TERM/INT/HUP,        reaps zombies, forwards     drops privileges,
+                 exits with PID 1's status     TERM/INT/HUP, exits with    chdir, exec
+                                               the command's status
+
+Steps, in this fixed order (each its own function):
+
+ 1. ``validate_plan``: read and validate the plan.
+ 2. ``unshare_namespaces``: join the run's cgroups (so a cgroup namespace is rooted there),
+    unshare mount, PID, UTS, IPC (+ net, cgroup), set the host name, bring ``lo`` up in a new
+    network namespace, fork PID 1 (``PR_SET_PDEATHSIG`` SIGKILL: it dies with the helper).
+ 3. ``make_root_slave``: ``/`` rslave, so nothing propagates back to the host.
+ 4. ``mount_workspace``: a private tmpfs on the run's ``mnt/`` for the new root and the files.
+ 5. ``mount_newroot``: the overlay (snapshot layers, the run's upper and work dirs).
+ 6. ``apply_ops``: the plan's ops in order (``sandbox.mounts``), then the working directory.
+ 7. ``switch_root``: ``pivot_root(".", ".")`` and detach the old root.
+ 8. ``drop_privileges``: PID 1 sets rlimits, drops the bounding set to the plan's capabilities
+    (Docker's 14) and clears ambient ones; the command switches groups, gid and uid and sets
+    ``no_new_privs``.
+ 9. ``change_directory``: chdir to the working directory (as the command's user).
+10. ``exec_command``: ``execvpe`` with the plan's environment (``PATH`` lookup in the sandbox).
+
+Status messages, one JSON object per line on the status fd (after runc ``sync.go``):
+
+=====================================================  ========================================
+message                                                meaning
+=====================================================  ========================================
+``{"type": "error", "error": {code, message, ...}}``   a step failed (the helper exits 125) or
+                                                       the exec failed (exit 126, or 127 for
+                                                       ENOENT); nothing ran
+``{"type": "started", "pid": N, "exe": P}``            the command was exec'd: its PID inside
+                                                       the sandbox and ``/proc/N/exe`` if read
+``{"type": "exited", "code": N}``                      the command exited with status N
+``{"type": "exited", "signal": N}``                    the command was killed by signal N
+=====================================================  ========================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Final, NoReturn
+
+from runtimed.errors import ExecFailedError, Json, RuntimedError, SandboxError
+from sandbox import mounts, syscalls
+from sandbox.plan import Plan
+
+log = logging.getLogger(__name__)
+
+SETUP_FAILED: Final = 125
+EXEC_FAILED: Final = 126
+NOT_FOUND: Final = 127
+FORWARDED_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_NAMESPACE_FLAGS: Final = {
+    "mount": syscalls.CLONE_NEWNS,
+    "pid": syscalls.CLONE_NEWPID,
+    "uts": syscalls.CLONE_NEWUTS,
+    "ipc": syscalls.CLONE_NEWIPC,
+    "net": syscalls.CLONE_NEWNET,
+    "cgroup": syscalls.CLONE_NEWCGROUP,
+}
+# struct ifreq (<net/if.h>): a 16-byte name, then the union (short ifr_flags), 40 bytes in all.
+_IFREQ: Final = struct.Struct("16sH22x")
+
+
+class Status:
+    """The status fd: one JSON message per line, each a single atomic pipe write."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def send(self, message: dict[str, Json]) -> None:
+        os.write(self.fd, json.dumps(message).encode() + b"\n")
+
+    def error(self, exc: BaseException) -> None:
+        if not isinstance(exc, RuntimedError):
+            exc = SandboxError(f"sandbox helper failed: {exc!r}")
+        self.send({"type": "error", "error": exc.to_json()})
+
+
+# --- 1. validate ---------------------------------------------------------------------------------
+
+
+def validate_plan(plan_fd: int) -> Plan:
+    """Read the plan to EOF and validate it.
+
+    Raises:
+        SandboxError: not JSON, not a plan, or an unknown capability.
+    """
+    chunks = []
+    while chunk := os.read(plan_fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(plan_fd)
+    try:
+        obj = json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise SandboxError(f"sandbox plan is not JSON: {exc}") from exc
+    plan = Plan.from_json(obj)
+    unknown = set(plan.capabilities) - set(syscalls.CAPABILITIES)
+    if unknown:
+        raise SandboxError(f"sandbox plan names unknown capabilities {sorted(unknown)}")
+    return plan
+
+
+# --- 2. namespaces -------------------------------------------------------------------------------
+
+
+def unshare_namespaces(plan: Plan) -> int:
+    """Join cgroups, unshare, configure UTS and network, fork PID 1; its PID (0 in PID 1)."""
+    for directory in plan.cgroups:
+        Path(directory, "cgroup.procs").write_text(str(os.getpid()))
+    flags = 0
+    for name in plan.namespaces:
+        flags |= _NAMESPACE_FLAGS[name]
+    syscalls.unshare(flags)
+    if "uts" in plan.namespaces:
+        syscalls.sethostname(plan.hostname)
+    if plan.loopback:
+        bring_up_loopback()
+    pid = os.fork()
+    if pid == 0:
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+    return pid
+
+
+def bring_up_loopback() -> None:
+    """Set ``lo`` up with SIOCSIFFLAGS, as ``ip link set lo up`` would (netdevice(7))."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        raw = syscalls.ioctl(sock.fileno(), syscalls.SIOCGIFFLAGS, _IFREQ.pack(b"lo", 0))
+        flags = _IFREQ.unpack(raw)[1]
+        syscalls.ioctl(
+            sock.fileno(), syscalls.SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | syscalls.IFF_UP)
+        )
+
+
+# --- 3. to 7. the new root -----------------------------------------------------------------------
+
+
+def make_root_slave() -> None:
+    syscalls.mount(None, "/", None, syscalls.MS_SLAVE | syscalls.MS_REC)
+
+
+def mount_workspace(plan: Plan) -> Path:
+    workspace = Path(plan.workspace)
+    syscalls.mount("tmpfs", workspace, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=700")
+    (workspace / "root").mkdir()
+    return workspace
+
+
+def mount_newroot(plan: Plan, workspace: Path) -> Path:
+    newroot = workspace / "root"
+    mounts.mount_overlay(plan.root, newroot)
+    return newroot
+
+
+def apply_ops(plan: Plan, newroot: Path, workspace: Path) -> None:
+    root_fd = os.open(newroot, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for op in plan.ops:
+            mounts.apply(op, root_fd, workspace)
+        os.close(mounts.open_in_root(root_fd, plan.cwd, create="dir"))
+    finally:
+        os.close(root_fd)
+
+
+def switch_root(newroot: Path) -> None:
+    os.chdir(newroot)
+    syscalls.pivot_root(".", ".")
+    # The old root is now stacked on "/"; detach it so nothing of the host stays reachable.
+    syscalls.umount2(".", syscalls.MNT_DETACH)
+    os.chdir("/")
+
+
+# --- 8. to 10. privileges and exec ---------------------------------------------------------------
+
+
+def drop_capabilities(plan: Plan) -> None:
+    """PID 1's half of step 8: rlimits, then the bounding, ambient and effective sets."""
+    for limit in plan.rlimits:
+        resource.setrlimit(
+            getattr(resource, f"RLIMIT_{limit.name.upper()}"), (limit.soft, limit.hard)
+        )
+    keep = 0
+    for name in plan.capabilities:
+        keep |= 1 << syscalls.CAPABILITIES[name]
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last + 1):
+        if not keep & (1 << cap):
+            syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+    syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
+    syscalls.capset(keep, keep, 0)
+
+
+def drop_privileges(plan: Plan) -> None:
+    """The command's half of step 8: groups, gid, uid, then no_new_privs."""
+    try:
+        os.setgroups(list(plan.groups))
+    except PermissionError as exc:
+        # A user namespace with setgroups "deny" (user_namespaces(7)) keeps the groups it was
+        # created with; acceptable only when none were asked for.
+        if plan.groups or Path("/proc/self/setgroups").read_text().strip() != "deny":
+            raise syscalls.oserror(exc, syscall="setgroups", flags=str(plan.groups)) from exc
+    try:
+        os.setresgid(plan.gid, plan.gid, plan.gid)
+    except OSError as exc:
+        raise syscalls.oserror(exc, syscall="setresgid", flags=str(plan.gid)) from exc
+    try:
+        os.setresuid(plan.uid, plan.uid, plan.uid)
+    except OSError as exc:
+        raise syscalls.oserror(exc, syscall="setresuid", flags=str(plan.uid)) from exc
+    syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def change_directory(cwd: str) -> None:
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        raise syscalls.oserror(exc, syscall="chdir") from exc
+
+
+def exec_command(plan: Plan) -> NoReturn:
+    """Raises: ExecFailedError (not found in PATH, not executable)."""
+    env = dict(plan.env)
+    try:
+        os.execvpe(plan.argv[0], list(plan.argv), env)
+    except OSError as exc:
+        err = syscalls.oserror(exc, syscall="execve")
+        raise ExecFailedError(
+            f"exec {plan.argv[0]}: {err.errno_name} ({os.strerror(exc.errno or 0)})",
+            details={"argv0": plan.argv[0], "errno": err.errno_name, "path": env.get("PATH")},
+        ) from exc
+
+
+def run_command(plan: Plan, error_fd: int) -> NoReturn:
+    """The forked command: steps 8 to 10; on failure one error record on ``error_fd``."""
+    code = SETUP_FAILED
+    try:
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        drop_privileges(plan)
+        change_directory(plan.cwd)
+        exec_command(plan)
+    except ExecFailedError as exc:
+        code = NOT_FOUND if exc.details.get("errno") == "ENOENT" else EXEC_FAILED
+        os.write(error_fd, json.dumps(exc.to_json()).encode())
+    except BaseException as exc:
+        error = exc if isinstance(exc, RuntimedError) else SandboxError(repr(exc))
+        os.write(error_fd, json.dumps(error.to_json()).encode())
+    os._exit(code)
+
+
+def start_command(plan: Plan, status: Status) -> int:
+    """Fork the command and report on ``status`` whether its exec succeeded; its PID."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        run_command(plan, write_fd)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        failure = pipe.read()  # EOF without data: execve closed the pipe, the command runs
+    if failure:
+        status.send({"type": "error", "error": json.loads(failure)})
+        return pid
+    try:
+        exe: str | None = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = None  # already gone
+    status.send({"type": "started", "pid": pid, "exe": exe})
+    return pid
+
+
+def serve_init(command: int, status: Status) -> int:
+    """PID 1: forward signals to the command, reap every zombie until the command ends."""
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(command, signum)
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    while True:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            return SETUP_FAILED
+        if pid == command:
+            break
+    if os.WIFSIGNALED(wait_status):
+        signum = os.WTERMSIG(wait_status)
+        status.send({"type": "exited", "signal": signum})
+        return 128 + signum
+    code = os.WEXITSTATUS(wait_status)
+    status.send({"type": "exited", "code": code})
+    return code
+
+
+def supervise(pid1: int) -> int:
+    """The outer helper: forward signals to PID 1 and exit with its status."""
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid1, signum)
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    _, wait_status = os.waitpid(pid1, 0)
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code
+
+
+def init(plan: Plan, status: Status) -> NoReturn:
+    """PID 1 of the sandbox: steps 3 to 8, then the command, then reap until it ends."""
+    try:
+        make_root_slave()
+        workspace = mount_workspace(plan)
+        newroot = mount_newroot(plan, workspace)
+        apply_ops(plan, newroot, workspace)
+        switch_root(newroot)
+        drop_capabilities(plan)
+        command = start_command(plan, status)
+    except BaseException as exc:
+        status.error(exc)
+        os._exit(SETUP_FAILED)
+    os._exit(serve_init(command, status))
+
+
+def _fd_argument(argv: list[str], name: str) -> int:
+    try:
+        return int(argv[argv.index(name) + 1])
+    except (ValueError, IndexError):
+        usage = f"usage: python -m sandbox.helper --plan-fd N --status-fd M: bad {name}"
+        raise SystemExit(usage) from None
+
+
+def main(argv: list[str]) -> int:
+    status = Status(_fd_argument(argv, "--status-fd"))
+    os.set_inheritable(status.fd, False)
+    if "--debug" in argv:
+        logging.basicConfig(level=logging.DEBUG, format="sandbox.helper: %(message)s")
+    try:
+        plan = validate_plan(_fd_argument(argv, "--plan-fd"))
+        for line in plan.describe():
+            log.debug("%s", line)
+        pid1 = unshare_namespaces(plan)
+    except BaseException as exc:
+        status.error(exc)
+        return SETUP_FAILED
+    if pid1 == 0:
+        init(plan, status)
+    return supervise(pid1)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
