@@ -16,8 +16,9 @@ any failed system call                 ``{"error": {"syscall", "errno", "path", 
 =====================================  =========================================================
 
 The probes come as ``{"probes": [{"name": "linux/arm64", "image": "<base64 ELF>"}]}`` on stdin;
-each result is ``{"name", "ran", "native", "exe", "error"}``: whether the image ran, whether the
-kernel ran it itself, ``/proc/PID/exe`` while it ran (the interpreter when emulated) and why not.
+each result is ``{"name", "ran", "native", "exe", "exe_id", "error"}``: whether the image ran,
+whether the kernel ran it itself, ``/proc/PID/exe`` while it ran (the interpreter when emulated)
+with its ``[st_dev, st_ino]``, and why it did not run.
 
 Probe set-up, in order (each step one function below):
 
@@ -244,14 +245,19 @@ def collect(started: list[Started], dead: dict[int, str]) -> list[dict[str, obje
     results: list[dict[str, object]] = []
     for s in started:
         exe: str | None = None
+        exe_id: list[int] | None = None
         error = s.error
         if s.pid is not None and s.pid in dead:
             error = dead[s.pid]
         elif s.pid is not None:
+            link = f"/proc/{s.pid}/exe"
             try:
-                exe = os.readlink(f"/proc/{s.pid}/exe")
+                exe = os.readlink(link)
+                # stat follows the magic link to the very file running, even a deleted one.
+                info = os.stat(link)
+                exe_id = [info.st_dev, info.st_ino]
             except OSError as exc:
-                error = f"readlink /proc/{s.pid}/exe: {errno.errorcode.get(exc.errno or 0)}"
+                error = f"readlink {link}: {errno.errorcode.get(exc.errno or 0)}"
             os.kill(s.pid, signal.SIGKILL)
             os.waitpid(s.pid, 0)
         results.append(
@@ -260,6 +266,7 @@ def collect(started: list[Started], dead: dict[int, str]) -> list[dict[str, obje
                 "ran": exe is not None,
                 "native": exe == s.path,
                 "exe": exe,
+                "exe_id": exe_id,
                 "error": error,
             }
         )
