@@ -116,6 +116,8 @@ def error_reply(
     parameters: dict[str, Json] = dict(exc.details)
     if isinstance(exc, InvalidParamsError) and isinstance(exc.details.get("parameter"), str):
         name = SERVICE_INVALID_PARAMETER
+    elif isinstance(exc, MethodNotFoundError) and isinstance(exc.details.get("interface"), str):
+        name = SERVICE_INTERFACE_NOT_FOUND
     elif isinstance(exc, MethodNotFoundError) and isinstance(exc.details.get("method"), str):
         name = SERVICE_METHOD_NOT_FOUND
     else:
