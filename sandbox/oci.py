@@ -42,6 +42,8 @@ DOCKER_MANIFEST: Final = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG: Final = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP: Final = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 DOCKER_LAYER_TAR: Final = "application/vnd.docker.image.rootfs.diff.tar"
+# image-spec annotations.md: the tag of a manifest in an image layout's index.json.
+REF_NAME: Final = "org.opencontainers.image.ref.name"
 
 INDEX_TYPES: Final = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 MANIFEST_TYPES: Final = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
@@ -138,6 +140,7 @@ class Descriptor:
     digest: Digest
     size: int
     platform: Platform | None = None
+    annotations: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Json]:
         out: dict[str, Json] = {
@@ -147,6 +150,8 @@ class Descriptor:
         }
         if self.platform is not None:
             out["platform"] = platform_to_json(self.platform)
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
         return out
 
 

@@ -1,0 +1,257 @@
+"""IO: write a stored layer directory (or the merged view of several) as a tar stream.
+
+A stored layer is in overlayfs representation (``Documentation/filesystems/overlayfs.rst``):
+a whiteout is a character device 0/0 and an opaque directory carries the ``user.overlay.opaque``
+xattr (the layers are mounted with ``userxattr``). Two ways out:
+
+- :func:`write_layer` gives the OCI layer tar of one directory (image-spec ``layer.md``):
+  whiteouts become ``.wh.NAME`` files and an opaque directory gets a ``.wh..wh..opq`` entry.
+  Its bytes are deterministic (sorted names, numeric owners, no user/group names, whole-second
+  mtimes), so the digest of the stream is a stable diff ID: it is how a run's upper directory
+  or an imported directory gets its diff ID, and how export re-creates a layer whose original
+  blob the store did not keep.
+- :func:`write_merged` flattens a snapshot: the tree a read-only overlay mount of the layers
+  would show, computed by walking the layers top-down with overlayfs' rules (a whiteout or a
+  non-directory hides what is below, an opaque directory stops the descent), without mounting.
+
+Layer directories belong to the store (read-only after commit), so a plain walk that never
+follows symlinks is enough here; the untrusted side is the unpacking, in ``sandbox.unpack``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Final
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+# Documentation/filesystems/overlayfs.rst, "User xattr": with the ``userxattr`` mount option
+# overlayfs reads its xattrs from the user.overlay. namespace.
+OPAQUE_XATTR: Final = "user.overlay.opaque"
+OVERLAY_XATTR_PREFIX: Final = "user.overlay."
+WHITEOUT_PREFIX: Final = ".wh."
+OPAQUE_MARKER: Final = ".wh..wh..opq"
+# Kept from the layer, as the unpacker keeps them; trusted.* never reaches a stored layer.
+_KEPT_XATTR_PREFIXES: Final = ("security.capability", "user.")
+_CHUNK: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TarDigest:
+    """The sha256 digest (``sha256:<hex>``) and length of a tar stream written."""
+
+    digest: str
+    size: int
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file object that hashes what passes through to ``sink`` (if any)."""
+
+    def __init__(self, sink: BinaryIO | None) -> None:
+        super().__init__()
+        self._sink = sink
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: ReadableBuffer) -> int:
+        view = memoryview(data)
+        self._hash.update(view)
+        self.size += view.nbytes
+        if self._sink is not None:
+            self._sink.write(view)
+        return view.nbytes
+
+    def result(self) -> TarDigest:
+        return TarDigest(digest="sha256:" + self._hash.hexdigest(), size=self.size)
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_opaque(path: Path) -> bool:
+    try:
+        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _xattrs(path: Path) -> dict[str, str]:
+    """The xattrs a layer tar carries, as PAX ``SCHILY.xattr.*`` records (bytes kept exactly)."""
+    out: dict[str, str] = {}
+    for name in sorted(os.listxattr(path, follow_symlinks=False)):
+        if name.startswith(OVERLAY_XATTR_PREFIX) or not name.startswith(_KEPT_XATTR_PREFIXES):
+            continue
+        value = os.getxattr(path, name, follow_symlinks=False)
+        # tarfile writes undecodable PAX values back byte for byte (hdrcharset=BINARY).
+        out["SCHILY.xattr." + name] = value.decode("utf-8", "surrogateescape")
+    return out
+
+
+def _tarinfo(name: str, path: Path, st: os.stat_result) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uname = info.gname = ""
+    info.mtime = int(st.st_mtime)
+    info.pax_headers = _xattrs(path)
+    return info
+
+
+def _marker(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    return info
+
+
+class _Writer:
+    """Adds entries to a tar stream, turning repeated inodes into hard links."""
+
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self._tar = tar
+        self._links: dict[tuple[int, int], str] = {}
+
+    def add(self, name: str, path: Path, st: os.stat_result) -> None:
+        info = _tarinfo(name, path, st)
+        if stat.S_ISDIR(st.st_mode):
+            info.type = tarfile.DIRTYPE
+            self._tar.addfile(info)
+        elif stat.S_ISREG(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self._links:
+                info.type, info.linkname = tarfile.LNKTYPE, self._links[key]
+                self._tar.addfile(info)
+                return
+            self._links[key] = name
+            info.size = st.st_size
+            with open(path, "rb") as data:
+                self._tar.addfile(info, data)
+        elif stat.S_ISLNK(st.st_mode):
+            info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+            self._tar.addfile(info)
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
+            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+            self._tar.addfile(info)
+        elif stat.S_ISFIFO(st.st_mode):
+            info.type = tarfile.FIFOTYPE
+            self._tar.addfile(info)
+        # Sockets cannot be archived (GNU tar skips them too).
+
+    def add_marker(self, name: str) -> None:
+        self._tar.addfile(_marker(name))
+
+
+def _open_tar(out: _HashingWriter) -> tarfile.TarFile:
+    return tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
+
+
+def _sorted_entries(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def _walk_layer(root: Path, rel: str, writer: _Writer) -> None:
+    for name in _sorted_entries(root / rel if rel else root):
+        child_rel = f"{rel}/{name}" if rel else name
+        path = root / child_rel
+        st = os.lstat(path)
+        if is_whiteout(st):
+            writer.add_marker(f"{rel}/{WHITEOUT_PREFIX}{name}" if rel else WHITEOUT_PREFIX + name)
+            continue
+        writer.add(child_rel, path, st)
+        if stat.S_ISDIR(st.st_mode):
+            if is_opaque(path):
+                writer.add_marker(f"{child_rel}/{OPAQUE_MARKER}")
+            _walk_layer(root, child_rel, writer)
+
+
+def write_layer(layer: Path, sink: BinaryIO | None = None) -> TarDigest:
+    """Write the OCI layer tar of one stored layer directory to ``sink`` (or only hash it).
+
+    Returns:
+        The digest and length of the uncompressed stream: the layer's diff ID.
+
+    Raises:
+        OSError: reading the layer failed (the store translates it).
+    """
+    out = _HashingWriter(sink)
+    with _open_tar(out) as tar:
+        _walk_layer(layer, "", _Writer(tar))
+    return out.result()
+
+
+def _merged_children(
+    layers: Sequence[Path], rel: str
+) -> Iterator[tuple[str, Path, os.stat_result, list[Path]]]:
+    """The visible entries of directory ``rel`` over ``layers`` (top first), sorted by name.
+
+    Yields (name, path in its top-most layer, its stat, the layers a sub-directory draws from).
+    """
+    top: dict[str, tuple[Path, os.stat_result]] = {}
+    hidden: set[str] = set()
+    for layer in layers:
+        directory = layer / rel if rel else layer
+        for name in _sorted_entries(directory):
+            if name in top or name in hidden:
+                continue
+            path = directory / name
+            st = os.lstat(path)
+            if is_whiteout(st):
+                hidden.add(name)
+            else:
+                top[name] = (path, st)
+    for name in sorted(top):
+        path, st = top[name]
+        sources: list[Path] = []
+        if stat.S_ISDIR(st.st_mode):
+            child_rel = f"{rel}/{name}" if rel else name
+            sources = _dir_sources(layers, child_rel)
+        yield name, path, st, sources
+
+
+def _dir_sources(layers: Sequence[Path], rel: str) -> list[Path]:
+    """The layers (top first) whose ``rel`` directory merges into the view (overlayfs rules)."""
+    sources: list[Path] = []
+    for layer in layers:
+        try:
+            st = os.lstat(layer / rel)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            break  # a whiteout or a non-directory hides everything below
+        sources.append(layer)
+        if is_opaque(layer / rel):
+            break
+    return sources
+
+
+def _walk_merged(layers: Sequence[Path], rel: str, writer: _Writer) -> None:
+    for name, path, st, sources in _merged_children(layers, rel):
+        child_rel = f"{rel}/{name}" if rel else name
+        writer.add(child_rel, path, st)
+        if sources:
+            _walk_merged(sources, child_rel, writer)
+
+
+def write_merged(layers: Sequence[Path], sink: BinaryIO) -> TarDigest:
+    """Write the flattened tree of ``layers`` (lowest first, as ``lowerdir`` lists them reversed).
+
+    Raises:
+        OSError: reading a layer failed (the store translates it).
+    """
+    out = _HashingWriter(sink)
+    with _open_tar(out) as tar:
+        _walk_merged(_dir_sources(list(reversed(layers)), ""), "", _Writer(tar))
+    return out.result()
