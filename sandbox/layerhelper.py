@@ -1,0 +1,268 @@
+"""IO: the exec'd, single-threaded process that applies one layer (``python -I -m
+sandbox.layerhelper``), started by :func:`sandbox.unpack.apply_layer`.
+
+Why a process of its own: a layer on top of parents is unpacked into an overlay mount (lower =
+the parents, upper = the new layer directory), so that writes through a symlink that lives in a
+lower layer (usrmerge's ``lib -> usr/lib`` in layer 1, ``lib/x.so`` in layer 2) land where the
+merged view puts them, and whiteouts become real overlay whiteouts written by the kernel. That
+needs ``unshare(CLONE_NEWNS)`` and ``mount``, which the trio daemon never calls (STYLE §6). The
+mount lives in this process's private mount namespace and vanishes with it, even on SIGKILL.
+
+Steps, in order, each its own function:
+
+1. ``read_plan``: the plan, one JSON object on stdin (see the table), validated.
+2. ``die_with_parent``: PR_SET_PDEATHSIG, so a dead daemon leaves no unpacker behind.
+3. ``enter_mount_namespace`` (only with parents): unshare(CLONE_NEWNS), then make ``/``
+   recursively private so nothing we mount propagates to the host.
+4. ``mount_merged`` (only with parents): overlay on ``WORK/merged`` with
+   ``lowerdir=<parents, top first>,upperdir=DEST,workdir=WORK/ovl`` and
+   ``userxattr,index=off,metacopy=off,redirect_dir=nofollow``. ``userxattr`` (kernel commit
+   2d2f2d7322ff, Documentation/filesystems/overlayfs.rst "Non-standard behavior"/"userxattr")
+   keeps overlay metadata in ``user.overlay.*`` so the same layer directories work under a
+   daemon that is real root and one that is root of a user namespace. It refuses redirects
+   and metacopy (they would let a user forge ``user.overlay.redirect``): the kernel rejects
+   ``userxattr`` with ``redirect_dir=off`` ("conflicting options: userxattr,redirect_dir=
+   follow", as ``off`` still follows), so it is ``nofollow``: none created, none followed.
+   ``index=off`` keeps the upper directory free of an index tied to this particular mount.
+   Paths are passed relative to their common parent (we chdir there) to stay within the one
+   page the mount options may take.
+5. ``unpack``: :func:`sandbox.unpack.unpack_stream` from the source fd into the merged root
+   (or straight into DEST for a layer without parents).
+6. ``unmount``: the overlay is unmounted and WORK emptied before success is reported.
+   ``strip_bookkeeping`` then removes the ``user.overlay.*`` xattrs overlayfs records for its
+   own use on copy-up (``origin``, ``impure``, ``uuid``: tied to this mount and filesystem)
+   and keeps only ``user.overlay.opaque``, the one that means something in a lower layer
+   (stacker and BuildKit's differ keep the same subset).
+7. ``report``: one JSON record on stdout (the status fd), then exit 0; stdout is moved away
+   first so that nothing else can ever be written to it.
+
+Plan (stdin, one JSON object):
+
+=================== ===============================================================
+``name``            blob name used in errors
+``source_fd``       inherited fd with the layer stream (read to its end)
+``parents``         layer directories, lowest first (may be empty)
+``dest``            empty directory that becomes the layer
+``work``            empty directory on DEST's filesystem (null without parents)
+``limits``          :class:`sandbox.archive.UnpackLimits` as JSON
+``expected_*``      ``expected_diff_id``/``expected_digest``: ``sha256:…`` or null
+=================== ===============================================================
+
+Status records (stdout, exactly one):
+
+====================================== ============================================
+``{"result": LayerResult.to_json()}``  the layer is complete in DEST (exit 0)
+``{"error": RuntimedError.to_json()}`` failed; DEST/WORK may hold partial state that the
+                                       caller removes (exit 1)
+(nothing)                              the helper crashed; stderr says why
+====================================== ============================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Final
+
+from runtimed.errors import InternalError, InvalidParamsError, Json, RuntimedError
+from sandbox import syscalls
+from sandbox.archive import LayerResult, UnpackLimits
+from sandbox.unpack import unpack_stream
+
+log = logging.getLogger(__name__)
+
+# Documentation/filesystems/overlayfs.rst: "userxattr", "Sharing and copying layers"
+# (index=off), "Metadata only copy up" (metacopy=off), "Redirect dir" (redirect_dir=nofollow).
+OVERLAY_OPTIONS: Final = "userxattr,index=off,metacopy=off,redirect_dir=nofollow"
+OVERLAY_XATTR_PREFIX: Final = "user.overlay."
+KEPT_OVERLAY_XATTRS: Final = frozenset({"user.overlay.opaque"})
+# The mount(2) data argument is one page; keep a margin.
+_MAX_OPTIONS: Final = 4000
+_FORBIDDEN_IN_PATHS: Final = (",", ":", "\\")
+
+
+class Plan:
+    """The validated plan (plain attributes; built only by :func:`read_plan`)."""
+
+    def __init__(self, obj: dict[str, Json]) -> None:
+        self.name = _text(obj, "name")
+        self.source_fd = _integer(obj, "source_fd")
+        parents = obj.get("parents")
+        if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+            raise InvalidParamsError("plan.parents: not a list of paths", details=_param("parents"))
+        self.parents = [Path(str(p)) for p in parents]
+        self.dest = Path(_text(obj, "dest"))
+        work = obj.get("work")
+        self.work = None if work is None else Path(_text(obj, "work"))
+        if self.parents and self.work is None:
+            raise InvalidParamsError("plan.work: needed with parents", details=_param("work"))
+        self.limits = UnpackLimits.from_json(obj.get("limits"))
+        self.expected_diff_id = _optional_text(obj, "expected_diff_id")
+        self.expected_digest = _optional_text(obj, "expected_digest")
+
+
+def _param(name: str) -> dict[str, Json]:
+    return {"parameter": name}
+
+
+def _text(obj: dict[str, Json], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidParamsError(f"plan.{key}: not a non-empty string", details=_param(key))
+    return value
+
+
+def _optional_text(obj: dict[str, Json], key: str) -> str | None:
+    return None if obj.get(key) is None else _text(obj, key)
+
+
+def _integer(obj: dict[str, Json], key: str) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidParamsError(f"plan.{key}: not a non-negative integer", details=_param(key))
+    return value
+
+
+def read_plan(text: bytes) -> Plan:
+    """Step 1. Raises InvalidParamsError naming the bad field."""
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise InvalidParamsError(f"plan: not JSON: {exc}", details=_param(".")) from exc
+    if not isinstance(obj, dict):
+        raise InvalidParamsError("plan: not an object", details=_param("."))
+    return Plan(obj)
+
+
+def die_with_parent() -> None:
+    """Step 2."""
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def enter_mount_namespace() -> None:
+    """Step 3: a private mount namespace whose mounts never propagate back to the host."""
+    syscalls.unshare(syscalls.CLONE_NEWNS)
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+
+
+def overlay_options(parents: list[Path], upper: Path, work: Path) -> str:
+    """The overlay mount data, paths relative to the current directory (the common parent).
+
+    Raises:
+        InvalidParamsError: a path holds a character the option syntax cannot carry, or the
+            options do not fit in a page.
+    """
+    base = Path(os.path.commonpath([*parents, upper, work]))
+    for path in (*parents, upper, work):
+        if any(c in os.fspath(path) for c in _FORBIDDEN_IN_PATHS):
+            raise InvalidParamsError(
+                f"overlay path {path}: ',', ':' and '\\' cannot be passed to overlayfs",
+                details=_param("parents"),
+            )
+    lower = ":".join(os.path.relpath(p, base) for p in reversed(parents))
+    data = (
+        f"lowerdir={lower},upperdir={os.path.relpath(upper, base)},"
+        f"workdir={os.path.relpath(work, base)},{OVERLAY_OPTIONS}"
+    )
+    if len(data.encode()) > _MAX_OPTIONS:
+        raise InvalidParamsError(
+            f"overlay options for {len(parents)} layers exceed one page", details=_param("parents")
+        )
+    os.chdir(base)
+    return data
+
+
+def mount_merged(plan: Plan) -> Path:
+    """Step 4: the merged view of the parents with DEST as its upper directory."""
+    assert plan.work is not None
+    merged, ovl = plan.work / "merged", plan.work / "ovl"
+    merged.mkdir(mode=0o700)
+    ovl.mkdir(mode=0o700)
+    data = overlay_options(plan.parents, plan.dest, ovl)
+    syscalls.mount("overlay", merged, "overlay", 0, data)
+    return merged
+
+
+def unpack(plan: Plan, root: Path) -> LayerResult:
+    """Step 5."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return unpack_stream(
+            plan.source_fd,
+            root_fd,
+            plan.limits,
+            name=plan.name,
+            expected_diff_id=plan.expected_diff_id,
+            expected_digest=plan.expected_digest,
+        )
+    finally:
+        os.close(root_fd)
+
+
+def unmount(plan: Plan, merged: Path) -> None:
+    """Step 6: detach the overlay and leave WORK empty."""
+    syscalls.umount2(merged)
+    assert plan.work is not None
+    # overlayfs leaves WORK/ovl/work (mode 000, maybe holding leftovers) behind.
+    shutil.rmtree(plan.work / "ovl")
+    merged.rmdir()
+
+
+def strip_bookkeeping(dest: Path) -> None:
+    """Step 6, second half: keep only the overlay xattrs that describe the layer itself."""
+    for dirpath, dirnames, filenames, dir_fd in os.fwalk(dest):
+        del dirpath
+        for name in [".", *dirnames, *filenames]:
+            path = f"/proc/self/fd/{dir_fd}/{name}"
+            for key in os.listxattr(path, follow_symlinks=False):
+                if key.startswith(OVERLAY_XATTR_PREFIX) and key not in KEPT_OVERLAY_XATTRS:
+                    os.removexattr(path, key, follow_symlinks=False)
+
+
+def run(plan_text: bytes) -> LayerResult:
+    """Steps 1-6."""
+    plan = read_plan(plan_text)
+    die_with_parent()
+    if not plan.parents:
+        return unpack(plan, plan.dest)
+    enter_mount_namespace()
+    merged = mount_merged(plan)
+    result = unpack(plan, merged)
+    unmount(plan, merged)
+    strip_bookkeeping(plan.dest)
+    return result
+
+
+def report(status_fd: int, record: dict[str, Json]) -> None:
+    """Step 7."""
+    data = json.dumps(record).encode()
+    while data:
+        data = data[os.write(status_fd, data) :]
+
+
+def main() -> int:
+    # stdout is the status fd: move it away so that stray output cannot corrupt the record.
+    status_fd = os.dup(1)
+    os.dup2(2, 1)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="layerhelper: %(message)s")
+    try:
+        result = run(sys.stdin.buffer.read())
+    except RuntimedError as exc:
+        report(status_fd, {"error": exc.to_json()})
+        return 1
+    except Exception as exc:  # the one top-level catch: report, then show the traceback
+        traceback.print_exc()
+        report(status_fd, {"error": InternalError(f"layer helper: {exc!r}").to_json()})
+        return 1
+    report(status_fd, {"result": result.to_json()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

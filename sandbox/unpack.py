@@ -1,0 +1,983 @@
+"""IO: safe unpacking of one untrusted layer (a tar stream or a directory) into a layer directory.
+
+Public API (sync; the daemon calls it through ``trio.to_thread``):
+
+- :func:`apply_layer` runs ``sandbox.layerhelper`` (an exec'd single-threaded process) that
+  reads the stream, unpacks it and reports one JSON record; on failure ``dest`` and ``work``
+  are emptied.
+- :func:`copy_directory_layer` streams a source directory (given as an fd) as a canonical tar
+  through the very same helper, so both sources share one filter and one writer.
+
+The building blocks the helper uses live here too:
+
+- :class:`LayerStream` reads the raw fd to its end, sniffs the compression, decompresses
+  member by member (concatenated gzip members, zstd frames, xz and bzip2 streams are legal;
+  anything else after the last one is garbage), hashes both the compressed and the
+  uncompressed bytes in the same pass and enforces :class:`~sandbox.archive.UnpackLimits`.
+- :func:`unpack_stream` parses tar headers with ``tarfile`` (parsing only, strictly: a bad
+  header anywhere or a missing end-of-archive marker rejects the archive) and hands each
+  planned :class:`~sandbox.archive.Entry` to :class:`LayerWriter`.
+- :class:`LayerWriter` performs every write relative to a root directory fd: parent directories
+  are resolved with ``openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`` (symlinks met on the way
+  are followed but can never leave the root), the final component is created with ``*at()``
+  calls on the parent fd and never followed (``O_NOFOLLOW``, ``AT_SYMLINK_NOFOLLOW``).
+  Whiteouts and opaque markers delete what the layers below show, as seen through the root; in
+  the helper that root is an overlay mount whose upper dir is the new layer, so the kernel
+  records them as overlay whiteouts and opaque directories (see ``sandbox.layerhelper``).
+"""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import lzma
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import threading
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO, Final, Protocol
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
+
+from runtimed.errors import (
+    InternalError,
+    InvalidArchiveError,
+    Json,
+    KernelError,
+    LimitExceededError,
+    RuntimedError,
+    SnapshotError,
+    error_class_for_code,
+)
+from sandbox import syscalls
+from sandbox.archive import (
+    MAGIC,
+    PAX_XATTR_PREFIX,
+    SNIFF_BYTES,
+    Compression,
+    Entry,
+    EntryKind,
+    LayerResult,
+    Member,
+    UnpackLimits,
+    pax_xattrs,
+    plan_entry,
+    sniff_compression,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK: Final = 1024 * 1024
+BLOCK: Final = tarfile.BLOCKSIZE
+_RESOLVE: Final = syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS
+_DIR_PATH: Final = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_DIR_READ: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_NEW_FILE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# Failures that are the host's, not the archive's: reported as KernelError, not InvalidArchive.
+_HOST_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM})
+_WARNING_CHARS: Final = 300
+HELPER_MODULE: Final = "sandbox.layerhelper"
+DEFAULT_LIMITS: Final = UnpackLimits()
+
+
+def _digest(h: hashlib._Hash) -> str:
+    return f"sha256:{h.hexdigest()}"
+
+
+class _Decompressor(Protocol):
+    """The interface shared by lzma, bz2 and zstd decompressors (and our zlib adapter)."""
+
+    @property
+    def eof(self) -> bool: ...
+    @property
+    def needs_input(self) -> bool: ...
+    @property
+    def unused_data(self) -> bytes: ...
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
+
+
+class _GzipMember:
+    """zlib's gzip decoder with the needs_input/max_length interface of lzma and bz2.
+
+    zlib checks the member's CRC-32 and length trailer (RFC 1952 2.3.1) when it reaches eof.
+    """
+
+    def __init__(self) -> None:
+        self._zlib = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        self._tail = b""
+
+    @property
+    def eof(self) -> bool:
+        return self._zlib.eof
+
+    @property
+    def needs_input(self) -> bool:
+        return not self._tail
+
+    @property
+    def unused_data(self) -> bytes:
+        return self._zlib.unused_data
+
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+        out = self._zlib.decompress(self._tail + data, max(max_length, 0))
+        self._tail = self._zlib.unconsumed_tail
+        return out
+
+
+_DECOMPRESSORS: Final[dict[Compression, Callable[[], _Decompressor]]] = {
+    Compression.GZIP: _GzipMember,
+    Compression.ZSTD: zstd.ZstdDecompressor,
+    Compression.XZ: lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ),
+    Compression.BZIP2: bz2.BZ2Decompressor,
+}
+_DECOMPRESS_ERRORS: Final = (zlib.error, lzma.LZMAError, OSError, EOFError, zstd.ZstdError)
+
+
+class LayerStream:
+    """Forward-only, seekable file object over an fd holding a possibly compressed tar stream.
+
+    Reads the fd to its end, hashes what it reads (compressed digest) and what it returns
+    (diff_id), and raises once the uncompressed stream grows beyond ``limits.max_bytes``.
+    ``seek`` only moves forward (reading and hashing what it skips), which is all ``tarfile``
+    needs in mode ``"r"``. Output is produced at most :data:`CHUNK` bytes at a time, so a
+    decompression bomb never sits in memory.
+
+    Raises (from read/peek/seek/finish):
+        InvalidArchiveError: truncated or corrupt compressed data, trailing garbage.
+        LimitExceededError: more than ``limits.max_bytes`` uncompressed bytes.
+    """
+
+    def __init__(self, fd: int, limits: UnpackLimits, *, name: str = "layer") -> None:
+        self._fd = fd
+        self._limits = limits
+        self.name = name
+        self.raw_hash = hashlib.sha256()
+        self.hash = hashlib.sha256()
+        self.total = 0
+        self._raw_eof = False
+        self._input = b""
+        while len(self._input) < SNIFF_BYTES and not self._raw_eof:
+            self._input += self._read_raw()
+        self.compression = sniff_compression(self._input)
+        self._decoder: _Decompressor | None = None
+        self._done = False
+        self._buf = b""
+        self._off = 0
+        self._pos = 0
+
+    def _read_raw(self) -> bytes:
+        try:
+            data = os.read(self._fd, CHUNK)
+        except OSError as exc:
+            raise syscalls.oserror(exc, syscall="read") from exc
+        self._raw_eof = not data
+        self.raw_hash.update(data)
+        return data
+
+    def _invalid(self, why: str) -> InvalidArchiveError:
+        return InvalidArchiveError(
+            f"{self.name} ({self.compression}): {why}",
+            details={"blob": self.name, "compression": str(self.compression), "reason": why},
+        )
+
+    def _start_member(self) -> bool:
+        """Begin the next compressed member; False at a clean end of the stream."""
+        magic = MAGIC[self.compression]
+        while len(self._input) < len(magic) and not self._raw_eof:
+            self._input += self._read_raw()
+        if not self._input:
+            return False
+        if not self._input.startswith(magic):
+            raise self._invalid(f"trailing garbage after the last member ({self._input[:8]!r})")
+        self._decoder = _DECOMPRESSORS[self.compression]()
+        return True
+
+    def _produce(self) -> bytes:
+        """Up to CHUNK new uncompressed bytes; b"" only at the end of the stream."""
+        if self.compression is Compression.NONE:
+            data, self._input = self._input or self._read_raw(), b""
+            return data
+        while True:
+            if self._decoder is None and not self._start_member():
+                return b""
+            decoder = self._decoder
+            assert decoder is not None
+            data = b""
+            if decoder.needs_input:
+                data, self._input = self._input or self._read_raw(), b""
+                if not data:
+                    raise self._invalid("truncated: the stream ends inside a member")
+            try:
+                out = decoder.decompress(data, CHUNK)
+            except _DECOMPRESS_ERRORS as exc:
+                raise self._invalid(f"corrupt data: {exc}") from exc
+            if decoder.eof:
+                self._input = decoder.unused_data
+                self._decoder = None
+            if out:
+                return out
+
+    def _fill(self, size: int) -> None:
+        while len(self._buf) - self._off < size and not self._done:
+            data = self._produce()
+            if not data:
+                self._done = True
+                break
+            self.hash.update(data)
+            self.total += len(data)
+            if self.total > self._limits.max_bytes:
+                raise LimitExceededError(
+                    f"{self.name}: more than {self._limits.max_bytes} uncompressed bytes",
+                    details={"blob": self.name, "limit": "max_bytes"},
+                )
+            self._buf = self._buf[self._off :] + data if self._off < len(self._buf) else data
+            self._off = 0
+
+    def peek(self, size: int) -> bytes:
+        """The next ``size`` bytes (fewer at the end) without consuming them."""
+        self._fill(size)
+        return self._buf[self._off : self._off + size]
+
+    def read(self, size: int = -1) -> bytes:
+        """The next ``size`` bytes; fewer only at the end of the stream."""
+        if size < 0:
+            chunks = []
+            while chunk := self.read(CHUNK):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        self._fill(size)
+        out = self._buf[self._off : self._off + size]
+        self._off += len(out)
+        self._pos += len(out)
+        return out
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        target = offset if whence == os.SEEK_SET else self._pos + offset
+        if whence not in (os.SEEK_SET, os.SEEK_CUR) or target < self._pos:
+            raise InternalError(f"{self.name}: backward seek to {target} from {self._pos}")
+        while self._pos < target:
+            if not self.read(min(target - self._pos, CHUNK)):
+                raise self._invalid("truncated: the stream ends inside a member's data")
+        return self._pos
+
+    def finish(self) -> None:
+        """Read (and hash) the rest of the stream, checking the compression to its end."""
+        while self.read(CHUNK):
+            pass
+
+
+def _clear(parent: int, name: str) -> None:
+    """Remove ``name`` in ``parent`` (a whole tree for a directory), never following it.
+
+    ``shutil.rmtree`` with ``dir_fd`` walks by descriptor and never follows symlinks.
+    """
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=parent)
+    else:
+        os.unlink(name, dir_fd=parent)
+
+
+class Readable(Protocol):
+    """What a file's content is read from (tarfile's member reader, a plain file)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class _Warnings:
+    """Bounded list of warnings: a hostile archive cannot grow the result without limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.kept: list[str] = []
+        self.dropped = 0
+        self._limit = limit
+
+    def add(self, text: str) -> None:
+        if len(self.kept) < self._limit:
+            shown = text if len(text) <= _WARNING_CHARS else text[:_WARNING_CHARS] + "..."
+            self.kept.append(shown)
+            log.debug("unpack: %s", shown)
+        else:
+            self.dropped += 1
+
+    def result(self) -> tuple[str, ...]:
+        more = (f"... and {self.dropped} more",) if self.dropped else ()
+        return (*self.kept, *more)
+
+
+class LayerWriter:
+    """Executes planned entries relative to a root directory fd (see the module docstring).
+
+    Whiteouts and opaque markers apply only to what the layers below provide (OCI image spec,
+    layer.md "Whiteouts"): what this layer itself created is remembered and kept.
+    """
+
+    def __init__(self, root_fd: int, limits: UnpackLimits) -> None:
+        self._root = root_fd
+        self._limits = limits
+        self._created: set[tuple[str, ...]] = set()
+        self._dir_times: list[tuple[tuple[str, ...], int]] = []
+        self.size = 0
+
+    # --- resolution ---------------------------------------------------------------------------
+
+    def _open(self, parts: tuple[str, ...], flags: int = _DIR_PATH) -> int:
+        return syscalls.openat2(self._root, "/".join(parts) or ".", flags, _RESOLVE)
+
+    def _open_dir(self, parts: tuple[str, ...], *, create: bool) -> int:
+        """An O_PATH fd of directory ``parts`` resolved in the root, creating missing ones."""
+        try:
+            return self._open(parts)
+        except KernelError as exc:
+            if exc.errno_name != "ENOENT" or not create:
+                raise
+        fd = os.dup(self._root)
+        try:
+            for i, name in enumerate(parts):
+                prefix = parts[: i + 1]
+                try:
+                    child = self._open(prefix)
+                except KernelError as exc:
+                    if exc.errno_name != "ENOENT":
+                        raise
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                    self._created.add(prefix)
+                    child = os.open(name, _DIR_PATH | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    # --- entries ------------------------------------------------------------------------------
+
+    def apply(self, entry: Entry, data: Readable | None = None) -> None:
+        """Write one entry; ``data`` is the file's content for FILE entries.
+
+        Raises:
+            InvalidArchiveError: the entry cannot be written as the archive asks (a hardlink to
+                nothing or to a directory, a file where a directory is needed, ...).
+            KernelError: the host failed (ENOSPC, EIO, ...).
+            LimitExceededError: file data beyond ``limits.max_bytes``.
+        """
+        log.debug("unpack: %s", entry.describe())
+        try:
+            self._apply(entry, data)
+        except OSError as exc:
+            raise _entry_error(entry, exc.errno or 0, str(exc)) from exc
+        except KernelError as exc:
+            raise _entry_error(entry, getattr(errno, exc.errno_name, 0), exc.message) from exc
+
+    def _apply(self, entry: Entry, data: Readable | None) -> None:
+        if entry.kind is EntryKind.WHITEOUT:
+            self._whiteout(entry.path)
+            return
+        if entry.kind is EntryKind.OPAQUE:
+            self._opaque(entry.path)
+            return
+        if not entry.path:
+            self._directory_metadata(self._root, ".", entry)
+            return
+        parent = self._open_dir(entry.path[:-1], create=True)
+        try:
+            self._create(parent, entry.path[-1], entry, data)
+        finally:
+            os.close(parent)
+        self._created.add(entry.path)
+
+    def _create(self, parent: int, name: str, entry: Entry, data: Readable | None) -> None:
+        if entry.kind is EntryKind.DIRECTORY:
+            self._directory(parent, name, entry)
+            return
+        if entry.kind is EntryKind.HARDLINK:
+            self._hardlink(parent, name, entry)
+            return
+        for attempt in (1, 2):
+            try:
+                self._make(parent, name, entry, data)
+                return
+            except FileExistsError:
+                if attempt == 2:
+                    raise
+                _clear(parent, name)
+
+    def _make(self, parent: int, name: str, entry: Entry, data: Readable | None) -> None:
+        if entry.kind is EntryKind.FILE:
+            fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
+            try:
+                self._write_data(fd, entry, data)
+                # chown clears setuid/setgid and security.capability, so it goes first
+                # (chown(2), capabilities(7) "File capability extended attribute versioning").
+                os.fchown(fd, entry.uid, entry.gid)
+                for key, value in entry.xattrs:
+                    os.setxattr(fd, key, value)
+                os.fchmod(fd, entry.mode)
+                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            finally:
+                os.close(fd)
+            return
+        if entry.kind is EntryKind.SYMLINK:
+            os.symlink(entry.symlink, name, dir_fd=parent)
+        elif entry.kind is EntryKind.CHAR_DEVICE:
+            os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(*entry.device), dir_fd=parent)
+        elif entry.kind is EntryKind.FIFO:
+            os.mkfifo(name, 0o600, dir_fd=parent)
+        else:
+            raise InternalError(f"unpack: no writer for {entry.kind}")
+        os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+        if entry.kind is not EntryKind.SYMLINK:
+            # We created ``name`` just now as a device or FIFO in a directory only we write to.
+            os.chmod(name, entry.mode, dir_fd=parent)
+        ns = (entry.mtime_ns, entry.mtime_ns)
+        os.utime(name, ns=ns, dir_fd=parent, follow_symlinks=False)
+
+    def _write_data(self, fd: int, entry: Entry, data: Readable | None) -> None:
+        remaining = entry.size
+        while remaining > 0 and data is not None:
+            chunk = data.read(min(remaining, CHUNK))
+            if not chunk:
+                raise InvalidArchiveError(
+                    f"archive member {'/'.join(entry.path)!r}: data ends early",
+                    details={"entry": "/".join(entry.path)},
+                )
+            self.size += len(chunk)
+            if self.size > self._limits.max_bytes:
+                raise LimitExceededError(
+                    f"layer: more than {self._limits.max_bytes} bytes of file data",
+                    details={"entry": "/".join(entry.path), "limit": "max_bytes"},
+                )
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            remaining -= len(chunk)
+
+    def _directory(self, parent: int, name: str, entry: Entry) -> None:
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode) and self._is_dir(entry.path):
+                # A symlink to a directory stays (GNU tar --keep-directory-symlink): usrmerge's
+                # ``lib -> usr/lib`` must not be shadowed by a later ``lib/`` entry.
+                log.debug("unpack: kept directory symlink %s", "/".join(entry.path))
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                _clear(parent, name)
+                os.mkdir(name, 0o700, dir_fd=parent)
+        self._directory_metadata(parent, name, entry)
+
+    def _is_dir(self, parts: tuple[str, ...]) -> bool:
+        try:
+            os.close(self._open(parts))
+        except KernelError:
+            return False
+        return True
+
+    def _directory_metadata(self, parent: int, name: str, entry: Entry) -> None:
+        fd = os.open(name, _DIR_READ | os.O_NOFOLLOW, dir_fd=parent)
+        try:
+            os.fchown(fd, entry.uid, entry.gid)
+            for key, value in entry.xattrs:
+                os.setxattr(fd, key, value)
+            os.fchmod(fd, entry.mode)
+        finally:
+            os.close(fd)
+        # Later entries change the directory's mtime: it is set once all are written.
+        self._dir_times.append((entry.path, entry.mtime_ns))
+
+    def _hardlink(self, parent: int, name: str, entry: Entry) -> None:
+        target_parent = self._open_dir(entry.hardlink[:-1], create=False)
+        try:
+            target = entry.hardlink[-1]
+            source = os.stat(target, dir_fd=target_parent, follow_symlinks=False)
+            if stat.S_ISDIR(source.st_mode):
+                raise InvalidArchiveError(
+                    f"archive member {'/'.join(entry.path)!r}: hardlink to a directory",
+                    details={"entry": "/".join(entry.path)},
+                )
+            try:
+                existing = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
+                if (existing.st_dev, existing.st_ino) == (source.st_dev, source.st_ino):
+                    return
+                _clear(parent, name)
+            # No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself (linkat(2)).
+            os.link(
+                target, name, src_dir_fd=target_parent, dst_dir_fd=parent, follow_symlinks=False
+            )
+        finally:
+            os.close(target_parent)
+
+    def _whiteout(self, path: tuple[str, ...]) -> None:
+        if path in self._created:
+            return
+        try:
+            parent = self._open_dir(path[:-1], create=False)
+        except KernelError as exc:
+            if exc.errno_name in ("ENOENT", "ENOTDIR"):
+                return  # nothing below to hide
+            raise
+        try:
+            _clear(parent, path[-1])
+        finally:
+            os.close(parent)
+
+    def _opaque(self, path: tuple[str, ...]) -> None:
+        holder = self._open_dir(path, create=True)
+        os.close(holder)
+        fd = self._open(path, _DIR_READ)
+        try:
+            for name in os.listdir(fd):
+                if (*path, name) not in self._created:
+                    _clear(fd, name)
+        finally:
+            os.close(fd)
+
+    def finish(self) -> None:
+        """Set directory mtimes, deepest and latest first, once nothing else changes them."""
+        for path, mtime_ns in reversed(self._dir_times):
+            if path and not self._is_dir(path):
+                continue
+            fd = self._open(path, _DIR_READ)
+            try:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)
+
+
+def _entry_error(entry: Entry, err: int, text: str) -> RuntimedError:
+    name = "/".join(entry.path) or "."
+    if err in _HOST_ERRNOS:
+        return syscalls.kernel_error(err, syscall=f"unpack {entry.kind}", path=name)
+    return InvalidArchiveError(
+        f"archive member {name!r} ({entry.kind}): {text}",
+        details={"entry": name, "errno": errno.errorcode.get(err, str(err))},
+    )
+
+
+def member_from_tarinfo(info: tarfile.TarInfo) -> Member:
+    """The parser's view of a tar header, as the pure planner's :class:`Member`."""
+    return Member(
+        name=info.name,
+        type=info.type.decode("latin-1"),
+        linkname=info.linkname,
+        mode=info.mode,
+        uid=info.uid,
+        gid=info.gid,
+        mtime=float(info.mtime),
+        size=info.size,
+        devmajor=info.devmajor,
+        devminor=info.devminor,
+        xattrs=pax_xattrs(info.pax_headers),
+    )
+
+
+def _tar_members(stream: LayerStream) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """Parse tar headers strictly, one at a time, without keeping them (stream order).
+
+    Ends at the end-of-archive marker (two zero blocks). Stdlib ``TarFile.next`` stops
+    silently at a bad header after the first member; we reject the archive instead.
+    """
+    if stream.peek(BLOCK) == bytes(BLOCK):
+        _check_end(stream)
+        return
+    try:
+        tar = tarfile.TarFile(fileobj=stream, mode="r")  # type: ignore[arg-type]
+    except tarfile.TarError as exc:
+        raise InvalidArchiveError(
+            f"{stream.name}: not a tar archive: {exc}", details={"blob": stream.name}
+        ) from exc
+    # TarFile keeps what its constructor read in two attributes typeshed does not list.
+    info: tarfile.TarInfo | None = tar.firstmember  # type: ignore[attr-defined]
+    while info is not None:
+        # The archive object must not remember members: memory stays flat for any count.
+        tar.members.clear()  # type: ignore[attr-defined]
+        yield tar, info
+        stream.seek(tar.offset)
+        head = stream.peek(BLOCK)
+        if len(head) < BLOCK:
+            raise InvalidArchiveError(
+                f"{stream.name}: truncated: no end-of-archive marker after {info.name!r}",
+                details={"blob": stream.name, "entry": info.name},
+            )
+        if head == bytes(BLOCK):
+            _check_end(stream)
+            return
+        try:
+            info = tarfile.TarInfo.fromtarfile(tar)
+        except tarfile.TarError as exc:
+            raise InvalidArchiveError(
+                f"{stream.name}: bad tar header after {info.name!r}: {exc}",
+                details={"blob": stream.name, "entry": info.name},
+            ) from exc
+
+
+def _check_end(stream: LayerStream) -> None:
+    if stream.read(2 * BLOCK) != bytes(2 * BLOCK):
+        raise InvalidArchiveError(
+            f"{stream.name}: truncated or corrupt end-of-archive marker",
+            details={"blob": stream.name},
+        )
+
+
+def unpack_stream(
+    fd: int,
+    root_fd: int,
+    limits: UnpackLimits,
+    *,
+    name: str = "layer",
+    expected_diff_id: str | None = None,
+    expected_digest: str | None = None,
+) -> LayerResult:
+    """Unpack the tar stream on ``fd`` into the directory ``root_fd``, in this process.
+
+    The helper calls this with ``root_fd`` on the merged overlay (or the bare layer directory
+    for a layer without parents); it is not meant for the daemon itself.
+
+    Raises:
+        InvalidArchiveError: corrupt, truncated or hostile archive, or a digest mismatch.
+        LimitExceededError: beyond ``limits``.
+        KernelError: the host failed while writing.
+    """
+    stream = LayerStream(fd, limits, name=name)
+    writer = LayerWriter(root_fd, limits)
+    warnings = _Warnings(limits.max_warnings)
+    entries = 0
+    try:
+        for tar, info in _tar_members(stream):
+            entries += 1
+            if entries > limits.max_entries:
+                raise LimitExceededError(
+                    f"{name}: more than {limits.max_entries} entries",
+                    details={"blob": name, "limit": "max_entries"},
+                )
+            plan = plan_entry(member_from_tarinfo(info))
+            for text in plan.warnings:
+                warnings.add(text)
+            if plan.entry is not None:
+                data = tar.extractfile(info) if plan.entry.kind is EntryKind.FILE else None
+                writer.apply(plan.entry, data)
+    except tarfile.TarError as exc:
+        raise InvalidArchiveError(
+            f"{name}: corrupt tar data: {exc}", details={"blob": name}
+        ) from exc
+    writer.finish()
+    stream.finish()
+    result = LayerResult(
+        diff_id=_digest(stream.hash),
+        compressed_digest=_digest(stream.raw_hash),
+        compression=stream.compression,
+        size=writer.size,
+        entries=entries,
+        warnings=warnings.result(),
+    )
+    _check_digest(name, "diff_id", expected_diff_id, result.diff_id)
+    _check_digest(name, "digest", expected_digest, result.compressed_digest)
+    return result
+
+
+def _check_digest(name: str, what: str, expected: str | None, actual: str) -> None:
+    if expected is not None and expected != actual:
+        raise InvalidArchiveError(
+            f"{name}: {what} mismatch: expected {expected}, got {actual}",
+            details={"blob": name, "expected": expected, "actual": actual, "digest": what},
+        )
+
+
+# --- the caller-facing side: run the helper ---------------------------------------------------
+
+
+def apply_layer(
+    source_fd: int,
+    *,
+    parents: Sequence[Path],
+    dest: Path,
+    work: Path | None = None,
+    limits: UnpackLimits = DEFAULT_LIMITS,
+    expected_diff_id: str | None = None,
+    expected_digest: str | None = None,
+    name: str = "layer",
+) -> LayerResult:
+    """Unpack the layer stream on ``source_fd`` into the empty directory ``dest``.
+
+    ``parents`` are the layer directories below, lowest first (overlayfs lowerdirs). With
+    parents, the exec'd helper mounts an overlay (lower = parents, upper = ``dest``) in its own
+    mount namespace on ``work`` (an empty directory on the same filesystem as ``dest``) and
+    unpacks into the merged view, so ``dest`` ends up holding overlayfs's representation of
+    the layer: whiteouts as 0/0 character devices, opaque directories with the
+    ``user.overlay.opaque`` xattr. Every overlay mount over such layers must pass ``userxattr``.
+    The helper reads ``source_fd`` to its end; ``name`` names the blob in errors.
+
+    On failure ``dest`` and ``work`` are emptied (the caller removes the directories).
+
+    Raises:
+        InvalidArchiveError: corrupt, truncated or hostile archive, or a digest mismatch.
+        LimitExceededError: beyond ``limits``.
+        KernelError: a system call failed (mounting the overlay, ENOSPC, ...).
+        SnapshotError: ``dest``/``work`` unusable, or the helper died without a report.
+    """
+    _require_empty(dest)
+    if parents:
+        if work is None:
+            raise SnapshotError(f"{name}: a layer with parents needs a work directory")
+        _require_empty(work)
+    plan: dict[str, Json] = {
+        "name": name,
+        "source_fd": source_fd,
+        "parents": [os.fspath(p) for p in parents],
+        "dest": os.fspath(dest),
+        "work": None if work is None else os.fspath(work),
+        "limits": limits.to_json(),
+        "expected_diff_id": expected_diff_id,
+        "expected_digest": expected_digest,
+    }
+    try:
+        return LayerResult.from_json(_run_helper(plan, source_fd))
+    except BaseException:
+        _empty(dest)
+        if work is not None:
+            _empty(work)
+        raise
+
+
+def _run_helper(plan: dict[str, Json], source_fd: int) -> Json:
+    """Run the helper; the result record's payload, or the helper's error raised again."""
+    proc = subprocess.run(
+        [sys.executable, "-I", "-m", HELPER_MODULE],
+        input=json.dumps(plan).encode(),
+        capture_output=True,
+        pass_fds=(source_fd,),
+        check=False,
+    )
+    stderr = proc.stderr.decode(errors="replace").strip()
+    if stderr:
+        log.debug("layer helper stderr: %s", stderr)
+    try:
+        record = json.loads(proc.stdout)
+    except ValueError:
+        record = None
+    if isinstance(record, dict) and "result" in record:
+        result: Json = record["result"]
+        return result
+    if isinstance(record, dict) and isinstance(record.get("error"), dict):
+        raise error_from_record(record["error"])
+    raise SnapshotError(
+        f"layer helper exited with status {proc.returncode} without a report",
+        details={"returncode": proc.returncode, "stderr": stderr[-2000:]},
+    )
+
+
+def error_from_record(obj: dict[str, Json]) -> RuntimedError:
+    """Rebuild the error the helper reported (its ``to_json()``) as the same class."""
+    code, message = obj.get("code"), obj.get("message")
+    details = obj.get("details")
+    hint = obj.get("hint")
+    text = message if isinstance(message, str) else "layer helper failed"
+    extra = details if isinstance(details, dict) else {}
+    cls = error_class_for_code(code if isinstance(code, str) else "")
+    tip = hint if isinstance(hint, str) else None
+    if issubclass(cls, KernelError):
+        return KernelError(
+            text,
+            syscall=str(extra.get("syscall", "?")),
+            errno_name=str(extra.get("errno", "?")),
+            path=None if extra.get("path") is None else str(extra.get("path")),
+            hint=tip,
+        )
+    error: RuntimedError = cls(text, details=extra, hint=tip)
+    return error
+
+
+def _require_empty(path: Path) -> None:
+    try:
+        names = os.listdir(path)
+    except OSError as exc:
+        raise SnapshotError(
+            f"layer directory {path}: {exc.strerror}", details={"path": os.fspath(path)}
+        ) from exc
+    if names:
+        raise SnapshotError(
+            f"layer directory {path} is not empty", details={"path": os.fspath(path)}
+        )
+
+
+def _empty(path: Path) -> None:
+    """Remove everything inside ``path`` (without following any symlink), keeping ``path``."""
+    try:
+        fd = os.open(path, _DIR_READ | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    try:
+        for name in os.listdir(fd):
+            _clear(fd, name)
+    finally:
+        os.close(fd)
+
+
+# --- directory sources -----------------------------------------------------------------------
+
+
+def copy_directory_layer(
+    src_dir_fd: int, dest: Path, limits: UnpackLimits = DEFAULT_LIMITS, *, name: str = "directory"
+) -> LayerResult:
+    """Copy the tree under the open directory ``src_dir_fd`` into the empty layer ``dest``.
+
+    The tree is streamed as a canonical tar (:func:`write_directory_tar`) through
+    :func:`apply_layer`, so it gets exactly the filters and writer an archive gets; the
+    result's ``diff_id`` is that tar's digest. Symlinks in the source are copied, never
+    followed. Opening the source with the caller's rights is the caller's business.
+
+    Raises:
+        InvalidArchiveError, LimitExceededError, KernelError, SnapshotError: as apply_layer;
+            KernelError also when the source cannot be read.
+    """
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    failures: list[BaseException] = []
+    skipped: list[str] = []
+
+    def produce() -> None:
+        try:
+            with os.fdopen(write_end, "wb") as out:
+                write_directory_tar(src_dir_fd, out, skipped.append)
+        except BaseException as exc:  # handed to the calling thread
+            failures.append(exc)
+
+    producer = threading.Thread(target=produce, name="copy-directory-layer")
+    producer.start()
+    try:
+        result = apply_layer(read_end, parents=(), dest=dest, limits=limits, name=name)
+    except RuntimedError:
+        os.close(read_end)
+        producer.join()
+        _raise_producer_failure(failures)
+        raise
+    os.close(read_end)
+    producer.join()
+    if failures:
+        _empty(dest)
+        _raise_producer_failure(failures)
+    return dataclasses.replace(result, warnings=(*skipped, *result.warnings))
+
+
+def _raise_producer_failure(failures: list[BaseException]) -> None:
+    for exc in failures:
+        if isinstance(exc, RuntimedError):
+            raise exc
+        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+            raise syscalls.oserror(exc, syscall="copy directory") from exc
+
+
+_TAR_TYPES: Final = {
+    stat.S_IFREG: tarfile.REGTYPE,
+    stat.S_IFDIR: tarfile.DIRTYPE,
+    stat.S_IFLNK: tarfile.SYMTYPE,
+    stat.S_IFCHR: tarfile.CHRTYPE,
+    stat.S_IFBLK: tarfile.BLKTYPE,
+    stat.S_IFIFO: tarfile.FIFOTYPE,
+}
+
+
+def write_directory_tar(dir_fd: int, out: BinaryIO, warn: Callable[[str], None]) -> None:
+    """Write the tree under ``dir_fd`` to ``out`` as a canonical PAX tar.
+
+    Canonical: names sorted bytewise, numeric owners only, mtimes with nanoseconds, xattrs as
+    ``SCHILY.xattr.*``, hardlinks to the first name of an inode. Symlinks are never followed
+    (every lookup is ``*at()`` with ``O_NOFOLLOW``); sockets are skipped with a warning.
+
+    Raises:
+        OSError: the source could not be read.
+    """
+    tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+    seen: dict[tuple[int, int], str] = {}
+    root = os.stat(".", dir_fd=dir_fd)
+    tar.addfile(_tarinfo(".", root, dir_fd, "."))
+    stack: list[tuple[int, str, Iterator[str]]] = []
+    top = os.open(".", _DIR_READ, dir_fd=dir_fd)
+    stack.append((top, "", iter(sorted(os.listdir(top), key=os.fsencode))))
+    try:
+        while stack:
+            fd, prefix, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(fd)
+                stack.pop()
+                continue
+            path = prefix + name
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            kind = stat.S_IFMT(st.st_mode)
+            if kind not in _TAR_TYPES:
+                warn(f"{path}: skipped (socket or unknown file type)")
+                continue
+            info = _tarinfo(path, st, fd, name)
+            if kind == stat.S_IFREG and st.st_nlink > 1:
+                first = seen.setdefault((st.st_dev, st.st_ino), path)
+                if first != path:
+                    info.type, info.linkname, info.size = tarfile.LNKTYPE, first, 0
+            if info.type == tarfile.REGTYPE:
+                file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                with os.fdopen(file_fd, "rb") as data:
+                    tar.addfile(info, data)
+            else:
+                tar.addfile(info)
+            if kind == stat.S_IFDIR:
+                child = os.open(name, _DIR_READ | os.O_NOFOLLOW, dir_fd=fd)
+                names_below = iter(sorted(os.listdir(child), key=os.fsencode))
+                stack.append((child, path + "/", names_below))
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+    tar.close()
+
+
+def _tarinfo(path: str, st: os.stat_result, dir_fd: int, name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(path)
+    kind = stat.S_IFMT(st.st_mode)
+    info.type = _TAR_TYPES[kind]
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uname = info.gname = ""
+    info.mtime = st.st_mtime_ns / 1_000_000_000
+    if kind == stat.S_IFREG:
+        info.size = st.st_size
+    if kind == stat.S_IFLNK:
+        info.linkname = os.readlink(name, dir_fd=dir_fd)
+    if kind in (stat.S_IFCHR, stat.S_IFBLK):
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    if kind in (stat.S_IFREG, stat.S_IFDIR):
+        pax: dict[str, str] = {}
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+        try:
+            for key in sorted(os.listxattr(fd)):
+                value = os.getxattr(fd, key)
+                pax[PAX_XATTR_PREFIX + key] = value.decode("utf-8", "surrogateescape")
+        finally:
+            os.close(fd)
+        info.pax_headers = pax
+    return info
