@@ -362,7 +362,14 @@ class LayerWriter:
                 except KernelError as exc:
                     if exc.errno_name != "ENOENT":
                         raise
-                    os.mkdir(name, 0o755, dir_fd=fd)
+                    try:
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        raise InvalidArchiveError(
+                            f"{'/'.join(prefix)!r} is a symlink that does not resolve to a "
+                            "directory inside the layer",
+                            details={"entry": "/".join(prefix)},
+                        ) from None
                     self._created.add(prefix)
                     child = os.open(name, _DIR_PATH | os.O_NOFOLLOW, dir_fd=fd)
                 os.close(fd)
