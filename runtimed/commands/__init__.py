@@ -8,4 +8,6 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Final
 
-COMMAND_MODULES: Final[tuple[ModuleType, ...]] = ()
+from runtimed.commands import binfmt_cmd, snapshot_cmd
+
+COMMAND_MODULES: Final[tuple[ModuleType, ...]] = (binfmt_cmd, snapshot_cmd)

@@ -1,0 +1,1433 @@
+"""IO: the content-addressed snapshot store under the state directory (sync API).
+
+Theory of operation
+-------------------
+A *layer* is one unpacked filesystem change set, stored once in overlayfs representation
+(whiteouts are 0/0 character devices, opaque directories carry ``user.overlay.opaque``) under
+``layers/<chain-id hex>/`` and keyed by its chain ID, so every snapshot whose history starts
+with the same layers shares the directories. A *snapshot* is an ordered list of layers plus an
+OCI image config; its id is the digest of that config (the image ID), which names the platform,
+the execution defaults and every diff ID: the same content imported from a tarball, an OCI
+layout or our own export gets the same id.
+
+::
+
+    state_dir/
+      meta.db            SQLite (WAL): layers, snapshots, their layer lists, source keys, views
+      store.lock         flock: shared while a Store is open, exclusive to reclaim garbage
+      locks/<name>.lock  flock per chain ID (one unpack per layer, no gc under an import)
+      layers/<hex>/      unpacked layers, read-only after commit (overlay lowerdirs)
+      blobs/<alg>/<hex>  compressed layer blobs as imported, kept for export
+      staging/<tmp>/     work in progress, removed on success, failure or next open
+      runs/<tmp>/        upper/ and work/ of runs (new_run_dir), removed by remove_run_dir
+
+Crash safety: everything is built under ``staging/``, synced (``syncfs``), renamed into
+``layers/`` or ``blobs/``, and only then recorded in one SQLite transaction. The invariants
+are: a layer row exists only for a complete layer directory; a snapshot row and its layer list
+are written in the same transaction, after all its layer rows. After ``kill -9`` at any point
+the next :class:`Store` that finds itself alone (exclusive ``store.lock``) removes staging and
+run directories, layer directories without a row, layers no snapshot uses and blobs no layer
+uses (:meth:`Store.reclaim`).
+
+Concurrency: an import takes the lock of each chain ID before looking for the layer and keeps it
+until its snapshot is committed, so two imports of the same layer unpack it once and ``gc``
+(which only takes free locks) never removes a layer an import is about to use.
+"""
+
+from __future__ import annotations
+
+import builtins
+import bz2
+import contextlib
+import ctypes
+import datetime
+import enum
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import lzma
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Final
+
+from binfmt.platform import Platform, compatible, parse_platform, platform_from_uname
+from runtimed.errors import (
+    InternalError,
+    InvalidArchiveError,
+    Json,
+    KernelError,
+    PlatformError,
+    SnapshotError,
+    SnapshotInUseError,
+    SnapshotNotFoundError,
+    UsageError,
+)
+from sandbox import layertar, oci, rootplatform, syscalls, view
+from sandbox.archive import Compression, UnpackLimits
+from sandbox.unpack import apply_layer, copy_directory_layer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR: Final = Path("/var/lib/runtimed")
+SCHEMA_VERSION: Final = 1
+CHUNK: Final = 1 << 20
+# Nested indexes are followed this deep, and at most this many manifests are considered.
+MAX_INDEX_DEPTH: Final = 4
+MAX_MANIFESTS: Final = 256
+SHORT_ID: Final = 12
+MIN_PREFIX: Final = 4
+# Lock names are digests' hex or "src-<hex>"; nothing else reaches the file system.
+_LOCK_NAME_RE: Final = re.compile(r"[a-z0-9-]{1,140}")
+
+_SCHEMA: Final = """
+CREATE TABLE layers (
+    chain_id TEXT PRIMARY KEY,
+    diff_id TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    entries INTEGER NOT NULL,
+    blob_digest TEXT,
+    blob_compression TEXT,
+    blob_size INTEGER
+);
+CREATE TABLE snapshots (
+    id TEXT PRIMARY KEY,
+    config BLOB NOT NULL,
+    platform TEXT NOT NULL,
+    platform_source TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE snapshot_layers (
+    snapshot_id TEXT NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    chain_id TEXT NOT NULL REFERENCES layers(chain_id),
+    PRIMARY KEY (snapshot_id, position)
+);
+CREATE INDEX snapshot_layers_chain ON snapshot_layers(chain_id);
+CREATE TABLE sources (
+    key TEXT PRIMARY KEY,
+    snapshot_id TEXT NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE
+);
+CREATE TABLE views (
+    path TEXT PRIMARY KEY,
+    snapshot_id TEXT NOT NULL REFERENCES snapshots(id)
+);
+"""
+
+# Media type of a kept blob by its compression; xz and bzip2 have none in OCI and are exported
+# decompressed.
+_LAYER_MEDIA_TYPES: Final = {
+    Compression.NONE: oci.OCI_LAYER_TAR,
+    Compression.GZIP: oci.OCI_LAYER_GZIP,
+    Compression.ZSTD: oci.OCI_LAYER_ZSTD,
+}
+
+Checkpoint = Callable[[str], None]
+"""Called with the name of each crash-safety phase; tests kill the importer there."""
+Progress = Callable[[str], None]
+
+
+# --- values ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerInfo:
+    chain_id: str
+    diff_id: str
+    size: int
+    entries: int
+    blob_digest: str | None = None
+    blob_compression: Compression | None = None
+    blob_size: int | None = None
+
+    def to_json(self) -> dict[str, Json]:
+        return {
+            "chain_id": self.chain_id,
+            "diff_id": self.diff_id,
+            "size": self.size,
+            "entries": self.entries,
+            "blob": self.blob_digest,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotInfo:
+    """A stored snapshot. ``platform_source`` says how the platform was decided."""
+
+    id: str
+    platform: Platform
+    platform_source: str
+    layers: tuple[LayerInfo, ...]
+    config: oci.ImageConfig
+    created: str
+    source: str
+
+    @property
+    def size(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    @property
+    def short_id(self) -> str:
+        return oci.digest_hex(self.id)[:SHORT_ID]
+
+    def to_json(self) -> dict[str, Json]:
+        return {
+            "id": self.id,
+            "platform": str(self.platform),
+            "platform_source": self.platform_source,
+            "layers": [layer.to_json() for layer in self.layers],
+            "config": self.config.to_json(),
+            "created": self.created,
+            "size": self.size,
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _NewLayer:
+    """A layer unpacked in staging, before it is installed under its chain ID."""
+
+    path: Path
+    diff_id: str
+    size: int
+    entries: int
+    blob: Path | None = None
+    blob_digest: str | None = None
+    blob_compression: Compression | None = None
+    blob_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Resolved:
+    """What an import source resolves to before any layer is unpacked."""
+
+    config: bytes
+    platform: Platform
+    platform_source: str
+
+
+# --- low-level helpers -------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2): flush the store's file system before metadata points at new files."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) != 0:
+        raise syscalls.kernel_error(ctypes.get_errno(), syscall="syncfs")
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+class _Member:
+    """A byte range of an open file: a blob in a layout directory or inside a tar archive."""
+
+    def __init__(self, fd: int, offset: int, size: int, name: str) -> None:
+        self.fd, self.offset, self.size, self.name = fd, offset, size, name
+
+    def chunks(self) -> Iterator[bytes]:
+        done = 0
+        while done < self.size:
+            data = os.pread(self.fd, min(CHUNK, self.size - done), self.offset + done)
+            if not data:
+                raise InvalidArchiveError(f"{self.name}: truncated ({done} of {self.size} bytes)")
+            done += len(data)
+            yield data
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks())
+
+
+class _Archive:
+    """The files of an image archive: a layout directory or an uncompressed tar of one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._members: dict[str, tuple[int, int]] | None = None
+        if not stat.S_ISDIR(os.fstat(self._fd).st_mode):
+            self._members = _index_tar(path)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def has(self, name: str) -> bool:
+        if self._members is not None:
+            return name in self._members
+        try:
+            os.close(self._open(name))
+        except (KernelError, OSError):
+            return False
+        return True
+
+    def _open(self, name: str) -> int:
+        # A layout directory is untrusted input too: never follow a symlink out of it.
+        return syscalls.openat2(
+            self._fd,
+            name,
+            os.O_RDONLY | os.O_NONBLOCK,
+            syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS,
+        )
+
+    @contextlib.contextmanager
+    def member(self, name: str) -> Iterator[_Member]:
+        """Raises: InvalidArchiveError: the archive has no regular file ``name``."""
+        if self._members is not None:
+            if name not in self._members:
+                raise InvalidArchiveError(f"{self.path}: no {name} in the archive")
+            offset, size = self._members[name]
+            yield _Member(self._fd, offset, size, name)
+            return
+        try:
+            fd = self._open(name)
+        except (KernelError, OSError) as exc:
+            raise InvalidArchiveError(f"{self.path}: cannot open {name}: {exc}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidArchiveError(f"{self.path}: {name} is not a regular file")
+            yield _Member(fd, 0, st.st_size, name)
+        finally:
+            os.close(fd)
+
+    def read_small(self, name: str) -> bytes:
+        with self.member(name) as m:
+            if m.size > oci.MAX_DOCUMENT_SIZE:
+                raise InvalidArchiveError(f"{name}: {m.size} bytes, too big for a document")
+            return m.read()
+
+    def read_blob(self, desc: oci.Descriptor, *, what: str) -> bytes:
+        """A small blob (index, manifest, config), read whole and verified."""
+        if desc.size > oci.MAX_DOCUMENT_SIZE:
+            raise InvalidArchiveError(f"{what}: {desc.size} bytes, too big for a document")
+        data = self.read_small(blob_name(desc.digest))
+        oci.verify_blob(data, desc.digest, desc.size, what=what)
+        return data
+
+
+def blob_name(digest: str) -> str:
+    return f"blobs/{oci.digest_algorithm(digest)}/{oci.digest_hex(digest)}"
+
+
+_ARCHIVE_NAME_RE: Final = re.compile(
+    r"oci-layout|index\.json|manifest\.json|repositories|blobs|blobs/(sha256|sha512)"
+    r"|blobs/(sha256|sha512)/[0-9a-f]+|[0-9a-f]{64}(\.json|\.tar|/|/layer\.tar|/json|/VERSION)?"
+)
+
+
+def _member_name(name: str) -> str:
+    return name.removeprefix("./").rstrip("/")
+
+
+def _index_tar(path: Path) -> dict[str, tuple[int, int]]:
+    """Name -> (data offset, size) of the regular files of an uncompressed image archive.
+
+    Raises:
+        InvalidArchiveError: not a tar archive, duplicate names, links or special files.
+    """
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                name = _member_name(info.name)
+                if not info.isreg():
+                    continue  # directories; docker save's legacy <id>/layer.tar symlinks
+                if name in out:
+                    raise InvalidArchiveError(f"{path}: {info.name} appears twice")
+                out[name] = (info.offset_data, info.size)
+    except (tarfile.TarError, EOFError) as exc:
+        raise InvalidArchiveError(f"{path}: not a readable tar archive: {exc}") from exc
+    return out
+
+
+def sniff_image_archive(path: Path) -> str | None:
+    """``"oci"`` or ``"docker"`` for a tar holding an image layout or ``docker save`` output,
+    None for a root filesystem tarball. Stops at the first member a layout cannot hold, so a
+    rootfs tarball costs one header read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if len(head) < 512 or head[257:262] != b"ustar":
+        return None  # compressed or not a tar: a rootfs tarball for the unpacker to judge
+    seen: set[str] = set()
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                name = _member_name(info.name)
+                if name in ("", "."):
+                    continue
+                if not _ARCHIVE_NAME_RE.fullmatch(name):
+                    return None
+                seen.add(name)
+    except (tarfile.TarError, EOFError):
+        return None
+    if {"oci-layout", "index.json"} <= seen:
+        return "oci"
+    if "manifest.json" in seen:
+        return "docker"
+    return None
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+class Store:
+    """The snapshot store at ``state_dir`` (created if missing). Close it, or use ``with``.
+
+    Args:
+        state_dir: where layers, blobs and ``meta.db`` live.
+        limits: bounds for every layer unpacked.
+        host: the platform a single-component ``--platform`` is completed from, and the
+            default when an image index offers several and the caller asked for none.
+        checkpoint: called with each crash-safety phase name (fault injection in tests).
+
+    Raises:
+        SnapshotError: the state directory is unusable or its schema is newer than ours.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path = DEFAULT_STATE_DIR,
+        *,
+        limits: UnpackLimits | None = None,
+        host: Platform | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        self.limits = limits or UnpackLimits()
+        self.host = host or platform_from_uname(os.uname().machine)
+        self._checkpoint = checkpoint or (lambda _phase: None)
+        self.layers_dir = state_dir / "layers"
+        self.blobs_dir = state_dir / "blobs"
+        self.staging_dir = state_dir / "staging"
+        self.runs_dir = state_dir / "runs"
+        self.locks_dir = state_dir / "locks"
+        try:
+            for d in (self.layers_dir, self.staging_dir, self.runs_dir, self.locks_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            for alg in ("sha256", "sha512"):
+                (self.blobs_dir / alg).mkdir(parents=True, exist_ok=True)
+            self._store_lock = os.open(
+                state_dir / "store.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            raise SnapshotError(
+                f"open snapshot store {state_dir}: {exc.strerror}",
+                details={"state_dir": str(state_dir)},
+                hint="the state directory must be writable (run as root or pass --state-dir)",
+            ) from exc
+        self._init_schema()
+        try:
+            fcntl.flock(self._store_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # another process has the store open: it reclaimed at its own start
+        else:
+            self.reclaim()
+        fcntl.flock(self._store_lock, fcntl.LOCK_SH)
+
+    def close(self) -> None:
+        os.close(self._store_lock)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- database ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _db(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection per operation: the daemon calls in from several worker threads."""
+        conn = sqlite3.connect(self.state_dir / "meta.db", timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            if write:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            else:
+                yield conn
+        finally:
+            conn.close()
+
+    def _init_schema(self) -> None:
+        with self._db() as conn:
+            conn.execute("PRAGMA journal_mode = WAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.execute("BEGIN IMMEDIATE")
+                if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            elif version != SCHEMA_VERSION:
+                raise SnapshotError(
+                    f"snapshot store {self.state_dir}: schema version {version}, "
+                    f"this runtimed reads {SCHEMA_VERSION}",
+                    details={"schema_version": version},
+                )
+
+    # --- locks and staging ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self, name: str, *, wait: bool = True) -> Iterator[bool]:
+        """Hold ``locks/<name>.lock``; yields False (not holding) when ``wait`` is off and
+        another holder has it. Lock files are never deleted while the store is shared."""
+        if not _LOCK_NAME_RE.fullmatch(name):
+            raise InternalError(f"bad lock name {name!r}")
+        fd = os.open(self.locks_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _staging(self) -> Iterator[Path]:
+        path = Path(tempfile.mkdtemp(dir=self.staging_dir))
+        try:
+            yield path
+        finally:
+            _rmtree(path)
+
+    def _layer_path(self, chain_id: str) -> Path:
+        return self.layers_dir / oci.digest_hex(chain_id)
+
+    def _blob_path(self, digest: str) -> Path:
+        return self.blobs_dir / oci.digest_algorithm(digest) / oci.digest_hex(digest)
+
+    # --- reading metadata ----------------------------------------------------------------------
+
+    def _resolve_id(self, conn: sqlite3.Connection, ref: str) -> str:
+        text = ref.removeprefix("sha256:")
+        if not re.fullmatch(f"[0-9a-f]{{{MIN_PREFIX},64}}", text):
+            raise UsageError(
+                f"snapshot id {ref!r}: expected at least {MIN_PREFIX} hex digits",
+                details={"id": ref},
+            )
+        rows = conn.execute(
+            "SELECT id FROM snapshots WHERE id >= ? AND id < ?",
+            (f"sha256:{text}", f"sha256:{text}g"),
+        ).fetchall()
+        if not rows:
+            raise SnapshotNotFoundError(f"no snapshot {ref}", details={"id": ref})
+        if len(rows) > 1:
+            raise UsageError(f"snapshot id {ref!r} is ambiguous", details={"id": ref})
+        return str(rows[0][0])
+
+    def _info(self, conn: sqlite3.Connection, snapshot_id: str) -> SnapshotInfo:
+        row = conn.execute(
+            "SELECT config, platform, platform_source, source, created FROM snapshots WHERE id = ?",
+            (snapshot_id,),
+        ).fetchone()
+        if row is None:
+            raise SnapshotNotFoundError(f"no snapshot {snapshot_id}", details={"id": snapshot_id})
+        layers = conn.execute(
+            "SELECT l.chain_id, l.diff_id, l.size, l.entries, l.blob_digest, "
+            "l.blob_compression, l.blob_size FROM snapshot_layers s "
+            "JOIN layers l ON l.chain_id = s.chain_id WHERE s.snapshot_id = ? "
+            "ORDER BY s.position",
+            (snapshot_id,),
+        ).fetchall()
+        config = oci.parse_config(row[0], what=f"snapshot {snapshot_id} config")
+        return SnapshotInfo(
+            id=snapshot_id,
+            platform=config.platform,
+            platform_source=row[2],
+            layers=tuple(
+                LayerInfo(
+                    chain_id=c,
+                    diff_id=d,
+                    size=s,
+                    entries=e,
+                    blob_digest=b,
+                    blob_compression=None if bc is None else Compression(bc),
+                    blob_size=bs,
+                )
+                for c, d, s, e, b, bc, bs in layers
+            ),
+            config=config.config,
+            created=row[4],
+            source=row[3],
+        )
+
+    def get(self, ref: str) -> SnapshotInfo:
+        """The snapshot whose id is ``ref`` (with or without ``sha256:``, or a unique prefix).
+
+        Raises:
+            SnapshotNotFoundError: no such snapshot.
+            UsageError: ``ref`` is malformed or ambiguous.
+        """
+        with self._db() as conn:
+            return self._info(conn, self._resolve_id(conn, ref))
+
+    def list(self) -> builtins.list[SnapshotInfo]:
+        with self._db() as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM snapshots ORDER BY created, id")]
+            return [self._info(conn, i) for i in ids]
+
+    def config_blob(self, ref: str) -> bytes:
+        """The snapshot's image config, byte for byte as imported.
+
+        Raises:
+            SnapshotNotFoundError: no such snapshot.
+        """
+        with self._db() as conn:
+            row = conn.execute(
+                "SELECT config FROM snapshots WHERE id = ?", (self._resolve_id(conn, ref),)
+            ).fetchone()
+            return bytes(row[0])
+
+    def layer_paths(self, snapshot_id: str) -> builtins.list[Path]:
+        """The layer directories of a snapshot, lowest first (overlayfs lists them reversed).
+
+        Raises:
+            SnapshotNotFoundError: no such snapshot.
+        """
+        return [self._layer_path(layer.chain_id) for layer in self.get(snapshot_id).layers]
+
+    # --- import --------------------------------------------------------------------------------
+
+    def import_source(
+        self, source: Path, *, platform: str | None = None, progress: Progress | None = None
+    ) -> SnapshotInfo:
+        """Import a directory, a rootfs tarball, an OCI layout (directory or tar) or a
+        ``docker save`` archive. A second import of the same content is a lookup.
+
+        Args:
+            source: what to import.
+            platform: for an image with an index, the platform to pick (default: the host's);
+                for a tarball or a directory, the platform to record instead of detecting it.
+            progress: called with one line per step.
+
+        Raises:
+            InvalidArchiveError: the source is corrupt, hostile or fails a digest check.
+            PlatformError: ``platform`` is malformed, or none can be detected.
+            LimitExceededError: a layer is beyond the configured limits.
+            SnapshotError: the source cannot be read.
+        """
+        wanted = None if platform is None else parse_platform(platform, host=self.host)
+        say = progress or (lambda _line: None)
+        try:
+            st = os.stat(source)
+        except OSError as exc:
+            raise SnapshotError(
+                f"import {source}: {exc.strerror}", details={"source": str(source)}
+            ) from exc
+        if stat.S_ISDIR(st.st_mode):
+            if (source / "oci-layout").exists():
+                return self._import_image(source, wanted, say)
+            return self._import_directory(source, wanted, say)
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError(f"import {source}: not a regular file or a directory")
+        kind = sniff_image_archive(source)
+        if kind == "oci":
+            return self._import_image(source, wanted, say)
+        if kind == "docker":
+            return self._import_docker(source, wanted, say)
+        return self._import_tarball(source, wanted, say)
+
+    def _lookup_source(self, key: str) -> SnapshotInfo | None:
+        with self._db() as conn:
+            row = conn.execute("SELECT snapshot_id FROM sources WHERE key = ?", (key,)).fetchone()
+            return None if row is None else self._info(conn, row[0])
+
+    def _lookup(self, snapshot_id: str) -> SnapshotInfo | None:
+        with contextlib.suppress(SnapshotNotFoundError), self._db() as conn:
+            return self._info(conn, snapshot_id)
+        return None
+
+    def _import_tarball(self, source: Path, wanted: Platform | None, say: Progress) -> SnapshotInfo:
+        digest = _hash_file(source)
+        key = f"tarball {digest} {wanted or ''}"
+        found = self._lookup_source(key)
+        if found is not None:
+            return found
+        with self._lock("src-" + oci.digest_hex(digest)), contextlib.ExitStack() as held:
+            found = self._lookup_source(key)
+            if found is not None:
+                return found
+            say(f"unpacking {source}")
+            with self._staging() as tmp:
+                blob = tmp / "blob"
+                shutil.copyfile(source, blob)
+                new = self._unpack(tmp, blob, parents=[], diff_id=None, digest=digest)
+                layer = self._install_layer(held, new, chain_id=new.diff_id)
+                resolved = self._tarball_config(self._layer_path(layer.chain_id), layer, wanted)
+            return self._commit(resolved, [layer], source=str(source), source_key=key)
+
+    def _import_directory(
+        self, source: Path, wanted: Platform | None, say: Progress
+    ) -> SnapshotInfo:
+        say(f"copying {source}")
+        with contextlib.ExitStack() as held, self._staging() as tmp:
+            dest, work = tmp / "layer", tmp / "work"
+            dest.mkdir()
+            work.mkdir()
+            src_fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                result = copy_directory_layer(src_fd, dest, self.limits)
+            finally:
+                os.close(src_fd)
+            # The diff ID is that of the tar export re-creates from the stored directory.
+            tar = layertar.write_layer(dest)
+            new = _NewLayer(path=dest, diff_id=tar.digest, size=result.size, entries=result.entries)
+            layer = self._install_layer(held, new, chain_id=new.diff_id)
+            resolved = self._tarball_config(self._layer_path(layer.chain_id), layer, wanted)
+            return self._commit(resolved, [layer], source=str(source), source_key=None)
+
+    def _tarball_config(self, root: Path, layer: LayerInfo, wanted: Platform | None) -> _Resolved:
+        if wanted is not None:
+            platform, why = wanted, "set by the caller"
+        else:
+            detected = detect_root_platform(root)
+            if detected is None:
+                raise PlatformError(
+                    "cannot detect the platform: no ELF binary among /bin/sh, /bin/busybox "
+                    "and the dynamic loaders",
+                    hint="pass the platform explicitly, e.g. --platform linux/arm64",
+                )
+            platform, why = detected.platform, detected.reason
+        config = oci.format_config(
+            platform=platform, config=oci.ImageConfig(), diff_ids=[layer.diff_id]
+        )
+        return _Resolved(config=config, platform=platform, platform_source=why)
+
+    def _unpack(
+        self,
+        tmp: Path,
+        blob: Path,
+        *,
+        parents: Sequence[Path],
+        diff_id: str | None,
+        digest: str | None,
+    ) -> _NewLayer:
+        dest, work = tmp / "layer", tmp / "work"
+        dest.mkdir()
+        work.mkdir()
+        fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            result = apply_layer(
+                fd,
+                parents=parents,
+                dest=dest,
+                work=work,
+                limits=self.limits,
+                expected_diff_id=diff_id,
+                expected_digest=digest,
+            )
+        finally:
+            os.close(fd)
+        self._checkpoint("unpacked")
+        return _NewLayer(
+            path=dest,
+            diff_id=result.diff_id,
+            size=result.size,
+            entries=result.entries,
+            blob=blob,
+            blob_digest=result.compressed_digest,
+            blob_compression=result.compression,
+            blob_size=os.stat(blob).st_size,
+        )
+
+    def _install_layer(
+        self, held: contextlib.ExitStack[bool | None] | None, new: _NewLayer, *, chain_id: str
+    ) -> LayerInfo:
+        """Make a staged layer the one stored under ``chain_id`` (or drop it for the one
+        already there). Takes the chain lock into ``held`` unless the caller holds it (None)."""
+        if held is not None:
+            held.enter_context(self._lock(oci.digest_hex(chain_id)))
+        existing = self._layer_row(chain_id)
+        if existing is not None:
+            return existing
+        final = self._layer_path(chain_id)
+        if final.exists():  # left by an import killed between rename and commit
+            _rmtree(final)
+        if new.blob is not None and new.blob_digest is not None:
+            blob_final = self._blob_path(new.blob_digest)
+            if not blob_final.exists():
+                os.rename(new.blob, blob_final)
+        dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _syncfs(dir_fd)
+            self._checkpoint("synced")
+            os.rename(new.path, final)
+            self._checkpoint("renamed")
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        info = LayerInfo(
+            chain_id=chain_id,
+            diff_id=new.diff_id,
+            size=new.size,
+            entries=new.entries,
+            blob_digest=new.blob_digest,
+            blob_compression=new.blob_compression,
+            blob_size=new.blob_size,
+        )
+        with self._db(write=True) as conn:
+            conn.execute(
+                "INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    chain_id,
+                    new.diff_id,
+                    new.size,
+                    new.entries,
+                    new.blob_digest,
+                    None if new.blob_compression is None else str(new.blob_compression),
+                    new.blob_size,
+                ),
+            )
+        self._checkpoint("layer-committed")
+        return info
+
+    def _layer_row(self, chain_id: str) -> LayerInfo | None:
+        with self._db() as conn:
+            row = conn.execute(
+                "SELECT diff_id, size, entries, blob_digest, blob_compression, blob_size "
+                "FROM layers WHERE chain_id = ?",
+                (chain_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return LayerInfo(
+            chain_id=chain_id,
+            diff_id=row[0],
+            size=row[1],
+            entries=row[2],
+            blob_digest=row[3],
+            blob_compression=None if row[4] is None else Compression(row[4]),
+            blob_size=row[5],
+        )
+
+    def _commit(
+        self,
+        resolved: _Resolved,
+        layers: Sequence[LayerInfo],
+        *,
+        source: str,
+        source_key: str | None,
+    ) -> SnapshotInfo:
+        snapshot_id = oci.sha256_digest(resolved.config)
+        with self._db(write=True) as conn:
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    snapshot_id,
+                    resolved.config,
+                    str(resolved.platform),
+                    resolved.platform_source,
+                    source,
+                    _now(),
+                ),
+            ).rowcount
+            if inserted:
+                conn.executemany(
+                    "INSERT INTO snapshot_layers VALUES (?, ?, ?)",
+                    [(snapshot_id, i, layer.chain_id) for i, layer in enumerate(layers)],
+                )
+            if source_key is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO sources VALUES (?, ?)", (source_key, snapshot_id)
+                )
+        self._checkpoint("snapshot-committed")
+        with self._db() as conn:
+            info = self._info(conn, snapshot_id)
+        log.info("snapshot %s imported from %s (%s)", info.short_id, source, info.platform)
+        return info
+
+    # --- OCI and docker archives ---------------------------------------------------------------
+
+    def _manifests(
+        self, archive: _Archive, index: oci.Index, depth: int, out: builtins.list[oci.Descriptor]
+    ) -> None:
+        """Flatten nested indexes into manifest descriptors with their platform filled in."""
+        for desc in index.manifests:
+            if len(out) >= MAX_MANIFESTS:
+                raise InvalidArchiveError(f"image index lists more than {MAX_MANIFESTS} manifests")
+            if desc.media_type in oci.INDEX_TYPES:
+                if depth >= MAX_INDEX_DEPTH:
+                    raise InvalidArchiveError(f"image indexes nested deeper than {MAX_INDEX_DEPTH}")
+                nested = archive.read_blob(desc, what=f"index {desc.digest}")
+                self._manifests(archive, oci.parse_index(nested, what=desc.digest), depth + 1, out)
+            elif desc.media_type in oci.MANIFEST_TYPES:
+                if desc.platform is None:
+                    manifest = oci.parse_manifest(archive.read_blob(desc, what=desc.digest))
+                    config = oci.parse_config(archive.read_blob(manifest.config, what="config"))
+                    desc = oci.Descriptor(
+                        media_type=desc.media_type,
+                        digest=desc.digest,
+                        size=desc.size,
+                        platform=config.platform,
+                    )
+                out.append(desc)
+            # Other entries (attestations, signatures) are not images: skipped.
+
+    def _import_image(self, source: Path, wanted: Platform | None, say: Progress) -> SnapshotInfo:
+        archive = _Archive(source)
+        try:
+            oci.check_oci_layout(archive.read_small("oci-layout"))
+            candidates: list[oci.Descriptor] = []
+            self._manifests(
+                archive, oci.parse_index(archive.read_small("index.json")), 0, candidates
+            )
+            if not candidates:
+                raise InvalidArchiveError(f"{source}: the image index lists no image manifest")
+            pick = wanted or self.host
+            if wanted is None and len({d.platform for d in candidates}) == 1:
+                selection = oci.Selection(
+                    descriptor=candidates[0], reason="the only platform in the image"
+                )
+            else:
+                selection = oci.select_manifest(candidates, pick)
+            desc = selection.descriptor
+            manifest = oci.parse_manifest(archive.read_blob(desc, what=f"manifest {desc.digest}"))
+            config_bytes = archive.read_blob(manifest.config, what="image config")
+            config = oci.parse_config(config_bytes)
+            oci.check_manifest_matches_config(manifest, config, what=f"manifest {desc.digest}")
+            if desc.platform is not None and desc.platform != config.platform:
+                raise InvalidArchiveError(
+                    f"manifest {desc.digest}: the index says {desc.platform}, "
+                    f"its config says {config.platform}"
+                )
+            if wanted is not None and not compatible(wanted, config.platform):
+                raise InvalidArchiveError(
+                    f"{source}: the image is for {config.platform}, not {wanted}",
+                    details={"platform": str(config.platform)},
+                )
+            reason = f"from the image index: {selection.reason}"
+            resolved = _Resolved(
+                config=config_bytes, platform=config.platform, platform_source=reason
+            )
+            layers = [(blob_name(d.digest), d.digest, d.size) for d in manifest.layers]
+            return self._import_layers(archive, resolved, config, layers, source, say)
+        finally:
+            archive.close()
+
+    def _import_docker(self, source: Path, wanted: Platform | None, say: Progress) -> SnapshotInfo:
+        archive = _Archive(source)
+        try:
+            entries = json.loads(archive.read_small("manifest.json"))
+            if not isinstance(entries, list) or not entries:
+                raise InvalidArchiveError(f"{source}: manifest.json: expected a non-empty list")
+            images: list[tuple[bytes, oci.ConfigFile, list[str]]] = []
+            for i, entry in enumerate(entries[:MAX_MANIFESTS]):
+                where = f"manifest.json[{i}]"
+                if not isinstance(entry, dict):
+                    raise InvalidArchiveError(f"{where}: expected an object")
+                config_name = entry.get("Config")
+                layer_names = entry.get("Layers")
+                if not isinstance(config_name, str) or not isinstance(layer_names, list):
+                    raise InvalidArchiveError(f"{where}: Config and Layers are required")
+                if not all(isinstance(n, str) for n in layer_names):
+                    raise InvalidArchiveError(f"{where}.Layers: expected strings")
+                config_bytes = archive.read_small(_member_name(config_name))
+                _check_named_digest(config_name, config_bytes)
+                config = oci.parse_config(config_bytes, what=f"{where}.Config")
+                images.append((config_bytes, config, [_member_name(n) for n in layer_names]))
+            candidates = [
+                oci.Descriptor(
+                    media_type=oci.OCI_MANIFEST,
+                    digest=oci.sha256_digest(c),
+                    size=len(c),
+                    platform=cf.platform,
+                )
+                for c, cf, _ in images
+            ]
+            if len(images) == 1 and wanted is None:
+                chosen, reason = 0, "the only image in the archive"
+            else:
+                selection = oci.select_manifest(candidates, wanted or self.host)
+                chosen, reason = candidates.index(selection.descriptor), selection.reason
+            config_bytes, config, names = images[chosen]
+            if len(names) != len(config.diff_ids):
+                raise InvalidArchiveError(
+                    f"manifest.json[{chosen}]: {len(names)} layers, config lists "
+                    f"{len(config.diff_ids)} diff_ids"
+                )
+            if wanted is not None and not compatible(wanted, config.platform):
+                raise InvalidArchiveError(f"{source}: the image is for {config.platform}")
+            resolved = _Resolved(
+                config=config_bytes,
+                platform=config.platform,
+                platform_source=f"from the image config: {reason}",
+            )
+            layers: list[tuple[str, str | None, int | None]] = [(n, None, None) for n in names]
+            return self._import_layers(archive, resolved, config, layers, source, say)
+        finally:
+            archive.close()
+
+    def _import_layers(
+        self,
+        archive: _Archive,
+        resolved: _Resolved,
+        config: oci.ConfigFile,
+        layers: Sequence[tuple[str, str | None, int | None]],
+        source: Path,
+        say: Progress,
+    ) -> SnapshotInfo:
+        """Unpack (or find) each layer in order under its chain lock, then commit."""
+        found = self._lookup(oci.sha256_digest(resolved.config))
+        if found is not None:
+            return found
+        chains = oci.chain_ids(config.diff_ids)
+        installed: list[LayerInfo] = []
+        with contextlib.ExitStack() as held:
+            for i, ((name, digest, size), chain_id) in enumerate(zip(layers, chains, strict=True)):
+                held.enter_context(self._lock(oci.digest_hex(chain_id)))
+                existing = self._layer_row(chain_id)
+                if existing is not None:
+                    say(f"layer {i + 1}/{len(layers)} {chain_id[:19]} already stored")
+                    installed.append(existing)
+                    continue
+                say(f"layer {i + 1}/{len(layers)} {chain_id[:19]} unpacking")
+                with self._staging() as tmp:
+                    blob = tmp / "blob"
+                    self._copy_member(archive, name, blob, digest=digest, size=size)
+                    new = self._unpack(
+                        tmp,
+                        blob,
+                        parents=[self._layer_path(layer.chain_id) for layer in installed],
+                        diff_id=config.diff_ids[i],
+                        digest=digest,
+                    )
+                    installed.append(self._install_layer(None, new, chain_id=chain_id))
+            return self._commit(resolved, installed, source=str(source), source_key=None)
+
+    @staticmethod
+    def _copy_member(
+        archive: _Archive, name: str, dest: Path, *, digest: str | None, size: int | None
+    ) -> None:
+        """Copy a blob out of the archive, checking its size and digest on the way."""
+        with archive.member(name) as member, open(dest, "wb") as out:
+            if size is not None and member.size != size:
+                raise InvalidArchiveError(
+                    f"{name}: {member.size} bytes, its descriptor says {size}",
+                    details={"blob": name},
+                )
+            h = hashlib.new(oci.digest_algorithm(digest) if digest else "sha256")
+            for chunk in member.chunks():
+                h.update(chunk)
+                out.write(chunk)
+        actual = f"{h.name}:{h.hexdigest()}"
+        if digest is not None and actual != digest:
+            raise InvalidArchiveError(
+                f"{name}: blob fails its digest check (expected {digest}, got {actual})",
+                details={"blob": name, "expected": digest, "actual": actual},
+            )
+
+    # --- remove and gc -------------------------------------------------------------------------
+
+    def remove(self, ref: str) -> SnapshotInfo:
+        """Forget a snapshot and delete the layers no other snapshot uses.
+
+        Raises:
+            SnapshotNotFoundError: no such snapshot.
+            SnapshotInUseError: a view of it is mounted (``runtimectl snapshot unmount``).
+        """
+        with self._db(write=True) as conn:
+            info = self._info(conn, self._resolve_id(conn, ref))
+            for (path,) in conn.execute(
+                "SELECT path FROM views WHERE snapshot_id = ?", (info.id,)
+            ).fetchall():
+                if os.path.ismount(path):
+                    raise SnapshotInUseError(
+                        f"snapshot {info.short_id} is mounted at {path}",
+                        details={"id": info.id, "path": path},
+                        hint=f"runtimectl snapshot unmount {path}",
+                    )
+                conn.execute("DELETE FROM views WHERE path = ?", (path,))
+            conn.execute("DELETE FROM snapshots WHERE id = ?", (info.id,))
+        self._checkpoint("snapshot-removed")
+        self.gc()
+        return info
+
+    def gc(self) -> builtins.list[str]:
+        """Delete layers no snapshot uses (skipping any an import holds) and their blobs.
+
+        Returns:
+            The chain IDs removed.
+        """
+        with self._db() as conn:
+            unused = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT chain_id FROM layers WHERE chain_id NOT IN "
+                    "(SELECT chain_id FROM snapshot_layers)"
+                )
+            ]
+        removed: list[str] = []
+        for chain_id in unused:
+            with self._lock(oci.digest_hex(chain_id), wait=False) as mine:
+                if not mine:
+                    continue
+                with self._db(write=True) as conn:
+                    if conn.execute(
+                        "SELECT 1 FROM snapshot_layers WHERE chain_id = ?", (chain_id,)
+                    ).fetchone():
+                        continue
+                    blob = conn.execute(
+                        "SELECT blob_digest FROM layers WHERE chain_id = ?", (chain_id,)
+                    ).fetchone()
+                    conn.execute("DELETE FROM layers WHERE chain_id = ?", (chain_id,))
+                    shared = (
+                        blob is not None
+                        and conn.execute(
+                            "SELECT 1 FROM layers WHERE blob_digest = ?", (blob[0],)
+                        ).fetchone()
+                    )
+                # The row is gone first: a crash from here on leaves garbage for reclaim().
+                self._discard(self._layer_path(chain_id))
+                if blob is not None and blob[0] is not None and not shared:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._blob_path(blob[0]))
+                removed.append(chain_id)
+        return removed
+
+    def _discard(self, path: Path) -> None:
+        """Move a directory out of sight in one rename, then delete it."""
+        trash = Path(tempfile.mkdtemp(dir=self.staging_dir))
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, trash / "x")
+        _rmtree(trash)
+
+    def reclaim(self) -> None:
+        """Remove what crashed imports left. Only safe while no other process has the store
+        open, which the constructor checks (exclusive ``store.lock``) before calling it."""
+        for d in (self.staging_dir, self.runs_dir):
+            for entry in d.iterdir():
+                _rmtree(entry)
+        for entry in self.locks_dir.iterdir():
+            entry.unlink()
+        with self._db() as conn:
+            known = {oci.digest_hex(r[0]) for r in conn.execute("SELECT chain_id FROM layers")}
+            blobs = {r[0] for r in conn.execute("SELECT blob_digest FROM layers") if r[0]}
+        for entry in self.layers_dir.iterdir():
+            if entry.name not in known:
+                log.info("reclaiming layer directory %s left by an interrupted import", entry)
+                self._discard(entry)
+        self.gc()
+        for alg_dir in self.blobs_dir.iterdir():
+            for blob in alg_dir.iterdir():
+                if f"{alg_dir.name}:{blob.name}" not in blobs:
+                    blob.unlink()
+
+    # --- runs and commit -----------------------------------------------------------------------
+
+    def new_run_dir(self) -> Path:
+        """A scratch directory with empty ``upper/`` and ``work/`` on the store's file system
+        (overlayfs needs both on one file system; commit renames ``upper/`` into a layer).
+        Remove it with :meth:`remove_run_dir`."""
+        path = Path(tempfile.mkdtemp(dir=self.runs_dir))
+        (path / "upper").mkdir()
+        (path / "work").mkdir()
+        return path
+
+    def remove_run_dir(self, path: Path) -> None:
+        """Delete a directory made by :meth:`new_run_dir` (and nothing else).
+
+        Raises:
+            UsageError: ``path`` is not a run directory of this store.
+        """
+        if path.parent != self.runs_dir or not path.name:
+            raise UsageError(f"{path} is not a run directory of {self.state_dir}")
+        _rmtree(path)
+
+    def commit_upper(self, parent_id: str, upper: Path) -> SnapshotInfo:
+        """Make a run's overlay upper directory a new layer on top of ``parent_id``.
+
+        ``upper`` (from :meth:`new_run_dir`, no longer mounted) is moved, not copied, into the
+        store: overlay whiteouts and opaque directories are already the store's layer format,
+        and its diff ID is the digest of the OCI layer tar they convert to (``.wh.`` files).
+
+        Raises:
+            SnapshotNotFoundError: no such parent.
+            SnapshotError: ``upper`` is not on the store's file system.
+        """
+        parent = self.get(parent_id)
+        tar = layertar.write_layer(upper)
+        size = _tree_size(upper)
+        config = json.loads(self.config_blob(parent.id))
+        config["rootfs"]["diff_ids"].append(tar.digest)
+        if isinstance(config.get("history"), list) and config["history"]:
+            config["history"].append({"created": _now(), "created_by": "runtimed commit"})
+        new = _NewLayer(path=upper, diff_id=tar.digest, size=size, entries=0)
+        diff_ids = [layer.diff_id for layer in parent.layers] + [tar.digest]
+        with contextlib.ExitStack() as held:
+            try:
+                layer = self._install_layer(held, new, chain_id=oci.chain_ids(diff_ids)[-1])
+            except OSError as exc:
+                raise SnapshotError(
+                    f"commit {upper}: {exc.strerror}", details={"upper": str(upper)}
+                ) from exc
+            resolved = _Resolved(
+                config=oci.canonical_json(config),
+                platform=parent.platform,
+                platform_source=parent.platform_source,
+            )
+            return self._commit(
+                resolved, [*parent.layers, layer], source=f"commit on {parent.id}", source_key=None
+            )
+
+    # --- export --------------------------------------------------------------------------------
+
+    def export(self, refs: Sequence[str], dest: Path, *, fmt: ExportFormat) -> None:
+        """Write snapshots to ``dest`` (which must not exist), all or nothing.
+
+        ``tar``: one snapshot as a flattened root filesystem tarball. ``oci``: an OCI image
+        layout; one snapshot gives an index with its manifest tagged ``latest``, several (of
+        different platforms) one multi-platform image: ``index.json`` tags a nested image index
+        listing one manifest per platform, as ``docker buildx`` writes it. Kept blobs are
+        written as imported, so a layout imports back to the same snapshot ids.
+
+        Raises:
+            UsageError: ``dest`` exists, no snapshot given, several for a tar, or two for the
+                same platform.
+            SnapshotNotFoundError: a snapshot does not exist.
+            SnapshotError: writing failed.
+        """
+        if not refs:
+            raise UsageError("export: name at least one snapshot")
+        if dest.exists() or dest.is_symlink():
+            raise UsageError(f"export: {dest} exists", details={"path": str(dest)})
+        infos = [self.get(ref) for ref in refs]
+        if fmt is ExportFormat.TAR and len(infos) != 1:
+            raise UsageError("export --format tar takes exactly one snapshot (a tar is one root)")
+        platforms = [str(i.platform) for i in infos]
+        if len(set(platforms)) != len(platforms):
+            raise UsageError(
+                f"export: several snapshots for one platform ({', '.join(platforms)})",
+                hint="a multi-platform image holds one snapshot per platform",
+            )
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+        try:
+            if fmt is ExportFormat.TAR:
+                with open(tmp / "rootfs.tar", "wb") as out:
+                    layertar.write_merged(self.layer_paths(infos[0].id), out)
+                    os.fsync(out.fileno())
+                os.rename(tmp / "rootfs.tar", dest)
+            else:
+                self._write_layout(infos, tmp)
+                os.rename(tmp, dest)
+        except OSError as exc:
+            raise SnapshotError(f"export to {dest}: {exc}", details={"path": str(dest)}) from exc
+        finally:
+            _rmtree(tmp)
+
+    def _write_layout(self, infos: Sequence[SnapshotInfo], root: Path) -> None:
+        blobs = root / "blobs" / "sha256"
+        blobs.mkdir(parents=True)
+        manifests = [self._write_image(info, blobs) for info in infos]
+        (root / "oci-layout").write_bytes(oci.format_oci_layout())
+        latest = ((oci.REF_NAME, "latest"),)
+        if len(manifests) == 1:
+            top = oci.Descriptor(
+                media_type=oci.OCI_MANIFEST,
+                digest=manifests[0].digest,
+                size=manifests[0].size,
+                platform=manifests[0].platform,
+                annotations=latest,
+            )
+        else:
+            nested = _write_blob(blobs, oci.format_index(manifests))
+            top = oci.Descriptor(
+                media_type=oci.OCI_INDEX, digest=nested.digest, size=nested.size, annotations=latest
+            )
+        (root / "index.json").write_bytes(oci.format_index([top]))
+
+    def _write_image(self, info: SnapshotInfo, blobs: Path) -> oci.Descriptor:
+        layers = [self._write_layer_blob(layer, blobs) for layer in info.layers]
+        config = _write_blob(blobs, self.config_blob(info.id), media_type=oci.OCI_CONFIG)
+        manifest = oci.format_manifest(config=config, layers=layers)
+        written = _write_blob(blobs, manifest, media_type=oci.OCI_MANIFEST)
+        return oci.Descriptor(
+            media_type=oci.OCI_MANIFEST,
+            digest=written.digest,
+            size=written.size,
+            platform=info.platform,
+        )
+
+    def _write_layer_blob(self, layer: LayerInfo, blobs: Path) -> oci.Descriptor:
+        """The layer as imported when its blob is an OCI one, else its uncompressed tar (whose
+        digest is the diff ID: checked, so a changed layer directory cannot go unnoticed)."""
+        compression = layer.blob_compression
+        if layer.blob_digest is not None and compression in _LAYER_MEDIA_TYPES:
+            target = blobs / oci.digest_hex(layer.blob_digest)
+            if not target.exists():
+                shutil.copyfile(self._blob_path(layer.blob_digest), target)
+            return oci.Descriptor(
+                media_type=_LAYER_MEDIA_TYPES[compression],
+                digest=layer.blob_digest,
+                size=os.stat(target).st_size,
+            )
+        tmp = blobs / f".{oci.digest_hex(layer.diff_id)}.tmp"
+        with open(tmp, "wb") as out:
+            if layer.blob_digest is not None and compression is not None:
+                written = _decompress_blob(self._blob_path(layer.blob_digest), compression, out)
+            else:
+                written = layertar.write_layer(self._layer_path(layer.chain_id), out)
+        if written.digest != layer.diff_id:
+            raise SnapshotError(
+                f"layer {layer.chain_id}: re-created tar hashes to {written.digest}, "
+                f"not its diff ID {layer.diff_id} (was the layer directory changed?)",
+                details={"chain_id": layer.chain_id},
+            )
+        os.rename(tmp, blobs / oci.digest_hex(layer.diff_id))
+        return oci.Descriptor(media_type=oci.OCI_LAYER_TAR, digest=layer.diff_id, size=written.size)
+
+    # --- views ---------------------------------------------------------------------------------
+
+    def mount_view(self, ref: str, target: Path) -> SnapshotInfo:
+        """Mount the snapshot's merged tree read-only on the empty directory ``target``.
+
+        Raises:
+            SnapshotNotFoundError: no such snapshot.
+            UsageError: ``target`` is not an empty directory.
+            SnapshotError: the mount failed.
+        """
+        info = self.get(ref)
+        target = target.absolute()
+        if not target.is_dir() or any(target.iterdir()):
+            raise UsageError(f"mount: {target} is not an empty directory")
+        names = [oci.digest_hex(layer.chain_id) for layer in info.layers]
+        empty = self.state_dir / "empty"
+        empty.mkdir(mode=0o555, exist_ok=True)
+        if len(names) < 2:  # overlayfs needs two lower directories when there is no upper
+            names.insert(0, "../empty")
+        with self._db(write=True) as conn:
+            conn.execute("INSERT OR REPLACE INTO views VALUES (?, ?)", (str(target), info.id))
+        view.mount_overlay(names, target, cwd=self.layers_dir)
+        return info
+
+    def unmount_view(self, target: Path) -> None:
+        """Unmount a view made by :meth:`mount_view`.
+
+        Raises:
+            UsageError: ``target`` is not a view of this store.
+            SnapshotError: ``umount`` failed (busy).
+        """
+        target = target.absolute()
+        with self._db() as conn:
+            row = conn.execute("SELECT 1 FROM views WHERE path = ?", (str(target),)).fetchone()
+        if row is None:
+            raise UsageError(f"unmount: {target} is not a snapshot view of {self.state_dir}")
+        if os.path.ismount(target):
+            view.umount(target)
+        with self._db(write=True) as conn:
+            conn.execute("DELETE FROM views WHERE path = ?", (str(target),))
+
+
+class ExportFormat(enum.StrEnum):
+    OCI = "oci"
+    TAR = "tar"
+
+
+def _write_blob(blobs: Path, data: bytes, *, media_type: str = oci.OCI_INDEX) -> oci.Descriptor:
+    digest = oci.sha256_digest(data)
+    (blobs / oci.digest_hex(digest)).write_bytes(data)
+    return oci.Descriptor(media_type=media_type, digest=digest, size=len(data))
+
+
+def _decompress_blob(blob: Path, compression: Compression, out: BinaryIO) -> layertar.TarDigest:
+    """Decompress an xz or bzip2 blob (no OCI media type) into ``out``, hashing the tar."""
+    if compression not in (Compression.XZ, Compression.BZIP2):
+        raise InternalError(f"no decompressor for kept {compression} blob {blob}")
+    h = hashlib.sha256()
+    size = 0
+    with contextlib.ExitStack() as stack:
+        if compression is Compression.XZ:
+            data: io.BufferedIOBase = stack.enter_context(lzma.open(blob, "rb"))
+        else:
+            data = stack.enter_context(bz2.open(blob, "rb"))
+        while chunk := data.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+    return layertar.TarDigest(digest="sha256:" + h.hexdigest(), size=size)
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _check_named_digest(name: str, data: bytes) -> None:
+    """``docker save`` names a config by its digest (``<hex>.json``): hold it to that."""
+    stem = Path(name).name.removesuffix(".json")
+    if re.fullmatch(r"[0-9a-f]{64}", stem) and oci.sha256_digest(data) != f"sha256:{stem}":
+        raise InvalidArchiveError(f"{name}: content does not match the digest in its name")
+
+
+def detect_root_platform(root: Path) -> rootplatform.DetectedPlatform | None:
+    """Read the candidate binaries of an unpacked root (symlinks resolved inside it only).
+
+    Raises:
+        SnapshotError: the root itself cannot be opened.
+    """
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        loaders: list[tuple[str, str]] = []
+        for d in rootplatform.LOADER_DIRS:
+            with contextlib.suppress(OSError, KernelError):
+                fd = syscalls.openat2(
+                    root_fd, d, os.O_RDONLY | os.O_DIRECTORY, syscalls.RESOLVE_IN_ROOT
+                )
+                try:
+                    loaders += [(d, n) for n in os.listdir(fd)]
+                finally:
+                    os.close(fd)
+        heads: list[tuple[str, bytes]] = []
+        for path in rootplatform.candidate_paths(loaders):
+            with contextlib.suppress(OSError, KernelError):
+                fd = syscalls.openat2(
+                    root_fd,
+                    path,
+                    os.O_RDONLY | os.O_NONBLOCK,
+                    syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS,
+                )
+                try:
+                    if stat.S_ISREG(os.fstat(fd).st_mode):
+                        heads.append((path, os.pread(fd, rootplatform.HEAD_BYTES, 0)))
+                finally:
+                    os.close(fd)
+        return rootplatform.detect_platform(heads)
+    finally:
+        os.close(root_fd)

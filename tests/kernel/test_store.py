@@ -1,0 +1,313 @@
+"""Kernel: the snapshot store over archives made by real tools (GNU tar, umoci, skopeo), with
+layers unpacked by the real helper (overlay in a private mount namespace)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from binfmt.platform import Platform
+from runtimed.errors import InvalidArchiveError, PlatformError, SnapshotNotFoundError, UsageError
+from sandbox.store import ExportFormat, Store
+from tests.kernel.store_images import (
+    LAYERED_TREE,
+    busybox_root,
+    gnu_tar,
+    multi_platform_layout,
+    require_tools,
+    run,
+    tar_names,
+    umoci_image,
+    umoci_layered_image,
+)
+from tests.support import require_root
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+ARM64 = Platform("linux", "arm64")
+
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    require_root()  # the unpack helper mounts overlays; the store lives where root writes
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every source the tests import, built once."""
+    require_tools("umoci", "skopeo", "tar", "zstd")
+    base = tmp_path_factory.mktemp("images")
+    out: dict[str, Path] = {}
+    root = busybox_root(base / "root-arm64", "arm64")
+    out["root"] = root
+    out["tar.gz"] = gnu_tar(root, base / "rootfs.tar.gz", "-z")
+    out["tar.zst"] = gnu_tar(root, base / "rootfs.tar.zst", "--zstd")
+    out["layered"] = umoci_layered_image(base / "layered", base / "layered-work")
+    run("skopeo", "copy", "-q", f"oci:{out['layered']}:latest", f"oci-archive:{base}/l.oci.tar")
+    out["oci-archive"] = base / "l.oci.tar"
+    run(
+        "skopeo",
+        "copy",
+        "-q",
+        f"oci:{out['layered']}:latest",
+        f"docker-archive:{base}/l.docker.tar:x/y:1",
+    )
+    out["docker-archive"] = base / "l.docker.tar"
+    per_platform = []
+    for debian_arch, platform in (
+        ("amd64", {"os": "linux", "architecture": "amd64"}),
+        ("arm64", {"os": "linux", "architecture": "arm64"}),
+        ("armhf", {"os": "linux", "architecture": "arm", "variant": "v7"}),
+    ):
+        r = busybox_root(base / f"mp-{debian_arch}", debian_arch)
+        layout = umoci_image(base / f"mp-{debian_arch}.oci", r, arch=platform["architecture"])
+        per_platform.append((layout, platform))
+    # A fake Windows image: its files are just files to us.
+    win_root = base / "win-root"
+    (win_root / "Files" / "Windows").mkdir(parents=True)
+    (win_root / "Files" / "Windows" / "notepad.exe").write_bytes(b"MZ fake")
+    win = umoci_image(base / "win.oci", win_root, os_name="windows", arch="amd64")
+    per_platform.append((win, {"os": "windows", "architecture": "amd64"}))
+    out["multi"] = multi_platform_layout(base / "multi", per_platform)
+    return out
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store(tmp_path / "state") as s:
+        yield s
+
+
+def _export_names(store: Store, snapshot_id: str, dest: Path) -> set[str]:
+    store.export([snapshot_id], dest, fmt=ExportFormat.TAR)
+    return tar_names(dest)
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "tar.zst", "root"])
+def test_store_tarball_and_directory_detect_platform(
+    store: Store, images: dict[str, Path], kind: str, tmp_path: Path
+) -> None:
+    info = store.import_source(images[kind])
+    assert info.platform == ARM64
+    assert info.platform_source == "detected from /bin/busybox"
+    assert _export_names(store, info.id, tmp_path / "x.tar") == {
+        "bin",
+        "bin/busybox",
+        "bin/sh",
+        "etc",
+        "etc/motd",
+    }
+    assert store.layer_paths(info.id) == [store.layers_dir / info.layers[0].chain_id[7:]]
+
+
+def test_store_tarball_platform_set_by_caller(store: Store, images: dict[str, Path]) -> None:
+    info = store.import_source(images["tar.gz"], platform="linux/arm/v7")
+    assert (str(info.platform), info.platform_source) == ("linux/arm/v7", "set by the caller")
+    detected = store.import_source(images["tar.gz"])
+    assert detected.id != info.id  # the platform is part of the config, hence of the id
+    assert detected.layers == info.layers  # but the layer is stored once
+
+
+def test_store_no_elf_needs_a_platform(store: Store, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bin").mkdir()
+    (tmp_path / "data" / "bin" / "sh").write_text("#!/bin/false\n")
+    with pytest.raises(PlatformError, match="cannot detect"):
+        store.import_source(tmp_path / "data")
+    assert store.list() == []
+
+
+@pytest.mark.parametrize("kind", ["layered", "oci-archive", "docker-archive"])
+def test_store_layered_image_whiteouts_and_opaque(
+    store: Store, images: dict[str, Path], kind: str, tmp_path: Path
+) -> None:
+    info = store.import_source(images[kind])
+    assert info.platform == ARM64
+    assert len(info.layers) == 4
+    assert info.config.env == ("FOO=bar",)
+    assert info.config.entrypoint == ("/bin/sh",)
+    assert _export_names(store, info.id, tmp_path / "flat.tar") == LAYERED_TREE
+
+
+def test_store_same_image_from_every_container_format_is_one_snapshot(
+    store: Store, images: dict[str, Path]
+) -> None:
+    ids = {store.import_source(images[k]).id for k in ("layered", "oci-archive", "docker-archive")}
+    # skopeo's docker-archive re-compresses nothing but renames; the config is the same bytes.
+    assert len(ids) <= 2
+    assert len(store.list()) == len(ids)
+
+
+def test_store_repeated_import_is_a_lookup(tmp_path: Path, images: dict[str, Path]) -> None:
+    phases: list[str] = []
+    with Store(tmp_path / "state", checkpoint=phases.append) as store:
+        first = store.import_source(images["layered"])
+        assert phases.count("unpacked") == 4
+        for kind in ("layered", "tar.gz"):
+            store.import_source(images[kind])
+        phases.clear()
+        for kind in ("layered", "tar.gz"):
+            again = store.import_source(images[kind])
+        assert phases == []
+        assert store.import_source(images["layered"]).id == first.id
+        assert again.platform == ARM64
+
+
+@pytest.mark.parametrize(
+    ("wanted", "expected", "reason"),
+    [
+        ("linux/amd64", "linux/amd64", "exact match"),
+        ("linux/arm64", "linux/arm64", "exact match"),
+        ("linux/arm/v7", "linux/arm/v7", "exact match"),
+        ("linux/arm/v8", "linux/arm/v7", "compatible"),
+        ("windows/amd64", "windows/amd64", "exact match"),
+    ],
+)
+def test_store_multi_platform_index_picks_the_manifest(
+    store: Store, images: dict[str, Path], wanted: str, expected: str, reason: str, tmp_path: Path
+) -> None:
+    info = store.import_source(images["multi"], platform=wanted)
+    assert str(info.platform) == expected
+    assert reason in info.platform_source
+    names = _export_names(store, info.id, tmp_path / "x.tar")
+    if expected.startswith("windows"):
+        assert names == {"Files", "Files/Windows", "Files/Windows/notepad.exe"}
+    else:
+        assert "bin/busybox" in names
+        motd = store.layer_paths(info.id)[0] / "etc" / "motd"
+        arch = {"linux/amd64": "amd64", "linux/arm64": "arm64", "linux/arm/v7": "armhf"}
+        assert motd.read_text() == f"{arch[expected]}\n"
+
+
+def test_store_multi_platform_index_refuses_what_it_lacks(
+    store: Store, images: dict[str, Path]
+) -> None:
+    with pytest.raises(InvalidArchiveError, match="offers: linux/amd64, linux/arm/v7"):
+        store.import_source(images["multi"], platform="linux/s390x")
+
+
+def test_store_corrupt_blob_is_rejected_and_leaves_nothing(
+    store: Store, images: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    run("cp", "-a", images["layered"], broken)
+    manifest = json.loads((broken / "index.json").read_text())["manifests"][0]["digest"]
+    layers = json.loads((broken / "blobs" / "sha256" / manifest[7:]).read_text())["layers"]
+    blob = broken / "blobs" / "sha256" / layers[2]["digest"][7:]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(InvalidArchiveError, match=layers[2]["digest"][7:19]):
+        store.import_source(broken)
+    assert store.list() == []
+    assert list(store.staging_dir.iterdir()) == []
+    store.gc()
+    assert list(store.layers_dir.iterdir()) == []
+
+
+def test_store_export_oci_round_trip_and_real_tools(
+    store: Store, images: dict[str, Path], tmp_path: Path
+) -> None:
+    require_tools("skopeo", "umoci")
+    info = store.import_source(images["layered"])
+    tarball = store.import_source(images["tar.gz"])
+    for source in (info, tarball):
+        out = tmp_path / f"out-{source.short_id}"
+        store.export([source.id], out, fmt=ExportFormat.OCI)
+        with Store(tmp_path / f"other-{source.short_id}") as other:
+            again = other.import_source(out)
+            assert (again.id, again.platform) == (source.id, source.platform)
+        inspected = json.loads(run("skopeo", "inspect", f"oci:{out}:latest"))
+        assert inspected["Architecture"] == "arm64"
+        assert len(inspected["Layers"]) == len(source.layers)
+        run("umoci", "stat", "--image", f"{out}:latest")  # fails if it cannot read the layout
+        bundle = tmp_path / f"bundle-{source.short_id}"
+        run("umoci", "unpack", "--image", f"{out}:latest", bundle)
+        assert (bundle / "rootfs" / "bin" / "busybox").is_file()
+        assert (bundle / "rootfs" / "etc" / "motd").exists() == (source is tarball)
+
+
+def test_store_export_multi_platform_layout(
+    store: Store, images: dict[str, Path], tmp_path: Path
+) -> None:
+    ids = [
+        store.import_source(images["multi"], platform=p).id
+        for p in ("linux/amd64", "linux/arm64", "linux/arm/v7")
+    ]
+    out = tmp_path / "multi-out"
+    store.export(ids, out, fmt=ExportFormat.OCI)
+    arch = json.loads(run("skopeo", "--override-arch", "arm64", "inspect", f"oci:{out}:latest"))[
+        "Architecture"
+    ]
+    assert arch == "arm64"
+    with Store(tmp_path / "other") as other:
+        for wanted, expected in zip(
+            ("linux/amd64", "linux/arm64", "linux/arm/v7"), ids, strict=True
+        ):
+            assert other.import_source(out, platform=wanted).id == expected
+    with pytest.raises(UsageError, match="one platform"):
+        store.export([ids[0], ids[0]], tmp_path / "dup", fmt=ExportFormat.OCI)
+
+
+def test_store_remove_keeps_shared_layers_and_gc(store: Store, images: dict[str, Path]) -> None:
+    layered = store.import_source(images["layered"])
+    detected = store.import_source(images["tar.gz"])
+    other = store.import_source(images["tar.gz"], platform="linux/arm/v7")
+    assert other.layers == detected.layers  # one layer, two snapshots
+    store.remove(detected.id)
+    assert store.layer_paths(other.id)[0].is_dir()  # still used by the other one
+    store.remove(layered.id)
+    store.remove(other.id)
+    assert store.list() == []
+    assert list(store.layers_dir.iterdir()) == []
+    assert list((store.blobs_dir / "sha256").iterdir()) == []
+    with pytest.raises(SnapshotNotFoundError):
+        store.get(layered.id)
+
+
+def test_store_commit_upper_converts_overlay_whiteouts(
+    store: Store, images: dict[str, Path], tmp_path: Path
+) -> None:
+    parent = store.import_source(images["layered"])
+    run_dir = store.new_run_dir()
+    upper = run_dir / "upper"
+    (upper / "etc").mkdir()
+    (upper / "etc" / "hello").write_text("hi")
+    os.mknod(upper / "data", 0o600 | 0o020000, os.makedev(0, 0))  # overlay whiteout of /data
+    (upper / "opt").mkdir()
+    os.setxattr(upper / "opt", "user.overlay.opaque", b"y")
+    (upper / "opt" / "only").write_text("o")
+    child = store.commit_upper(parent.id, upper)
+    store.remove_run_dir(run_dir)
+    assert [layer.chain_id for layer in child.layers[:-1]] == [
+        layer.chain_id for layer in parent.layers
+    ]
+    assert child.platform == parent.platform
+    assert child.config == parent.config
+    assert _export_names(store, child.id, tmp_path / "c.tar") == {
+        "bin",
+        "bin/busybox",
+        "bin/sh",
+        "etc",
+        "etc/hello",
+        "etc/new",
+        "opt",
+        "opt/only",
+    }
+    out = tmp_path / "committed"
+    store.export([child.id], out, fmt=ExportFormat.OCI)
+    top = subprocess.run(
+        ["tar", "-tf", str(out / "blobs" / "sha256" / child.layers[-1].diff_id[7:])],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert ".wh.data" in top
+    assert "opt/.wh..wh..opq" in top
+    with Store(tmp_path / "again") as other:
+        assert other.import_source(out).id == child.id
