@@ -1,0 +1,269 @@
+"""The unpacker on archives made by real tools (GNU tar, gzip, zstd, xz, bzip2) and on corrupt
+ones: a busybox root in every compression, digests checked against the tools' own output,
+and truncation, CRC errors, trailing garbage, digest mismatches and bombs rejected with the
+staging directory left empty. Layers without parents need neither root nor namespaces; owners
+are the test's own uid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from runtimed.errors import InvalidArchiveError, LimitExceededError
+from sandbox.archive import Compression, LayerResult, UnpackLimits
+from sandbox.unpack import apply_layer, copy_directory_layer
+from tests.support import busybox, require
+
+pytestmark = pytest.mark.kernel
+
+COMPRESSORS: dict[Compression, list[str]] = {
+    Compression.NONE: ["cat"],
+    Compression.GZIP: ["gzip", "-c", "-n"],
+    Compression.ZSTD: ["zstd", "-q", "-c"],
+    Compression.XZ: ["xz", "-1", "-c"],
+    Compression.BZIP2: ["bzip2", "-c"],
+}
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def compress(compression: Compression, data: bytes) -> bytes:
+    argv = COMPRESSORS[compression]
+    require(shutil.which(argv[0]) is not None, f"{argv[0]} is not installed (scripts/setup)")
+    return subprocess.run(argv, input=data, capture_output=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def busybox_tar(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A busybox root (/bin/busybox, every applet as a symlink, setuid), as GNU tar makes it."""
+    require(shutil.which("tar") is not None, "GNU tar is not installed")
+    root = tmp_path_factory.mktemp("busybox-root")
+    (root / "bin").mkdir()
+    (root / "etc").mkdir()
+    shutil.copy2(busybox("amd64"), root / "bin" / "busybox")
+    (root / "bin" / "busybox").chmod(0o4755)
+    applets = subprocess.run(
+        [root / "bin" / "busybox", "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc" / "motd").write_text("hello\n")
+    os.link(root / "etc" / "motd", root / "etc" / "motd.hardlink")
+    owner = [f"--owner={os.getuid()}", f"--group={os.getgid()}", "--numeric-owner"]
+    return subprocess.run(
+        ["tar", "-C", root, *owner, "--sort=name", "-cf", "-", "."],
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
+@pytest.fixture
+def staging(tmp_path: Path) -> tuple[Path, Path]:
+    layer, work = tmp_path / "staging" / "layer", tmp_path / "staging" / "work"
+    layer.mkdir(parents=True)
+    work.mkdir()
+    return layer, work
+
+
+def apply_bytes(
+    tmp_path: Path,
+    blob: bytes,
+    layer: Path,
+    limits: UnpackLimits | None = None,
+    *,
+    expected_diff_id: str | None = None,
+    expected_digest: str | None = None,
+) -> LayerResult:
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return apply_layer(
+            fd,
+            parents=(),
+            dest=layer,
+            limits=limits or UnpackLimits(),
+            expected_diff_id=expected_diff_id,
+            expected_digest=expected_digest,
+        )
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compression", list(COMPRESSORS))
+def test_unpack_busybox_root_made_by_gnu_tar(
+    tmp_path: Path, staging: tuple[Path, Path], busybox_tar: bytes, compression: Compression
+) -> None:
+    layer, _ = staging
+    blob = compress(compression, busybox_tar)
+    result = apply_bytes(
+        tmp_path,
+        blob,
+        layer,
+        expected_diff_id=sha256(busybox_tar),
+        expected_digest=sha256(blob),
+    )
+    assert result.compression is compression
+    assert result.diff_id == sha256(busybox_tar)
+    assert result.compressed_digest == sha256(blob)
+    assert result.warnings == ()
+    box = (layer / "bin" / "busybox").lstat()
+    assert stat.S_IMODE(box.st_mode) == 0o4755
+    assert box.st_size == busybox("amd64").stat().st_size
+    assert os.readlink(layer / "bin" / "sh") == "busybox"
+    motd = (layer / "etc" / "motd").lstat()
+    assert motd.st_nlink == 2
+    assert motd.st_ino == (layer / "etc" / "motd.hardlink").lstat().st_ino
+    assert (layer / "etc" / "motd").read_text() == "hello\n"
+    assert (
+        subprocess.run(
+            [layer / "bin" / "busybox", "true"], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.uid, info.gid = len(data), os.getuid(), os.getgid()
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+SMALL = _tar({"a": b"a" * 5000, "b": os.urandom(3000)})
+MEMBERS_END = (512 + 5120) + (512 + 3072)  # headers + padded data; zeros follow
+
+
+def _flip(data: bytes, index: int) -> bytes:
+    return data[:index] + bytes([data[index] ^ 0xFF]) + data[index + 1 :]
+
+
+CORRUPT: dict[str, Callable[[], bytes]] = {
+    "gzip-truncated": lambda: compress(Compression.GZIP, SMALL)[:-20],
+    "gzip-bad-crc": lambda: _flip(compress(Compression.GZIP, SMALL), -6),
+    "gzip-bad-length": lambda: _flip(compress(Compression.GZIP, SMALL), -2),
+    "gzip-trailing-garbage": lambda: compress(Compression.GZIP, SMALL) + b"garbage",
+    "gzip-trailing-zeros": lambda: compress(Compression.GZIP, SMALL) + bytes(8),
+    "zstd-truncated": lambda: compress(Compression.ZSTD, SMALL)[:-10],
+    "zstd-trailing-garbage": lambda: compress(Compression.ZSTD, SMALL) + b"\x00garbage",
+    "zstd-corrupt": lambda: _flip(compress(Compression.ZSTD, SMALL), 20),
+    "xz-truncated": lambda: compress(Compression.XZ, SMALL)[:-30],
+    "xz-trailing-garbage": lambda: compress(Compression.XZ, SMALL) + b"garbage!",
+    "bzip2-truncated": lambda: compress(Compression.BZIP2, SMALL)[:-10],
+    "bzip2-corrupt": lambda: _flip(compress(Compression.BZIP2, SMALL), 40),
+    "tar-truncated-in-data": lambda: SMALL[:3000],
+    "tar-without-end-marker": lambda: SMALL[:MEMBERS_END],
+    "tar-garbage-header": lambda: SMALL[:MEMBERS_END] + b"\x01" * 1024,
+    "not-a-tar": lambda: os.urandom(4096),
+    "empty": lambda: b"",
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT)
+def test_unpack_corrupt_input_is_invalid_and_leaves_nothing(
+    tmp_path: Path, staging: tuple[Path, Path], case: str
+) -> None:
+    layer, _ = staging
+    with pytest.raises(InvalidArchiveError) as raised:
+        apply_bytes(tmp_path, CORRUPT[case](), layer)
+    assert raised.value.details.get("blob") == "layer" or "entry" in raised.value.details
+    assert os.listdir(layer) == []
+
+
+def test_unpack_concatenated_gzip_members_are_one_stream(
+    tmp_path: Path, staging: tuple[Path, Path]
+) -> None:
+    layer, _ = staging
+    blob = compress(Compression.GZIP, SMALL[:4096]) + compress(Compression.GZIP, SMALL[4096:])
+    result = apply_bytes(tmp_path, blob, layer, expected_diff_id=sha256(SMALL))
+    assert result.compressed_digest == sha256(blob)
+    assert (layer / "a").read_bytes() == b"a" * 5000
+
+
+@pytest.mark.parametrize("which", ["diff_id", "digest"])
+def test_unpack_digest_mismatch_is_invalid_and_leaves_nothing(
+    tmp_path: Path, staging: tuple[Path, Path], which: str
+) -> None:
+    layer, _ = staging
+    wrong = "sha256:" + "0" * 64
+    blob = compress(Compression.GZIP, SMALL)
+    diff_id, digest = (wrong, None) if which == "diff_id" else (None, wrong)
+    with pytest.raises(InvalidArchiveError, match=f"{which} mismatch") as raised:
+        apply_bytes(tmp_path, blob, layer, expected_diff_id=diff_id, expected_digest=digest)
+    assert raised.value.details["expected"] == wrong
+    assert os.listdir(layer) == []
+
+
+def _zero_bomb(size: int) -> bytes:
+    """A gzip'd tar holding one file of ``size`` zero bytes, built without holding it."""
+    header = tarfile.TarInfo("bomb")
+    header.size = size
+    gz = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [gz.compress(header.tobuf(format=tarfile.PAX_FORMAT))]
+    chunk = bytes(1 << 20)
+    for _ in range(size >> 20):
+        parts.append(gz.compress(chunk))
+    parts.append(gz.compress(bytes(1024)))
+    parts.append(gz.flush())
+    return b"".join(parts)
+
+
+@pytest.mark.slow
+def test_unpack_decompression_bomb_stops_at_the_limit(
+    tmp_path: Path, staging: tuple[Path, Path]
+) -> None:
+    layer, _ = staging
+    bomb = _zero_bomb(64 << 20)
+    assert len(bomb) < 1 << 20
+    with pytest.raises(LimitExceededError):
+        apply_bytes(tmp_path, bomb, layer, limits=UnpackLimits(max_bytes=16 << 20))
+    assert os.listdir(layer) == []
+
+
+def test_copy_directory_layer_copies_without_following_symlinks(
+    tmp_path: Path, staging: tuple[Path, Path]
+) -> None:
+    layer, _ = staging
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("secret\n")
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    (src / "etc" / "hosts").chmod(0o640)
+    (src / "link").symlink_to(outside)
+    (src / "abs").symlink_to("/etc")
+    os.mkfifo(src / "fifo")
+    os.setxattr(src / "etc" / "hosts", "user.kept", b"1")
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        result = copy_directory_layer(fd, layer)
+    finally:
+        os.close(fd)
+    assert (layer / "etc" / "hosts").read_text() == "127.0.0.1 localhost\n"
+    assert stat.S_IMODE((layer / "etc" / "hosts").stat().st_mode) == 0o640
+    assert os.getxattr(layer / "etc" / "hosts", "user.kept") == b"1"
+    assert os.readlink(layer / "link") == os.fspath(outside)
+    assert os.readlink(layer / "abs") == "/etc"
+    assert stat.S_ISFIFO((layer / "fifo").lstat().st_mode)
+    assert not (layer / "secret").exists()
+    assert result.compression is Compression.NONE
+    assert result.diff_id == result.compressed_digest
