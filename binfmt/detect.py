@@ -4,17 +4,8 @@ disk, the native probe, the emulated probe, and the facts and platform report bu
 Probes run in :mod:`binfmt.helper` (an exec'd single-threaded process, see its docstring); the
 decisions are pure (:mod:`binfmt.report`, :mod:`binfmt.diagnose`, :mod:`binfmt.install`).
 
-Preserve-argv0 (the P flag). An interpreter supports it when it knows that the kernel inserted
-the original argv[0]. Two ways exist, and we accept either:
-
-- Debian's ``/usr/libexec/qemu-binfmt/<cpu>-binfmt-P`` names: a Debian patch makes QEMU expect
-  the extra argument when started under that name (so such an entry *needs* P);
-- the kernel tells the interpreter through ``AT_FLAGS`` (Linux 5.12, commit 2347961b11d4
-  "binfmt_misc: pass binfmt_misc flags to the interpreter"), which QEMU reads since 6.0
-  (commit 6e1c0d7b951e "linux-user: manage binfmt-misc preserve-arg[0] flag"). We read
-  QEMU's version from ``--version`` (a static binary, run without a root of its own) and the
-  kernel's from uname. Debian 12's QEMU 7.2 on this 6.x kernel qualifies either way (checked:
-  ``exec -a uname busybox -m`` prints ``aarch64`` with P and fails without it).
+Preserve-argv0 support is decided by :func:`binfmt.install.supports_preserve_argv0` from the
+interpreter's name, its ``--version`` output and the kernel release read here.
 """
 
 from __future__ import annotations
@@ -23,7 +14,6 @@ import base64
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +26,7 @@ from binfmt import kernel
 from binfmt.diagnose import BinfmtFacts
 from binfmt.elf import parse_elf
 from binfmt.entry import BinfmtEntry
+from binfmt.install import supports_preserve_argv0
 from binfmt.platform import Platform, normalize, platform_from_uname
 from binfmt.probe import probe_image
 from binfmt.qemu import QEMU_TARGETS, QemuTarget, interpreter_candidates
@@ -58,10 +49,6 @@ from runtimed.errors import (
 log = logging.getLogger(__name__)
 
 CPUINFO: Final = Path("/proc/cpuinfo")
-# QEMU >= 6.0 reads AT_FLAGS, which Linux >= 5.12 sets (see the module docstring).
-QEMU_AT_FLAGS_VERSION: Final = (6, 0)
-KERNEL_AT_FLAGS_VERSION: Final = (5, 12)
-DEBIAN_P_WRAPPER_SUFFIX: Final = "-binfmt-P"
 # Enough of an ELF file for the header and, usually, the program headers and PT_INTERP.
 ELF_HEAD_BYTES: Final = 4096
 VERSION_TIMEOUT: Final = 10.0
@@ -84,24 +71,6 @@ def host_platform() -> Platform:
         log.warning("cannot read %s (%s): the amd64 level is assumed to be v1", CPUINFO, exc)
     byteorder: Literal["little", "big"] = "big" if sys.byteorder == "big" else "little"
     return platform_from_uname(os.uname().machine, cpu_flags=flags, byteorder=byteorder)
-
-
-def _version(text: str) -> tuple[int, int] | None:
-    found = re.search(r"(\d+)\.(\d+)", text)
-    return (int(found.group(1)), int(found.group(2))) if found else None
-
-
-def supports_preserve_argv0(path: Path, *, qemu_version: str, kernel_release: str) -> bool:
-    """Whether ``path`` handles the P flag (see the module docstring for the two ways)."""
-    if path.name.endswith(DEBIAN_P_WRAPPER_SUFFIX):
-        return True
-    qemu, linux = _version(qemu_version), _version(kernel_release)
-    return (
-        qemu is not None
-        and linux is not None
-        and qemu >= QEMU_AT_FLAGS_VERSION
-        and linux >= KERNEL_AT_FLAGS_VERSION
-    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,7 +134,7 @@ def find_interpreter(target: QemuTarget) -> Interpreter:
             path=path,
             static=True,
             preserve_argv0=supports_preserve_argv0(
-                path, qemu_version=_qemu_version(path), kernel_release=os.uname().release
+                path.name, qemu_version=_qemu_version(path), kernel_release=os.uname().release
             ),
         )
     raise InterpreterNotFoundError(

@@ -23,6 +23,7 @@ Rules (issue 2, STYLE.md §6):
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
@@ -34,6 +35,10 @@ from binfmt.qemu import QemuTarget
 from runtimed.errors import HandlerConflictError, Json, NativePlatformError
 
 OUR_PREFIX: Final = "runtimed-"
+# QEMU >= 6.0 reads AT_FLAGS, which Linux >= 5.12 sets (see supports_preserve_argv0).
+QEMU_AT_FLAGS_VERSION: Final = (6, 0)
+KERNEL_AT_FLAGS_VERSION: Final = (5, 12)
+DEBIAN_P_WRAPPER_SUFFIX: Final = "-binfmt-P"
 # Suffix of the temporary name used while replacing an entry that has our name.
 TEMP_SUFFIX: Final = ".new"
 DROP_IN_HEADER: Final = (
@@ -76,6 +81,41 @@ def desired_entry(
         interpreter=interpreter,
         flags=flags,
         enabled=True,
+    )
+
+
+def _version(text: str) -> tuple[int, int] | None:
+    found = re.search(r"(\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def supports_preserve_argv0(name: str, *, qemu_version: str, kernel_release: str) -> bool:
+    """Whether the interpreter file called ``name`` handles the P flag.
+
+    An interpreter must know that the kernel inserted the original argv[0]; two ways exist:
+
+    - Debian's ``/usr/libexec/qemu-binfmt/<cpu>-binfmt-P`` names: a Debian patch makes QEMU
+      expect the extra argument when started under that name (so such an entry *needs* P);
+    - the kernel says so in ``AT_FLAGS`` (Linux 5.12, commit 2347961b11d4 "binfmt_misc: pass
+      binfmt_misc flags to the interpreter"), which QEMU reads since 6.0 (commit 6e1c0d7b951e
+      "linux-user: manage binfmt-misc preserve-arg[0] flag").
+
+    Debian 12's QEMU 7.2 on a 6.x kernel qualifies either way (checked: ``exec -a uname
+    busybox -m`` prints ``aarch64`` with P through plain ``qemu-aarch64-static``).
+
+    Args:
+        name: the interpreter's file name.
+        qemu_version: its ``--version`` output ("qemu-aarch64 version 7.2.22 (Debian ...)").
+        kernel_release: ``uname -r``.
+    """
+    if name.endswith(DEBIAN_P_WRAPPER_SUFFIX):
+        return True
+    qemu, linux = _version(qemu_version), _version(kernel_release)
+    return (
+        qemu is not None
+        and linux is not None
+        and qemu >= QEMU_AT_FLAGS_VERSION
+        and linux >= KERNEL_AT_FLAGS_VERSION
     )
 
 

@@ -83,7 +83,7 @@ def _i386_exit0() -> bytes:
     return header + program + code
 
 
-def test_binfmt_install_runs_foreign_busybox_with_f_and_p(tmp_path: Path) -> None:
+def test_binfmt_install_runs_foreign_busybox_with_f_and_p_idempotently(tmp_path: Path) -> None:
     env = {f"BB_{arch}": str(busybox(arch)) for arch in FOREIGN}
     arches = " ".join(FOREIGN)
     out = _run(
@@ -96,7 +96,8 @@ def test_binfmt_install_runs_foreign_busybox_with_f_and_p(tmp_path: Path) -> Non
             chroot "$root" /busybox uname -m > "$OUT/uname-$arch"
         done
         for name in {" ".join(ENTRY.values())}; do cat "$BM/$name" > "$OUT/entry-$name"; done
-        run again binfmt install --json --binfmt-misc "$BM" {arches}
+        run again binfmt install --json --persist --drop-in "$OUT/binfmt.d/runtimed.conf" \
+            --binfmt-misc "$BM" {arches}
         run status binfmt status --json --binfmt-misc "$BM"
         """,
         tmp_path,
@@ -112,6 +113,10 @@ def test_binfmt_install_runs_foreign_busybox_with_f_and_p(tmp_path: Path) -> Non
     assert out.rc("again") == 0
     assert {c["outcome"] for c in out.json("again")["platforms"]} == {"kept"}
     assert out.json("again")["actions"] == []
+    drop_in = (out.out / "binfmt.d" / "runtimed.conf").read_text().splitlines()
+    rules = [line for line in drop_in if line and not line.startswith("#")]
+    assert sorted(rule.split(":")[1] for rule in rules) == sorted(ENTRY.values())
+    assert all(rule.endswith(":PF") for rule in rules)
     listed = {e["name"]: e for e in out.json("status")["entries"]}
     assert listed[ENTRY["arm64"]]["claims"] == ["linux/arm64"]
     assert listed[ENTRY["armhf"]]["claims"] == ["linux/arm/v7"]

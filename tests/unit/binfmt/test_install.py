@@ -18,6 +18,7 @@ from binfmt.install import (
     plan_install,
     plan_toggle,
     require_foreign,
+    supports_preserve_argv0,
 )
 from binfmt.platform import Platform
 from binfmt.qemu import target_for_platform, targets_for_platform
@@ -77,6 +78,21 @@ def test_install_native_refusal_names_why(platform: Platform, why: str | None) -
 def test_install_require_foreign_raises_native_platform_error() -> None:
     with pytest.raises(NativePlatformError, match=r"386.*natively"):
         require_foreign(Platform("linux", "386"), host=HOST, native=NATIVE, native_source="probe")
+
+
+@pytest.mark.parametrize(
+    ("name", "qemu", "kernel", "supported"),
+    [
+        ("qemu-aarch64-static", "qemu-aarch64 version 7.2.22 (Debian 1:7.2+dfsg-7)", "6.1.0", True),
+        ("qemu-aarch64-static", "qemu-aarch64 version 6.0.0", "5.12.0", True),
+        ("qemu-aarch64-static", "qemu-aarch64 version 5.2.0", "6.1.0", False),
+        ("qemu-aarch64-static", "qemu-aarch64 version 7.2.0", "5.10.0-28-amd64", False),
+        ("qemu-aarch64-static", "", "6.1.0", False),
+        ("aarch64-binfmt-P", "", "4.19.0", True),
+    ],
+)
+def test_install_preserve_argv0_support(name: str, qemu: str, kernel: str, supported: bool) -> None:
+    assert supports_preserve_argv0(name, qemu_version=qemu, kernel_release=kernel) is supported
 
 
 def test_install_fresh_instance_registers_ours() -> None:
