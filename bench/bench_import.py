@@ -1,0 +1,159 @@
+"""Benchmark (not a test): snapshot import of a real Debian rootfs against GNU tar, on disk and
+on tmpfs, a repeated import, and view creation against ``cp -a`` of the same tree.
+
+Run as root: ``.venv/bin/python bench/bench_import.py [--runs N]``. The first run builds a
+Debian bookworm minbase rootfs with ``debootstrap`` (downloads from deb.debian.org) and its
+tar.gz / tar.zst archives under /var/cache/runtimed-tests; later runs reuse them.
+
+Every number is the median of ``--runs`` runs, each into a fresh directory on the same file
+system as the comparison; our import includes its ``syncfs`` (GNU tar does not sync; the
+"tar+sync" row adds one ``sync -f`` so both end with data on disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sandbox.store import Store
+
+CACHE = Path(os.environ.get("RUNTIMED_TEST_CACHE", "/var/cache/runtimed-tests"))
+ROOTFS = CACHE / "bookworm-minbase"
+MIRROR = "http://deb.debian.org/debian"
+ARCHIVES = {"tar.gz": ["-z"], "tar.zst": ["--zstd"]}
+
+
+def sh(*argv: str | Path) -> None:
+    subprocess.run([os.fspath(a) for a in argv], check=True, stdout=subprocess.DEVNULL)
+
+
+def ensure_rootfs() -> dict[str, Path]:
+    if not ROOTFS.is_dir():
+        tmp = ROOTFS.with_name(ROOTFS.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"building {ROOTFS} with debootstrap (a few minutes, once)", file=sys.stderr)
+        sh("debootstrap", "--variant=minbase", "bookworm", tmp, MIRROR)
+        tmp.rename(ROOTFS)
+    archives = {}
+    for kind, flags in ARCHIVES.items():
+        path = CACHE / f"{ROOTFS.name}.{kind}"
+        if not path.exists():
+            sh("tar", "-C", ROOTFS, *flags, "-cf", f"{path}.tmp", ".")
+            os.rename(f"{path}.tmp", path)
+        archives[kind] = path
+    return archives
+
+
+def timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def median_of(runs: int, setup: Callable[[], Path], action: Callable[[Path], object]) -> float:
+    times = []
+    for _ in range(runs):
+        where = setup()
+        try:
+            times.append(timed(lambda w=where: action(w)))  # type: ignore[misc]
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+    return statistics.median(times)
+
+
+def fresh(base: Path) -> Callable[[], Path]:
+    return lambda: Path(tempfile.mkdtemp(dir=base))
+
+
+def gnu_tar(archive: Path, flags: list[str], sync: bool) -> Callable[[Path], None]:
+    def run(where: Path) -> None:
+        sh("tar", "-C", where, *flags, "-xf", archive)
+        if sync:
+            sh("sync", "-f", where)
+
+    return run
+
+
+def our_import(archive: Path) -> Callable[[Path], None]:
+    def run(where: Path) -> None:
+        with Store(where) as store:
+            store.import_source(archive)
+
+    return run
+
+
+def row(name: str, seconds: float, reference: float | None = None) -> None:
+    ratio = f"{seconds / reference:6.2f}x" if reference else ""
+    print(f"  {name:<34} {seconds * 1000:10.1f} ms  {ratio}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (the import mounts overlays, views are mounts)", file=sys.stderr)
+        return 2
+    archives = ensure_rootfs()
+    size = sum(f.stat().st_size for f in ROOTFS.rglob("*") if f.is_file() and not f.is_symlink())
+    print(f"rootfs: {ROOTFS} ({size / 2**20:.0f} MiB of files)")
+    for kind, archive in archives.items():
+        print(f"  {kind}: {archive.stat().st_size / 2**20:.1f} MiB")
+
+    disk = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="bench-import-"))
+    tmpfs = Path(tempfile.mkdtemp(prefix="bench-tmpfs-"))
+    sh("mount", "-t", "tmpfs", "-o", "size=4g", "tmpfs", tmpfs)
+    try:
+        for fs_name, base in (("disk", disk), ("tmpfs", tmpfs)):
+            for kind, archive in archives.items():
+                flags = ARCHIVES[kind]
+                print(f"\nimport {kind} on {fs_name} (median of {args.runs})")
+                tar = median_of(args.runs, fresh(base), gnu_tar(archive, flags, sync=False))
+                tar_sync = median_of(args.runs, fresh(base), gnu_tar(archive, flags, sync=True))
+                ours = median_of(args.runs, fresh(base), our_import(archive))
+                row("GNU tar -x", tar)
+                row("GNU tar -x + sync -f", tar_sync)
+                row("runtimed import (incl. syncfs)", ours, tar)
+                row("  ... against tar + sync", ours, tar_sync)
+
+        print(f"\nrepeated import and views (on disk, median of {max(args.runs, 10)})")
+        state = Path(tempfile.mkdtemp(dir=disk))
+        with Store(state) as store:
+            info = store.import_source(archives["tar.gz"])
+            times = [timed(lambda: store.import_source(archives["tar.gz"])) for _ in range(10)]
+            row("repeated import (tar.gz, lookup)", statistics.median(times))
+            layer = store.layer_paths(info.id)[0]
+            view_times, copy_times = [], []
+            for _ in range(max(args.runs, 10)):
+                target = Path(tempfile.mkdtemp(dir=disk))
+                view_times.append(timed(lambda t=target: store.mount_view(info.id, t)))  # type: ignore[misc]
+                store.unmount_view(target)
+                target.rmdir()
+            for _ in range(args.runs):
+                target = Path(tempfile.mkdtemp(dir=disk))
+                copy_times.append(timed(lambda t=target: sh("cp", "-a", f"{layer}/.", t)))  # type: ignore[misc]
+                shutil.rmtree(target)
+            row("cp -a of the rootfs", statistics.median(copy_times))
+            row(
+                "view (mount, incl. mount(8) exec)",
+                statistics.median(view_times),
+                statistics.median(copy_times),
+            )
+            store.remove(info.id)
+    finally:
+        sh("umount", tmpfs)
+        tmpfs.rmdir()
+        shutil.rmtree(disk, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
