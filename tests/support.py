@@ -108,7 +108,7 @@ def run_private_binfmt(
     require_private_binfmt()
     wrapper = (
         'BM=$(mktemp -d) && mount -t binfmt_misc none "$BM" && export BM && '
-        'trap \'umount "$BM"; rmdir "$BM"\' EXIT && sh -euc "$0" "$@"'
+        'trap \'umount "$BM"; rmdir "$BM"\' EXIT && sh -euc "$0" runtimed-test "$@"'
     )
     full_env = dict(os.environ)
     full_env.update({"PY": sys.executable, "RUNTIMECTL": str(tool("runtimectl"))})
