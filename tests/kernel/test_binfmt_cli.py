@@ -199,3 +199,35 @@ def test_binfmt_install_for_native_platforms_is_refused(tmp_path: Path) -> None:
         assert out.rc("i386") == 6
         assert "natively" in out.err("i386")
         assert (out.out / "left").read_text().split() == ["register", "status"]
+
+
+S390X_MAGIC = r"\x7f\x45\x4c\x46\x02\x02\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x16"
+S390X_MASK = r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff"
+
+
+def test_binfmt_check_proves_handlers_by_running_probes(tmp_path: Path) -> None:
+    """A handler with the wrong interpreter fails its probe; a pinned interpreter replaced
+    on disk since registration still runs, and check-binfmt sees it was replaced."""
+    out = _run(
+        f"""
+        printf '%s' ':wrong:M::{ARM64_MAGIC}:{ARM64_MASK}:/usr/bin/qemu-s390x-static:F' \
+            > "$BM/register"
+        qemu=$(mktemp -d)/qemu-s390x-static
+        cp /usr/bin/qemu-s390x-static "$qemu"
+        printf '%s' ":pinned:M::{S390X_MAGIC}:{S390X_MASK}:$qemu:F" > "$BM/register"
+        # An upgrade: a new file renamed over the old one, whose inode the kernel still holds.
+        cp "$qemu" "$qemu.new" && mv "$qemu.new" "$qemu"
+        run check check-binfmt --json --binfmt-misc "$BM"
+        """,
+        tmp_path,
+    )
+    assert out.rc("check") == 1
+    report = out.json("check")
+    findings = {(f["check"], f["entry"]) for f in report["findings"]}
+    assert ("entry.wrong-machine", "wrong") in findings
+    assert ("platform.probe-failed", None) in findings
+    assert report["platforms"]["unavailable"]["linux/arm64"].startswith("probe failed")
+    assert ("entry.interpreter-replaced", "pinned") in findings
+    emulated = report["platforms"]["emulated"]["linux/s390x"]
+    assert emulated["entry"] == "pinned"
+    assert emulated["interpreter"].endswith("qemu-s390x-static (deleted)")
