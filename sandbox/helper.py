@@ -41,7 +41,8 @@ message                                                meaning
                                                        the exec failed (exit 126, or 127 for
                                                        ENOENT); nothing ran
 ``{"type": "started", "pid": N, "exe": P}``            the command was exec'd: its PID inside
-                                                       the sandbox and ``/proc/N/exe`` if read
+                                                       the sandbox and ``/proc/N/exe`` read
+                                                       while it was stopped after execve
 ``{"type": "exited", "code": N}``                      the command exited with status N
 ``{"type": "exited", "signal": N}``                    the command was killed by signal N
 =====================================================  ========================================
@@ -195,21 +196,32 @@ def switch_root(newroot: Path) -> None:
 # --- 8. to 10. privileges and exec ---------------------------------------------------------------
 
 
+def capability_mask(plan: Plan) -> int:
+    keep = 0
+    for name in plan.capabilities:
+        keep |= 1 << syscalls.CAPABILITIES[name]
+    return keep
+
+
 def drop_capabilities(plan: Plan) -> None:
-    """PID 1's half of step 8: rlimits, then the bounding, ambient and effective sets."""
+    """PID 1's half of step 8: rlimits, then the bounding, ambient and effective sets.
+
+    PID 1 keeps CAP_SYS_PTRACE (outside the bounding set, so no exec can regain it) until the
+    command's exec was observed: reading ``/proc/PID/exe`` of a command running as another
+    user needs it. The command drops it itself (:func:`drop_privileges`).
+    """
     for limit in plan.rlimits:
         resource.setrlimit(
             getattr(resource, f"RLIMIT_{limit.name.upper()}"), (limit.soft, limit.hard)
         )
-    keep = 0
-    for name in plan.capabilities:
-        keep |= 1 << syscalls.CAPABILITIES[name]
+    keep = capability_mask(plan)
     last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     for cap in range(last + 1):
         if not keep & (1 << cap):
             syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
     syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
-    syscalls.capset(keep, keep, 0)
+    observe = keep | 1 << syscalls.CAPABILITIES["CAP_SYS_PTRACE"]
+    syscalls.capset(observe, observe, 0)
 
 
 def drop_privileges(plan: Plan) -> None:
@@ -229,6 +241,11 @@ def drop_privileges(plan: Plan) -> None:
         os.setresuid(plan.uid, plan.uid, plan.uid)
     except OSError as exc:
         raise syscalls.oserror(exc, syscall="setresuid", flags=str(plan.uid)) from exc
+    if plan.uid == 0:
+        # A non-root uid lost every capability with setresuid (capabilities(7)); root keeps
+        # the plan's set, without PID 1's CAP_SYS_PTRACE.
+        keep = capability_mask(plan)
+        syscalls.capset(keep, keep, 0)
     syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
 
 
@@ -253,13 +270,18 @@ def exec_command(plan: Plan) -> NoReturn:
 
 
 def run_command(plan: Plan, error_fd: int) -> NoReturn:
-    """The forked command: steps 8 to 10; on failure one error record on ``error_fd``."""
+    """The forked command: steps 8 to 10; on failure one error record on ``error_fd``.
+
+    It asks to be traced first, so that it stops right after a successful execve and PID 1
+    can read ``/proc/PID/exe`` of the new image before it runs, however short-lived it is.
+    """
     code = SETUP_FAILED
     try:
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         drop_privileges(plan)
         change_directory(plan.cwd)
+        syscalls.ptrace(syscalls.PTRACE_TRACEME)
         exec_command(plan)
     except ExecFailedError as exc:
         code = NOT_FOUND if exc.details.get("errno") == "ENOENT" else EXEC_FAILED
@@ -270,8 +292,9 @@ def run_command(plan: Plan, error_fd: int) -> NoReturn:
     os._exit(code)
 
 
-def start_command(plan: Plan, status: Status) -> int:
-    """Fork the command and report on ``status`` whether its exec succeeded; its PID."""
+def start_command(plan: Plan, status: Status) -> tuple[int, int | None]:
+    """Fork the command, report whether its exec succeeded and what runs; PID and, if it
+    already ended before the exec (a failure), its wait status."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -279,34 +302,61 @@ def start_command(plan: Plan, status: Status) -> int:
         run_command(plan, write_fd)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
-        failure = pipe.read()  # EOF without data: execve closed the pipe, the command runs
+        failure = pipe.read()  # EOF without data: execve closed the pipe
     if failure:
         status.send({"type": "error", "error": json.loads(failure)})
-        return pid
-    try:
-        exe: str | None = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        exe = None  # already gone
-    status.send({"type": "started", "pid": pid, "exe": exe})
-    return pid
-
-
-def serve_init(command: int, status: Status) -> int:
-    """PID 1: forward signals to the command, reap every zombie until the command ends."""
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(command, signum)
-
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
+        return pid, None
+    exe: str | None = None
     while True:
+        _, wait_status = os.waitpid(pid, 0)
+        if not os.WIFSTOPPED(wait_status):
+            return pid, wait_status  # killed before it could stop
+        stop = os.WSTOPSIG(wait_status)
+        if stop == signal.SIGTRAP:
+            # ptrace(2): a traced process stops with SIGTRAP after a successful execve.
+            exe = os.readlink(f"/proc/{pid}/exe")
+            syscalls.ptrace(syscalls.PTRACE_DETACH, pid)
+            break
+        syscalls.ptrace(syscalls.PTRACE_CONT, pid, stop)
+    status.send({"type": "started", "pid": pid, "exe": exe})
+    return pid, None
+
+
+class Forwarder:
+    """PID 1's handler for TERM/INT/HUP, installed before set-up starts: a signal that comes
+    before the command exists is kept and delivered once it does (PID 1 of a PID namespace
+    otherwise drops signals it has no handler for, pid_namespaces(7))."""
+
+    def __init__(self) -> None:
+        self.target: int | None = None
+        self.pending: list[int] = []
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.target is None:
+            self.pending.append(signum)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.target, signum)
+
+    def attach(self, pid: int) -> None:
+        self.target = pid
+        for signum in self.pending:
+            self.handle(signum, None)
+        self.pending.clear()
+
+
+def serve_init(command: int, early: int | None, status: Status) -> int:
+    """PID 1: reap every zombie until the command ends; its exit status."""
+    wait_status = early
+    while wait_status is None:
         try:
-            pid, wait_status = os.wait()
+            pid, reaped = os.wait()
         except ChildProcessError:
             return SETUP_FAILED
         if pid == command:
-            break
+            wait_status = reaped
     if os.WIFSIGNALED(wait_status):
         signum = os.WTERMSIG(wait_status)
         status.send({"type": "exited", "signal": signum})
@@ -332,6 +382,7 @@ def supervise(pid1: int) -> int:
 
 def init(plan: Plan, status: Status) -> NoReturn:
     """PID 1 of the sandbox: steps 3 to 8, then the command, then reap until it ends."""
+    forwarder = Forwarder()
     try:
         make_root_slave()
         workspace = mount_workspace(plan)
@@ -339,11 +390,14 @@ def init(plan: Plan, status: Status) -> NoReturn:
         apply_ops(plan, newroot, workspace)
         switch_root(newroot)
         drop_capabilities(plan)
-        command = start_command(plan, status)
+        command, early = start_command(plan, status)
+        forwarder.attach(command)
+        keep = capability_mask(plan)
+        syscalls.capset(keep, keep, 0)
     except BaseException as exc:
         status.error(exc)
         os._exit(SETUP_FAILED)
-    os._exit(serve_init(command, status))
+    os._exit(serve_init(command, early, status))
 
 
 def _fd_argument(argv: list[str], name: str) -> int:

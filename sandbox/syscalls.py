@@ -86,6 +86,11 @@ PR_SET_CHILD_SUBREAPER: Final = 36
 PR_CAP_AMBIENT: Final = 47
 PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
 
+# --- <linux/ptrace.h> -----------------------------------------------------------------------------
+PTRACE_TRACEME: Final = 0
+PTRACE_CONT: Final = 7
+PTRACE_DETACH: Final = 17
+
 # --- <linux/capability.h> -----------------------------------------------------------------------
 _LINUX_CAPABILITY_VERSION_3: Final = 0x20080522
 CAPABILITIES: Final[Mapping[str, int]] = {
@@ -101,6 +106,7 @@ CAPABILITIES: Final[Mapping[str, int]] = {
     "CAP_NET_BIND_SERVICE": 10,
     "CAP_NET_RAW": 13,
     "CAP_SYS_CHROOT": 18,
+    "CAP_SYS_PTRACE": 19,
     "CAP_SYS_ADMIN": 21,
     "CAP_MKNOD": 27,
     "CAP_AUDIT_WRITE": 29,
@@ -278,6 +284,12 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     """prctl(2) with integer arguments."""
     args = (ctypes.c_ulong(a) for a in (arg2, arg3, arg4, arg5))
     return _check(_libc.prctl(option, *args), "prctl", flags=str(option))
+
+
+def ptrace(request: int, pid: int = 0, data: int = 0) -> None:
+    """ptrace(2) for the requests that take no address (TRACEME, CONT, DETACH)."""
+    result = _libc.ptrace(ctypes.c_long(request), ctypes.c_long(pid), None, ctypes.c_long(data))
+    _check(result, "ptrace", flags=str(request))
 
 
 class _OpenHow(ctypes.Structure):

@@ -1,0 +1,290 @@
+"""IO: one run's cgroups: limits (memory, pids, CPU), accounting, whole-tree kill and removal.
+
+Each controller is taken from cgroup v2 when the unified hierarchy offers it below our own
+cgroup, else from its v1 hierarchy (this machine: v1 memory/pids/cpu/cpuacct plus a cgroup2
+mount at /sys/fs/cgroup/unified with only hugetlb). A run's cgroups are siblings named
+``runtimed-<run>`` under the cgroup the caller is in, in every hierarchy used, so the caller's
+own limits still apply. The v2 group, when there is one, is created even without controllers:
+it gives ``cgroup.kill`` (Linux 5.14) and a reliable process list. A limit no hierarchy can
+enforce is an error, never silently dropped.
+
+Kill: v2 ``cgroup.kill`` when available (it kills every process including new forks);
+otherwise the v1 freezer (freeze, SIGKILL everything, thaw), otherwise SIGKILL in rounds until
+``cgroup.procs`` stays empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from runtimed.errors import SandboxError
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
+CFS_PERIOD_US: Final = 100_000
+REMOVE_TIMEOUT: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hierarchies:
+    """Where each controller lives: a v2 directory (our cgroup) and v1 hierarchies."""
+
+    unified: Path | None
+    unified_controllers: frozenset[str]
+    v1: Mapping[str, Path]
+    pure_v2: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceUsage:
+    cpu_seconds: float | None
+    peak_memory: int | None
+
+
+def _own_cgroups() -> dict[str, str]:
+    """``/proc/self/cgroup``: hierarchy controllers ("" for v2) → our path in it."""
+    out = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for name in controllers.split(",") if controllers else [""]:
+            out[name] = path
+    return out
+
+
+def detect() -> Hierarchies:
+    """Read the mounts and our own cgroups; which controller comes from where."""
+    own = _own_cgroups()
+    unified: Path | None = None
+    v1: dict[str, Path] = {}
+    pure_v2 = False
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, mountpoint, fstype, options, *_ = line.split()
+        point = Path(mountpoint)
+        if fstype == "cgroup2" and "" in own and unified is None:
+            unified = point / own[""].lstrip("/")
+            pure_v2 = point == CGROUP_ROOT
+        elif fstype == "cgroup":
+            for name in ("memory", "pids", "cpu", "cpuacct", "freezer"):
+                if name in options.split(",") and name in own:
+                    v1[name] = point / own[name].lstrip("/")
+    controllers: frozenset[str] = frozenset()
+    if unified is not None:
+        with contextlib.suppress(OSError):
+            controllers = frozenset((unified / "cgroup.controllers").read_text().split())
+    return Hierarchies(unified=unified, unified_controllers=controllers, v1=v1, pure_v2=pure_v2)
+
+
+class RunCgroup:
+    """The cgroups of one run. Create with :func:`create`; always :meth:`remove`."""
+
+    def __init__(self, hierarchies: Hierarchies, name: str) -> None:
+        self.hierarchies = hierarchies
+        self.name = name
+        self.dirs: list[Path] = []
+        self._v2: Path | None = None
+        self._v1: dict[str, Path] = {}
+
+    def _make(self, parent: Path) -> Path:
+        path = parent / self.name
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise SandboxError(
+                f"create cgroup {path}: {exc.strerror}", details={"path": str(path)}
+            ) from exc
+        self.dirs.append(path)
+        return path
+
+    def _controller_dir(self, controller: str) -> Path | None:
+        h = self.hierarchies
+        if self._v2 is not None and controller in h.unified_controllers:
+            return self._v2
+        if controller in h.v1:
+            if controller not in self._v1:
+                self._v1[controller] = self._make(h.v1[controller])
+            return self._v1[controller]
+        return None
+
+    def _require(self, controller: str, what: str) -> Path:
+        path = self._controller_dir(controller)
+        if path is None:
+            raise SandboxError(
+                f"cannot limit {what}: no cgroup {controller} controller is available",
+                hint="mount the cgroup v1 hierarchy or delegate the v2 controller to runtimed",
+            )
+        return path
+
+    def setup(self, *, memory: int | None, pids: int | None, cpus: float | None) -> None:
+        h = self.hierarchies
+        if h.unified is not None:
+            self._v2 = self._make(h.unified)
+            # Controllers must be enabled in the parent's subtree_control to appear in ours.
+            wanted = {"memory", "pids", "cpu"} & h.unified_controllers
+            for name in wanted:
+                with contextlib.suppress(OSError):
+                    (h.unified / "cgroup.subtree_control").write_text(f"+{name}")
+            enabled = set((self._v2 / "cgroup.controllers").read_text().split())
+            self.hierarchies = Hierarchies(
+                unified=h.unified,
+                unified_controllers=frozenset(enabled),
+                v1=h.v1,
+                pure_v2=h.pure_v2,
+            )
+        if memory is not None:
+            path = self._require("memory", "memory")
+            if path == self._v2:
+                _write(path / "memory.max", str(memory))
+                _write_optional(path / "memory.swap.max", "0")
+            else:
+                _write(path / "memory.limit_in_bytes", str(memory))
+                _write_optional(path / "memory.memsw.limit_in_bytes", str(memory))
+        else:
+            self._controller_dir("memory")  # accounting for the peak
+        if pids is not None:
+            _write(self._require("pids", "the number of processes") / "pids.max", str(pids))
+        else:
+            self._controller_dir("pids")
+        if cpus is not None:
+            path = self._require("cpu", "CPU")
+            quota = max(1000, int(cpus * CFS_PERIOD_US))
+            if path == self._v2:
+                _write(path / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+            else:
+                _write(path / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+                _write(path / "cpu.cfs_quota_us", str(quota))
+        if self._v2 is None:
+            self._controller_dir("cpuacct")
+            self._controller_dir("freezer")
+
+    def pids(self) -> list[int]:
+        """Every process of the run (host PIDs)."""
+        seen: set[int] = set()
+        for path in self.dirs:
+            with contextlib.suppress(OSError):
+                seen.update(int(p) for p in (path / "cgroup.procs").read_text().split())
+        return sorted(seen)
+
+    def kill(self) -> None:
+        """SIGKILL every process of the run, including ones forked meanwhile."""
+        if self._v2 is not None and (self._v2 / "cgroup.kill").exists():
+            _write(self._v2 / "cgroup.kill", "1")
+            return
+        freezer = self._v1.get("freezer")
+        if freezer is not None:
+            _write(freezer / "freezer.state", "FROZEN")
+        try:
+            for _ in range(100):
+                victims = self.pids()
+                if not victims:
+                    break
+                for pid in victims:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                if freezer is not None:
+                    break  # frozen: nothing forks; the kills land on thaw
+        finally:
+            if freezer is not None:
+                _write(freezer / "freezer.state", "THAWED")
+
+    def usage(self) -> ResourceUsage:
+        """CPU seconds and peak memory of the run so far."""
+        cpu: float | None = None
+        if self._v2 is not None:
+            stat = _read_keyed(self._v2 / "cpu.stat")
+            if "usage_usec" in stat:
+                cpu = stat["usage_usec"] / 1e6
+        if cpu is None and "cpuacct" in self._v1:
+            cpu = int((self._v1["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
+        peak: int | None = None
+        memory = self._controller_dir("memory")
+        if memory is not None:
+            for name in ("memory.peak", "memory.max_usage_in_bytes"):
+                with contextlib.suppress(OSError, ValueError):
+                    peak = int((memory / name).read_text())
+                    break
+        return ResourceUsage(cpu_seconds=cpu, peak_memory=peak)
+
+    def memory_events(self) -> dict[str, int]:
+        """OOM kills and limit hits (v2 ``memory.events`` or v1 ``memory.oom_control``)."""
+        memory = self._controller_dir("memory")
+        if memory is None:
+            return {}
+        if memory == self._v2:
+            return _read_keyed(memory / "memory.events")
+        return _read_keyed(memory / "memory.oom_control")
+
+    def remove(self) -> None:
+        """Kill what is left and remove every directory, deepest first (idempotent).
+
+        Raises:
+            SandboxError: a cgroup stayed busy past REMOVE_TIMEOUT.
+        """
+        if self.pids():
+            self.kill()
+        deadline = time.monotonic() + REMOVE_TIMEOUT
+        for path in reversed(self.dirs):
+            while True:
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        raise SandboxError(
+                            f"remove cgroup {path}: {exc.strerror}", details={"path": str(path)}
+                        ) from exc
+                    self.kill()
+                    time.sleep(0.005)  # exiting processes leave the cgroup asynchronously
+        self.dirs.clear()
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as exc:
+        raise SandboxError(
+            f"write {value!r} to {path}: {exc.strerror}", details={"path": str(path)}
+        ) from exc
+
+
+def _write_optional(path: Path, value: str) -> None:
+    if path.exists():
+        _write(path, value)
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = int(value)
+    return out
+
+
+def create(
+    name: str, *, memory: int | None = None, pids: int | None = None, cpus: float | None = None
+) -> RunCgroup:
+    """The cgroups of a run named ``name``, limits applied; remove() them when done.
+
+    Raises:
+        SandboxError: a cgroup could not be created or a requested limit cannot be enforced.
+    """
+    group = RunCgroup(detect(), f"runtimed-{name}")
+    try:
+        group.setup(memory=memory, pids=pids, cpus=cpus)
+    except BaseException:
+        group.remove()
+        raise
+    return group

@@ -1,0 +1,587 @@
+"""IO (trio): run one exec request in the sandbox and say truthfully how it ran.
+
+Two halves:
+
+- :func:`prepare_run` (blocking; the daemon calls it through ``trio.to_thread``): snapshot →
+  requested platform → mode decision (:mod:`sandbox.mode`, refusals before anything is
+  created) → user and environment from the image and the rootfs → run directory → plan.
+- :func:`open_execution` (async context manager): the run's cgroups, then the helper
+  (``python -I -m sandbox.helper``) through ``trio.run_process`` with a ``deliver_cancel`` that
+  sends SIGTERM, waits :data:`STOP_GRACE`, then kills the whole tree through the cgroup.
+  :class:`Execution` streams stdout and stderr as :class:`OutputChunk` values in the order they
+  are read, enforces the timeout, and :meth:`Execution.wait` returns the :class:`RunResult`.
+
+The execution report is checked on the running processes, not inferred: every
+:data:`SAMPLE_INTERVAL` the run's ``cgroup.procs`` is read and each process's ``/proc/PID/exe``
+classified (an emulator's interpreter path means emulated by it, anything else native) with
+its CPU time; the command itself is also identified by PID 1 right after its exec. Processes
+too short-lived to be sampled show up only in ``unobserved_cpu_seconds`` (cgroup total minus
+what was attributed, sandbox set-up included).
+
+Nothing outlives a run: the mounts live in the helper's private mount namespace and go with
+it, PID 1 dies with the helper (PDEATHSIG) and takes the PID namespace down, and the cgroups
+are killed and removed in a shielded ``finally``, even when the helper was SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Final, Protocol
+
+import psutil
+import trio
+
+from binfmt.platform import Platform, parse_platform
+from binfmt.report import PlatformReport
+from runtimed.errors import Json, KernelError, RuntimedError, SandboxError, error_class_for_code
+from sandbox import cgroups
+from sandbox.mode import ExecMode, Mode, check_platform, decide
+from sandbox.plan import Plan, build_plan
+from sandbox.rootfs import LayeredRoot
+from sandbox.spec import ExecSpec, command, merge_env, resolve_user
+
+log = logging.getLogger(__name__)
+
+HELPER_MODULE: Final = "sandbox.helper"
+STOP_GRACE: Final = 2.0
+CLEANUP_TIMEOUT: Final = 10.0
+SAMPLE_INTERVAL: Final = 0.02
+OUTPUT_BUFFER: Final = 64
+READ_SIZE: Final = 65536
+HOST_RESOLV_CONF: Final = Path("/etc/resolv.conf")
+
+
+class ImageConfigView(Protocol):
+    @property
+    def env(self) -> Sequence[str]: ...
+    @property
+    def entrypoint(self) -> Sequence[str]: ...
+    @property
+    def cmd(self) -> Sequence[str]: ...
+    @property
+    def working_dir(self) -> str: ...
+    @property
+    def user(self) -> str: ...
+
+
+class SnapshotView(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def platform(self) -> Platform: ...
+    @property
+    def config(self) -> ImageConfigView: ...
+
+
+class SnapshotSource(Protocol):
+    """What a run needs from the snapshot store (``sandbox.store.Store``)."""
+
+    def get(self, ref: str) -> SnapshotView: ...
+    def layer_paths(self, snapshot_id: str) -> list[Path]: ...
+    def new_run_dir(self) -> Path: ...
+    def remove_run_dir(self, path: Path) -> None: ...
+    def commit_upper(self, parent_id: str, upper: Path) -> SnapshotView: ...
+
+
+class Stream(enum.StrEnum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputChunk:
+    stream: Stream
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreparedRun:
+    """A decided, planned run; its run directory exists until :func:`finish_run`."""
+
+    spec: ExecSpec
+    snapshot_id: str
+    mode: ExecMode
+    plan: Plan
+    run_dir: Path
+    interpreters: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessAccount:
+    processes: int = 0
+    cpu_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Json]:
+        return {"processes": self.processes, "cpu_seconds": round(self.cpu_seconds, 3)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionReport:
+    """How the run actually ran (mode decided up front, confirmed on running processes)."""
+
+    mode: Mode
+    platform: str
+    interpreter: str | None
+    entry: str | None
+    command_exe: str | None
+    confirmed: bool
+    native: ProcessAccount
+    emulated: Mapping[str, ProcessAccount]
+    unobserved_cpu_seconds: float | None
+
+    def to_json(self) -> dict[str, Json]:
+        return {
+            "mode": str(self.mode),
+            "platform": self.platform,
+            "interpreter": self.interpreter,
+            "entry": self.entry,
+            "command_exe": self.command_exe,
+            "confirmed": self.confirmed,
+            "native": self.native.to_json(),
+            "emulated": {k: v.to_json() for k, v in sorted(self.emulated.items())},
+            "unobserved_cpu_seconds": None
+            if self.unobserved_cpu_seconds is None
+            else round(self.unobserved_cpu_seconds, 3),
+        }
+
+    def summary(self) -> str:
+        """One line: the mode and processes and CPU seconds of each kind."""
+        how = f"emulated by {self.interpreter}" if self.interpreter else "native"
+        parts = [f"{self.native.processes} native ({self.native.cpu_seconds:.2f}s CPU)"]
+        parts += [
+            f"{acc.processes} emulated by {Path(exe).name} ({acc.cpu_seconds:.2f}s CPU)"
+            for exe, acc in sorted(self.emulated.items())
+        ]
+        checked = "confirmed" if self.confirmed else "not confirmed on the running process"
+        return f"{self.platform}: {how}, {checked}; processes: {', '.join(parts)}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunResult:
+    exit_code: int
+    signal: int | None
+    timed_out: bool
+    cancelled: bool
+    report: ExecutionReport
+    resources: cgroups.ResourceUsage
+    oom_kills: int = 0
+    snapshot: str | None = None
+
+    def to_json(self) -> dict[str, Json]:
+        return {
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "signal_name": None if self.signal is None else signal.Signals(self.signal).name,
+            "timed_out": self.timed_out,
+            "cancelled": self.cancelled,
+            "report": self.report.to_json(),
+            "resources": {
+                "cpu_seconds": self.resources.cpu_seconds,
+                "peak_memory": self.resources.peak_memory,
+                "oom_kills": self.oom_kills,
+            },
+            "snapshot": self.snapshot,
+        }
+
+
+# --- prepare --------------------------------------------------------------------------------------
+
+
+def requested_platform(text: str | None, *, snapshot: Platform, host: Platform) -> Platform:
+    """The platform to run for: the snapshot's by default, the host's for ``host``.
+
+    Raises:
+        PlatformError: not a platform specifier.
+    """
+    if text is None:
+        return snapshot
+    if text == "host":
+        return host
+    return parse_platform(text, host=host)
+
+
+def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) -> PreparedRun:
+    """Decide and plan a run (blocking: reads the store and the rootfs).
+
+    Raises:
+        SnapshotNotFoundError, PlatformError, NonLinuxExecError, NoEmulatorError,
+        PlatformMismatchError, ExecFailedError, InvalidSpecError: refused before anything is
+            created (only the run directory, removed again on failure).
+    """
+    info = source.get(spec.snapshot)
+    platform = requested_platform(spec.platform, snapshot=info.platform, host=report.host)
+    check_platform(platform, report)  # NonLinuxExec/NoEmulator before touching any file
+    layers = source.layer_paths(info.id)
+    root = LayeredRoot(layers)
+    config = info.config
+    identity = resolve_user(
+        spec.user or config.user or None,
+        passwd=root.read_text("/etc/passwd"),
+        group=root.read_text("/etc/group"),
+    )
+    argv = command(spec.args, entrypoint=config.entrypoint, cmd=config.cmd)
+    env = merge_env(config.env, spec.env, home=identity.home, hostname=spec.hostname)
+    cwd = spec.cwd or config.working_dir or "/"
+    mode = decide(platform, report, root, argv0=argv[0], path=env["PATH"], cwd=cwd)
+    for bind in spec.mounts:
+        if not os.path.exists(bind.source):
+            raise SandboxError(
+                f"bind mount source {bind.source} does not exist",
+                details={"source": bind.source},
+            )
+    resolv_conf = HOST_RESOLV_CONF.read_text() if HOST_RESOLV_CONF.exists() else ""
+    run_dir = source.new_run_dir()
+    try:
+        (run_dir / "mnt").mkdir()
+        plan = build_plan(
+            spec=dataclasses.replace(spec, cwd=cwd),
+            layers=[os.fspath(p) for p in layers],
+            run_dir=os.fspath(run_dir),
+            argv=argv,
+            env=env,
+            identity=identity,
+            resolv_conf=resolv_conf,
+            cgroups=[],
+            cgroup_namespace=cgroups.detect().pure_v2,
+        )
+    except BaseException:
+        source.remove_run_dir(run_dir)
+        raise
+    return PreparedRun(
+        spec=spec,
+        snapshot_id=info.id,
+        mode=mode,
+        plan=plan,
+        run_dir=run_dir,
+        interpreters=frozenset(e.interpreter for e in report.emulated.values()),
+    )
+
+
+def finish_run(prepared: PreparedRun, source: SnapshotSource, result: RunResult) -> RunResult:
+    """Commit the run's changes when asked (and it succeeded), then remove its directory."""
+    try:
+        if prepared.spec.commit and result.exit_code == 0 and not result.timed_out:
+            info = source.commit_upper(prepared.snapshot_id, prepared.run_dir / "upper")
+            result = dataclasses.replace(result, snapshot=info.id)
+    finally:
+        source.remove_run_dir(prepared.run_dir)
+    return result
+
+
+# --- observe ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Observed:
+    exe: str
+    cpu_seconds: float
+
+
+@dataclass(slots=True)
+class _Observer:
+    """Samples of the run's processes, keyed by (pid, start time) against PID reuse."""
+
+    exclude: set[int] = field(default_factory=set)
+    seen: dict[tuple[int, float], _Observed] = field(default_factory=dict)
+
+    def sample(self, pids: Sequence[int]) -> None:
+        for pid in pids:
+            if pid in self.exclude:
+                continue
+            try:
+                proc = psutil.Process(pid)
+                with proc.oneshot():
+                    key = (pid, proc.create_time())
+                    times = proc.cpu_times()
+                exe = os.readlink(f"/proc/{pid}/exe")
+            except (psutil.Error, OSError):
+                continue
+            self.seen[key] = _Observed(exe=exe, cpu_seconds=times.user + times.system)
+
+
+def _account(
+    observer: _Observer,
+    prepared: PreparedRun,
+    command_exe: str | None,
+    total_cpu: float | None,
+) -> ExecutionReport:
+    native = ProcessAccount()
+    emulated: dict[str, ProcessAccount] = {}
+    for item in observer.seen.values():
+        if item.exe in prepared.interpreters:
+            acc = emulated.get(item.exe, ProcessAccount())
+            emulated[item.exe] = ProcessAccount(
+                processes=acc.processes + 1, cpu_seconds=acc.cpu_seconds + item.cpu_seconds
+            )
+        else:
+            native = ProcessAccount(
+                processes=native.processes + 1,
+                cpu_seconds=native.cpu_seconds + item.cpu_seconds,
+            )
+    decided = prepared.mode.emulator.interpreter if prepared.mode.emulator else None
+    if command_exe is None:
+        confirmed = False
+    elif decided is None:
+        confirmed = command_exe not in prepared.interpreters
+    else:
+        confirmed = command_exe == decided
+    attributed = native.cpu_seconds + sum(a.cpu_seconds for a in emulated.values())
+    return ExecutionReport(
+        mode=prepared.mode.mode,
+        platform=str(prepared.mode.platform),
+        interpreter=decided,
+        entry=prepared.mode.entry,
+        command_exe=command_exe,
+        confirmed=confirmed,
+        native=native,
+        emulated=emulated,
+        unobserved_cpu_seconds=None if total_cpu is None else max(0.0, total_cpu - attributed),
+    )
+
+
+# --- execute ----------------------------------------------------------------------------------
+
+
+def error_from_json(obj: Json) -> RuntimedError:
+    """Rebuild an error the helper reported with ``to_json()`` as the same class."""
+    if not isinstance(obj, dict):
+        return SandboxError(f"sandbox helper sent a malformed error {obj!r}")
+    message = str(obj.get("message", "sandbox helper failed"))
+    details = obj.get("details")
+    details = details if isinstance(details, dict) else {}
+    hint = obj.get("hint")
+    hint = hint if isinstance(hint, str) else None
+    cls = error_class_for_code(str(obj.get("code", "")))
+    if issubclass(cls, KernelError):
+        path, flags = details.get("path"), details.get("flags")
+        return KernelError(
+            message,
+            syscall=str(details.get("syscall", "?")),
+            errno_name=str(details.get("errno", "?")),
+            path=path if isinstance(path, str) else None,
+            flags=flags if isinstance(flags, str) else None,
+            hint=hint,
+        )
+    return cls(message, details=details, hint=hint)
+
+
+class Execution:
+    """A running sandbox: ``output`` yields chunks until both streams end; then ``wait()``."""
+
+    def __init__(self, prepared: PreparedRun, group: cgroups.RunCgroup) -> None:
+        self.prepared = prepared
+        self.group = group
+        send, self.output = trio.open_memory_channel[OutputChunk](OUTPUT_BUFFER)
+        self._send = send
+        self._stop_scope = trio.CancelScope()
+        self._exited = trio.Event()
+        self._done = trio.Event()
+        self._observer = _Observer()
+        self._error: RuntimedError | None = None
+        self._started = False
+        self._command_exe: str | None = None
+        self._exit: dict[str, Json] | None = None
+        self._returncode: int | None = None
+        self.timed_out = False
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop the run: SIGTERM to the command, then kill the whole tree after the grace."""
+        if not self._done.is_set():
+            self.cancelled = not self.timed_out
+            self._stop_scope.cancel()
+
+    async def wait(self) -> RunResult:
+        """The result once the command, its helper and the output streams have ended.
+
+        Read ``output`` to its end first (or concurrently): a full channel stalls the command.
+
+        Raises:
+            RuntimedError: the sandbox could not be set up or the command could not be
+                executed; the error the helper reported.
+        """
+        await self._done.wait()
+        if self._error is not None and not self._started:
+            raise self._error
+        usage, events = await trio.to_thread.run_sync(self._usage)
+        total = usage.cpu_seconds
+        report = _account(self._observer, self.prepared, self._command_exe, total)
+        code, signum = self._status()
+        return RunResult(
+            exit_code=code,
+            signal=signum,
+            timed_out=self.timed_out,
+            cancelled=self.cancelled,
+            report=report,
+            resources=usage,
+            oom_kills=events.get("oom_kill", 0),
+        )
+
+    def _usage(self) -> tuple[cgroups.ResourceUsage, dict[str, int]]:
+        return self.group.usage(), self.group.memory_events()
+
+    def _status(self) -> tuple[int, int | None]:
+        if self._exit is not None:
+            signum = self._exit.get("signal")
+            if isinstance(signum, int):
+                return 128 + signum, signum
+            code = self._exit.get("code")
+            if isinstance(code, int):
+                return code, None
+        # No exit record: the helper (or PID 1) was killed before the command's status came.
+        rc = self._returncode if self._returncode is not None else -signal.SIGKILL
+        return (128 - rc, -rc) if rc < 0 else (rc, None)
+
+    async def _deliver_cancel(self, process: trio.Process) -> None:
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(STOP_GRACE):
+            await process.wait()
+        await trio.to_thread.run_sync(self.group.kill)
+        process.kill()
+
+    async def _pump(
+        self,
+        stream: trio.abc.ReceiveStream,
+        name: Stream,
+        send: trio.MemorySendChannel[OutputChunk],
+    ) -> None:
+        async with send, stream:
+            while data := await stream.receive_some(READ_SIZE):
+                await send.send(OutputChunk(stream=name, data=bytes(data)))
+
+    async def _read_status(self, stream: trio.lowlevel.FdStream, process: trio.Process) -> None:
+        buffer = b""
+        async with stream:
+            while data := await stream.receive_some(READ_SIZE):
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    self._on_status(json.loads(line), process)
+
+    def _on_status(self, message: Json, process: trio.Process) -> None:
+        if not isinstance(message, dict):
+            return
+        kind = message.get("type")
+        log.debug("helper status: %s", message)
+        if kind == "error":
+            self._error = error_from_json(message.get("error"))
+        elif kind == "started":
+            self._started = True
+            exe = message.get("exe")
+            self._command_exe = exe if isinstance(exe, str) else None
+            with contextlib.suppress(psutil.Error):
+                helper = psutil.Process(process.pid)
+                self._observer.exclude = {process.pid, *(c.pid for c in helper.children())}
+        elif kind == "exited":
+            self._exit = message
+
+    async def _observe(self) -> None:
+        while not self._exited.is_set():
+            if self._started:
+                pids = await trio.to_thread.run_sync(self.group.pids)
+                await trio.to_thread.run_sync(self._observer.sample, pids)
+            await trio.sleep(SAMPLE_INTERVAL)
+
+    async def _enforce_timeout(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await self._exited.wait()
+            return
+        self.timed_out = True
+        self._stop_scope.cancel()
+
+    async def run(self, *, debug: bool, task_status: trio.TaskStatus[None]) -> None:
+        """Start the helper and relay everything; ``_done`` once all of it has ended."""
+        plan = dataclasses.replace(self.prepared.plan, cgroups=tuple(map(str, self.group.dirs)))
+        plan_r, plan_w = os.pipe()
+        status_r, status_w = os.pipe()
+        argv = [sys.executable, "-I", "-m", HELPER_MODULE, "--plan-fd", str(plan_r)]
+        argv += ["--status-fd", str(status_w), *(["--debug"] if debug else [])]
+        stdin = self.prepared.spec.stdin
+        try:
+            async with trio.open_nursery() as nursery:
+                async with trio.open_nursery() as process_nursery:
+                    self._stop_scope = process_nursery.cancel_scope
+                    process: trio.Process = await process_nursery.start(
+                        partial(
+                            trio.run_process,
+                            argv,
+                            stdin=b"" if stdin is None else stdin,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            pass_fds=(plan_r, status_w),
+                            check=False,
+                            deliver_cancel=self._deliver_cancel,
+                        )
+                    )
+                    for fd in (plan_r, status_w):
+                        os.close(fd)
+                    plan_r = status_w = -1
+                    status_stream = trio.lowlevel.FdStream(status_r)
+                    status_r = -1
+                    async with trio.lowlevel.FdStream(plan_w) as plan_stream:
+                        plan_w = -1
+                        await plan_stream.send_all(json.dumps(plan.to_json()).encode())
+                    assert process.stdout is not None
+                    assert process.stderr is not None
+                    nursery.start_soon(
+                        self._pump, process.stdout, Stream.STDOUT, self._send.clone()
+                    )
+                    nursery.start_soon(
+                        self._pump, process.stderr, Stream.STDERR, self._send.clone()
+                    )
+                    nursery.start_soon(self._read_status, status_stream, process)
+                    nursery.start_soon(self._observe)
+                    if self.prepared.spec.timeout is not None:
+                        nursery.start_soon(self._enforce_timeout, self.prepared.spec.timeout)
+                    self._send.close()
+                    task_status.started()
+                # The helper is gone (or was stopped by deliver_cancel): whatever is left in
+                # the cgroup dies now, so the output pipes reach EOF.
+                self._returncode = process.returncode
+                self._exited.set()
+                await trio.to_thread.run_sync(self.group.kill)
+        finally:
+            self._exited.set()
+            self._done.set()
+            for fd in (plan_r, plan_w, status_r, status_w):
+                if fd >= 0:
+                    os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def open_execution(prepared: PreparedRun, *, debug: bool = False) -> AsyncIterator[Execution]:
+    """Start a prepared run; leaving the block early cancels it (whole tree killed).
+
+    Raises:
+        SandboxError: the cgroups could not be created or a limit cannot be enforced.
+    """
+    spec = prepared.spec
+    name = f"{prepared.run_dir.name}-{uuid.uuid4().hex[:8]}"
+    group = await trio.to_thread.run_sync(
+        partial(cgroups.create, name, memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            execution = Execution(prepared, group)
+            await nursery.start(partial(execution.run, debug=debug))
+            try:
+                yield execution
+            finally:
+                execution.cancel()
+    finally:
+        with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
+            cleanup.shield = True
+            await trio.to_thread.run_sync(group.remove)

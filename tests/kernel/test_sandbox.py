@@ -1,0 +1,353 @@
+"""The sandbox end to end on the real kernel: the real helper over a busybox root.
+
+Each test builds a root from the cached static busybox, prepares a run with a snapshot source
+over that directory, and runs it through ``sandbox.launch`` (the helper is a subprocess; no
+namespace work happens inside pytest).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from binfmt.platform import Platform
+from binfmt.report import PlatformReport
+from runtimed.errors import Json
+from sandbox.launch import OutputChunk, RunResult, Stream, finish_run, open_execution, prepare_run
+from sandbox.spec import ExecSpec
+from tests.support import busybox, require, require_root
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+AMD64 = Platform(os="linux", architecture="amd64")
+APPLETS = [
+    "sh",
+    "cat",
+    "echo",
+    "env",
+    "false",
+    "grep",
+    "hostname",
+    "id",
+    "kill",
+    "ls",
+    "mkdir",
+    "mount",
+    "ps",
+    "pwd",
+    "setsid",
+    "sleep",
+    "touch",
+    "true",
+    "uname",
+    "wc",
+    "head",
+    "ifconfig",
+    "yes",
+    "dd",
+]
+PASSWD = "root:x:0:0:root:/root:/bin/sh\nbuild:x:1000:1000:b:/home/build:/bin/sh\n"
+GROUP = "root:x:0:\nbuild:x:1000:\nwheel:x:10:build\n"
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    env: tuple[str, ...] = ("FROM_IMAGE=1",)
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ("sh",)
+    working_dir: str = ""
+    user: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    platform: Platform
+    config: ImageConfig = field(default_factory=ImageConfig)
+
+
+class DirectorySource:
+    """A snapshot source over one plain directory (the store's interface, no store)."""
+
+    def __init__(self, root: Path, scratch: Path, platform: Platform = AMD64) -> None:
+        self.root = root
+        self.scratch = scratch
+        self.platform = platform
+        self.committed: list[Path] = []
+
+    def get(self, ref: str) -> Snapshot:
+        return Snapshot(id=ref, platform=self.platform)
+
+    def layer_paths(self, snapshot_id: str) -> list[Path]:
+        return [self.root]
+
+    def new_run_dir(self) -> Path:
+        path = self.scratch / "runs" / uuid.uuid4().hex[:12]
+        (path / "upper").mkdir(parents=True)
+        (path / "work").mkdir()
+        return path
+
+    def remove_run_dir(self, path: Path) -> None:
+        shutil.rmtree(path)
+
+    def commit_upper(self, parent_id: str, upper: Path) -> Snapshot:
+        kept = self.scratch / f"commit-{len(self.committed)}"
+        shutil.copytree(upper, kept, symlinks=True)
+        self.committed.append(kept)
+        return Snapshot(id=f"{parent_id}+{len(self.committed)}", platform=self.platform)
+
+
+def make_busybox_root(path: Path, debian_arch: str = "amd64") -> Path:
+    (path / "bin").mkdir(parents=True)
+    shutil.copy(busybox(debian_arch), path / "bin" / "busybox")
+    for applet in APPLETS:
+        (path / "bin" / applet).symlink_to("busybox")
+    (path / "etc").mkdir()
+    (path / "etc" / "passwd").write_text(PASSWD)
+    (path / "etc" / "group").write_text(GROUP)
+    (path / "tmp").mkdir(mode=0o1777)
+    return path
+
+
+@dataclass
+class Outcome:
+    result: RunResult
+    chunks: list[OutputChunk]
+
+    def text(self, stream: Stream) -> str:
+        return b"".join(c.data for c in self.chunks if c.stream is stream).decode()
+
+    @property
+    def stdout(self) -> str:
+        return self.text(Stream.STDOUT)
+
+    @property
+    def stderr(self) -> str:
+        return self.text(Stream.STDERR)
+
+
+async def run_in_sandbox(
+    source: DirectorySource, argv: Sequence[str], report: PlatformReport, **request: Json
+) -> Outcome:
+    spec = ExecSpec.from_json({"snapshot": "snap", "args": list(argv), **request})
+    prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
+    async with open_execution(prepared) as execution:
+        chunks = [chunk async for chunk in execution.output]
+        result = await execution.wait()
+    result = await trio.to_thread.run_sync(finish_run, prepared, source, result)
+    return Outcome(result=result, chunks=chunks)
+
+
+NATIVE_REPORT = PlatformReport(host=AMD64, native=frozenset({AMD64}), native_source="test")
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> DirectorySource:
+    require_root()
+    require(os.uname().machine == "x86_64", "the native busybox fixture is amd64")
+    return DirectorySource(make_busybox_root(tmp_path / "root"), tmp_path)
+
+
+async def test_sandbox_native_busybox_runs_and_is_reported_native(
+    source: DirectorySource,
+) -> None:
+    out = await run_in_sandbox(source, ["uname", "-m"], NATIVE_REPORT)
+    assert out.stdout == "x86_64\n"
+    assert out.result.exit_code == 0
+    report = out.result.report
+    assert report.mode == "native"
+    assert report.confirmed
+    assert report.interpreter is None
+    assert report.emulated == {}
+
+
+async def test_sandbox_isolation_default_profile(source: DirectorySource) -> None:
+    script = (
+        "echo pid=$$; ls /proc | grep -c '^[0-9]'; "
+        "cat /proc/timer_list /proc/keys /proc/kcore 2>/dev/null | wc -c; ls /sys/firmware; "
+        "touch /sys/x 2>&1; grep CapEff /proc/self/status; hostname; ls /sys/class/net; "
+        "cat /etc/hostname; (echo x > /proc/sys/kernel/hostname) 2>&1; ls /dev/pts"
+    )
+    out = await run_in_sandbox(source, ["sh", "-c", script], NATIVE_REPORT, hostname="box1")
+    lines = out.stdout.splitlines()
+    assert lines[0] == "pid=2"  # PID 1 is the sandbox's init, the shell comes next
+    assert int(lines[1]) <= 4  # init, sh, ls, grep: no host process is visible
+    assert lines[2] == "0"  # Docker's masked paths read as /dev/null, /sys/firmware empty
+    assert "Read-only file system" in lines[3]
+    cap_eff = int(lines[4].split()[1], 16)
+    assert cap_eff == 0xA80425FB  # Docker's 14 capabilities
+    assert not cap_eff & (1 << 21)  # no CAP_SYS_ADMIN
+    assert lines[5] == "box1"
+    assert lines[6] == "lo"  # network none: a new namespace with only loopback
+    assert lines[7] == "box1"
+    assert "Read-only file system" in lines[8]
+    assert lines[9] == "ptmx"  # a new devpts instance, empty but for ptmx
+
+
+async def test_sandbox_host_network_sees_host_interfaces(source: DirectorySource) -> None:
+    out = await run_in_sandbox(source, ["ls", "/sys/class/net"], NATIVE_REPORT, network="host")
+    assert sorted(out.stdout.split()) == sorted(os.listdir("/sys/class/net"))
+
+
+@pytest.mark.parametrize(
+    ("script", "code", "signum"),
+    [("exit 7", 7, None), ("true", 0, None), ("kill -9 $$", 137, 9), ("kill -TERM $$", 143, 15)],
+)
+async def test_sandbox_exit_codes_and_signals(
+    source: DirectorySource, script: str, code: int, signum: int | None
+) -> None:
+    out = await run_in_sandbox(source, ["sh", "-c", script], NATIVE_REPORT)
+    assert (out.result.exit_code, out.result.signal) == (code, signum)
+    assert not out.result.timed_out
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+async def test_sandbox_timeout_kills_setsid_grandchild(source: DirectorySource) -> None:
+    script = "setsid sleep 987651 & sleep 987652"
+    with trio.fail_after(10):
+        out = await run_in_sandbox(source, ["sh", "-c", script], NATIVE_REPORT, timeout=0.5)
+    assert out.result.timed_out
+    assert not out.result.cancelled
+    assert out.result.signal == 15  # SIGTERM through PID 1 first
+    assert _processes_with("98765") == []
+
+
+async def test_sandbox_pids_limit_contains_a_fork_bomb(source: DirectorySource) -> None:
+    script = "i=0; while [ $i -lt 64 ]; do sleep 30 & i=$((i+1)); done; echo spawned"
+    with trio.fail_after(20):
+        out = await run_in_sandbox(source, ["sh", "-c", script], NATIVE_REPORT, pids=16, timeout=5)
+    assert "can't fork" in out.stderr or "Resource temporarily unavailable" in out.stderr
+    assert _processes_with("sleep 30") == []
+
+
+async def test_sandbox_memory_limit_kills_the_hog(source: DirectorySource) -> None:
+    out = await run_in_sandbox(
+        source,
+        ["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"],
+        NATIVE_REPORT,
+        memory=32 << 20,
+    )
+    assert out.result.signal == 9
+    assert out.result.oom_kills >= 1
+    assert out.result.resources.peak_memory is not None
+    assert out.result.resources.peak_memory <= 32 << 20
+
+
+async def test_sandbox_streams_stdout_and_stderr_separately_as_produced(
+    source: DirectorySource,
+) -> None:
+    script = "echo one; echo err1 >&2; echo two; sleep 0.6; echo three; echo err2 >&2"
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", script]})
+    prepared = await trio.to_thread.run_sync(prepare_run, spec, source, NATIVE_REPORT)
+    arrivals: list[tuple[float, OutputChunk]] = []
+    async with open_execution(prepared) as execution:
+        async for chunk in execution.output:
+            arrivals.append((trio.current_time(), chunk))
+        end = trio.current_time()
+        await execution.wait()
+    finish_run(prepared, source, await execution.wait())
+    stdout = b"".join(c.data for _, c in arrivals if c.stream is Stream.STDOUT)
+    stderr = b"".join(c.data for _, c in arrivals if c.stream is Stream.STDERR)
+    assert stdout == b"one\ntwo\nthree\n"
+    assert stderr == b"err1\nerr2\n"
+    first = next(t for t, c in arrivals if c.stream is Stream.STDOUT)
+    assert end - first >= 0.5  # "one" arrived while the command still ran
+
+
+async def test_sandbox_user_switch_by_name(source: DirectorySource) -> None:
+    out = await run_in_sandbox(
+        source,
+        ["sh", "-c", "id; grep CapEff /proc/self/status; echo $HOME"],
+        NATIVE_REPORT,
+        user="build",
+    )
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("uid=1000(build) gid=1000(build) groups=10(wheel)")
+    assert lines[1].split()[1] == "0000000000000000"
+    assert lines[2] == "/home/build"
+
+
+async def test_sandbox_bind_mounts_ro_and_rw(source: DirectorySource, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "in.txt").write_text("input")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    script = "cat /src/in.txt; touch /src/x 2>&1; echo made > /out/result"
+    out = await run_in_sandbox(
+        source,
+        ["sh", "-c", script],
+        NATIVE_REPORT,
+        mounts=[
+            {"source": str(src), "destination": "/src", "readonly": True},
+            {"source": str(out_dir), "destination": "/out"},
+        ],
+    )
+    assert out.stdout.startswith("input")
+    assert "Read-only file system" in out.stdout
+    assert (out_dir / "result").read_text() == "made\n"
+    assert not (src / "x").exists()
+
+
+async def test_sandbox_stdin_env_cwd_and_commit(source: DirectorySource) -> None:
+    script = "cat; echo $FROM_IMAGE$EXTRA; pwd; echo data > /made"
+    out = await run_in_sandbox(
+        source,
+        ["sh", "-c", script],
+        NATIVE_REPORT,
+        stdin={"data": "aGVsbG8K"},
+        env={"EXTRA": "2"},
+        cwd="/work/new",
+        commit=True,
+    )
+    assert out.stdout == "hello\n12\n/work/new\n"
+    assert out.result.snapshot == "snap+1"
+    assert (source.committed[0] / "made").read_text() == "data\n"
+    assert not (source.root / "made").exists()  # the snapshot itself is untouched
+    assert not list((source.scratch / "runs").iterdir())  # run directory removed
+
+
+async def test_sandbox_nothing_left_after_helper_sigkill(source: DirectorySource) -> None:
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo up; sleep 987653"]})
+    prepared = await trio.to_thread.run_sync(prepare_run, spec, source, NATIVE_REPORT)
+    async with open_execution(prepared) as execution:
+        async for chunk in execution.output:
+            assert chunk.data == b"up\n"
+            cgroup_dirs = list(execution.group.dirs)
+            helper = min(execution.group.pids())  # the outer helper started first
+            os.kill(helper, 9)
+        result = await execution.wait()
+    finish_run(prepared, source, result)
+    assert result.signal == 9
+    assert _processes_with("987653") == []
+    assert not any(d.exists() for d in cgroup_dirs)
+    assert not await trio.to_thread.run_sync(_mounted_anywhere, str(prepared.run_dir))
+
+
+def _mounted_anywhere(path: str) -> bool:
+    """Whether any process's mount namespace still has a mount mentioning ``path``."""
+    for mountinfo in Path("/proc").glob("[0-9]*/mountinfo"):
+        try:
+            if path in mountinfo.read_text():
+                return True
+        except OSError:
+            continue
+    return False
