@@ -1,0 +1,201 @@
+"""The unpacker as the daemon runs it, real root: owners, device nodes, file capabilities, the
+multi-layer case with overlay mounts in the initial user namespace, and hostile later layers
+(a directory replaced by a symlink, whiteouts through a lower symlink) that must not reach
+outside the staging directory.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from runtimed.errors import InvalidArchiveError
+from sandbox.unpack import apply_layer
+from tests.kernel.test_unpack_hostile import snapshot
+from tests.kernel.test_unpack_layers import (
+    EXPECTED_MERGED,
+    LIST_MERGED,
+    build_layer_blobs,
+    check_layer_dirs,
+    lowerdir,
+    parse_listing,
+)
+from tests.support import require_root
+
+pytestmark = pytest.mark.root
+
+# struct vfs_cap_data revision 2 (<linux/capability.h>) granting cap_net_raw (13) permitted.
+CAP_NET_RAW = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+
+
+def apply(blob: Path, dest: Path, parents: list[Path], work: Path) -> None:
+    fd = os.open(blob, os.O_RDONLY)
+    try:
+        apply_layer(fd, parents=parents, dest=dest, work=work)
+    finally:
+        os.close(fd)
+
+
+def apply_all(tmp: Path, blobs: list[Path]) -> list[Path]:
+    work = tmp / "store" / "work"
+    work.mkdir(parents=True)
+    layers: list[Path] = []
+    for i, blob in enumerate(blobs):
+        dest = tmp / "store" / f"layer{i}"
+        dest.mkdir()
+        apply(blob, dest, list(layers), work)
+        layers.append(dest)
+    return layers
+
+
+Member = tuple[tarfile.TarInfo, bytes | None]
+
+
+def tar_bytes(members: list[Member]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, None if data is None else io.BytesIO(data))
+    return out.getvalue()
+
+
+def member(
+    name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = None, **fields: object
+) -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    if data is not None:
+        info.size = len(data)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, data
+
+
+@pytest.mark.slow
+def test_unpack_layers_over_parents_as_root(tmp_path: Path) -> None:
+    require_root()
+    layers = apply_all(tmp_path, build_layer_blobs(tmp_path))
+    check_layer_dirs(layers)
+    listing = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", LIST_MERGED, "sh", lowerdir(layers)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert listing.returncode == 0, listing.stderr
+    entries, motd = parse_listing(listing.stdout)
+    assert entries == EXPECTED_MERGED
+    assert motd == "layer2"
+
+
+def test_unpack_owners_devices_setuid_and_capabilities(tmp_path: Path) -> None:
+    require_root()
+    blob = tmp_path / "root.tar"
+    blob.write_bytes(
+        tar_bytes(
+            [
+                member("dev", tarfile.DIRTYPE),
+                member("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666),
+                member("dev/tty", tarfile.CHRTYPE, devmajor=5, devminor=0, mode=0o666),
+                member("dev/sda", tarfile.BLKTYPE, devmajor=8, devminor=0),
+                member("dev/mem", tarfile.CHRTYPE, devmajor=1, devminor=1),
+                member(
+                    "home",
+                    tarfile.DIRTYPE,
+                    uid=1000,
+                    gid=1000,
+                    mode=0o700,
+                    pax_headers={"SCHILY.xattr.trusted.overlay.opaque": "y"},
+                ),
+                member("home/f", data=b"x", uid=1000, gid=100, mode=0o2640),
+                member("bin", tarfile.DIRTYPE),
+                member(
+                    "bin/ping",
+                    data=b"\x7fELF",
+                    mode=0o4755,
+                    pax_headers={
+                        "SCHILY.xattr.security.capability": CAP_NET_RAW.decode(
+                            "utf-8", "surrogateescape"
+                        )
+                    },
+                ),
+                member("bin/l", tarfile.SYMTYPE, linkname="ping", uid=7, gid=8),
+            ]
+        )
+    )
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    fd = os.open(blob, os.O_RDONLY)
+    try:
+        result = apply_layer(fd, parents=(), dest=dest)
+    finally:
+        os.close(fd)
+    null = (dest / "dev/null").lstat()
+    assert stat.S_ISCHR(null.st_mode)
+    assert (os.major(null.st_rdev), os.minor(null.st_rdev)) == (1, 3)
+    assert stat.S_IMODE(null.st_mode) == 0o666
+    assert stat.S_ISCHR((dest / "dev/tty").lstat().st_mode)
+    assert not os.path.lexists(dest / "dev/sda")
+    assert not os.path.lexists(dest / "dev/mem")
+    assert len([w for w in result.warnings if "skipped" in w]) == 2
+    home = (dest / "home").lstat()
+    assert (home.st_uid, home.st_gid, stat.S_IMODE(home.st_mode)) == (1000, 1000, 0o700)
+    assert os.listxattr(dest / "home") == []
+    f = (dest / "home/f").lstat()
+    assert (f.st_uid, f.st_gid, stat.S_IMODE(f.st_mode)) == (1000, 100, 0o2640)
+    ping = (dest / "bin/ping").lstat()
+    assert stat.S_IMODE(ping.st_mode) == 0o4755
+    assert os.getxattr(dest / "bin/ping", "security.capability") == CAP_NET_RAW
+    link = (dest / "bin/l").lstat()
+    assert (link.st_uid, link.st_gid) == (7, 8)
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        # A directory of the lower layer replaced by a symlink to the victim, then written.
+        lambda v: [member("d", tarfile.SYMTYPE, linkname=v), member("d/pwned", data=b"x")],
+        # A whiteout reached through a lower layer's symlink to the victim.
+        lambda v: [member("s/.wh.secret", data=b"")],
+        # An opaque marker through the same symlink.
+        lambda v: [member("s/.wh..wh..opq", data=b"")],
+        # A hardlink to the victim through the lower symlink.
+        lambda v: [member("h", tarfile.LNKTYPE, linkname="s/secret")],
+    ],
+    ids=["dir-replaced-by-symlink", "whiteout-via-symlink", "opaque-via-symlink", "hardlink"],
+)
+def test_unpack_hostile_later_layer_stays_inside(
+    tmp_path: Path, second: Callable[[str], list[Member]]
+) -> None:
+    require_root()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "secret").write_text("secret\n")
+    v = os.fspath(victim)
+    first = tmp_path / "l1.tar"
+    first.write_bytes(
+        tar_bytes(
+            [
+                member("d", tarfile.DIRTYPE),
+                member("d/f", data=b"f"),
+                member("s", tarfile.SYMTYPE, linkname=v),
+            ]
+        )
+    )
+    top = tmp_path / "l2.tar"
+    top.write_bytes(tar_bytes(second(v)))
+    store = tmp_path / "store"
+    before = snapshot(tmp_path, store)
+    try:
+        apply_all(tmp_path, [first, top])
+    except InvalidArchiveError:
+        assert os.listdir(store / "layer1") == []
+    assert snapshot(tmp_path, store) == before
