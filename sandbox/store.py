@@ -1328,9 +1328,15 @@ class Store:
         empty.mkdir(mode=0o555, exist_ok=True)
         if len(names) < 2:  # overlayfs needs two lower directories when there is no upper
             names.insert(0, "../empty")
+        # Recorded first, so that remove() refuses from the moment the mount may exist.
         with self._db(write=True) as conn:
             conn.execute("INSERT OR REPLACE INTO views VALUES (?, ?)", (str(target), info.id))
-        view.mount_overlay(names, target, cwd=self.layers_dir)
+        try:
+            view.mount_overlay(names, target, cwd=self.layers_dir)
+        except SnapshotError:
+            with self._db(write=True) as conn:
+                conn.execute("DELETE FROM views WHERE path = ?", (str(target),))
+            raise
         return info
 
     def unmount_view(self, target: Path) -> None:
