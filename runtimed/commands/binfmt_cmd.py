@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -199,8 +200,14 @@ def _report_lines(report: PlatformReport) -> list[str]:
             f"{platform!s:<22} emulated   {emulator.entry} -> {emulator.interpreter} "
             f"[{emulator.flags}]"
         )
+    by_reason: dict[str, list[str]] = {}
     for platform, why in sorted(report.unavailable.items()):
-        lines.append(f"{platform!s:<22} unavailable: {why}")
+        by_reason.setdefault(why, []).append(str(platform))
+    for why, platforms in by_reason.items():
+        lines.append(f"unavailable ({why}):")
+        lines += textwrap.wrap(
+            ", ".join(platforms), width=96, initial_indent="  ", subsequent_indent="  "
+        )
     return lines
 
 
