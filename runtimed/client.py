@@ -183,9 +183,11 @@ class Client:
         """The platform report (``binfmt.report.PlatformReport.to_json()``)."""
         return _expect(await self.call("io.runtimed.GetPlatforms"), "report", dict)
 
-    async def check_binfmt(self) -> tuple[bool, list[Json]]:
+    async def check_binfmt(self) -> dict[str, Json]:
+        """The diagnosis of ``runtimectl check-binfmt``: ok, findings, platforms."""
         reply = await self.call("io.runtimed.CheckBinfmt")
-        return _expect(reply, "ok", bool), _expect(reply, "findings", list)
+        _expect(reply, "ok", bool)
+        return reply
 
     async def install_emulators(
         self, platforms: Sequence[str] | None = None, *, force: bool = False
@@ -205,17 +207,14 @@ class Client:
         self,
         fd: int,
         *,
-        name: str | None = None,
         platform: str | None = None,
         progress: Callable[[dict[str, Json]], Awaitable[None]] | None = None,
     ) -> dict[str, Json]:
-        """Import from an open file (the descriptor is passed, not the path).
+        """Import from an open file or pipe (the descriptor is passed, not the path).
 
         ``progress`` receives the daemon's progress objects while it works.
         """
         params: dict[str, Json] = {"fileDescriptor": 0}
-        if name is not None:
-            params["name"] = name
         if platform is not None:
             params["platform"] = platform
         async with self.open_stream("io.runtimed.ImportSnapshot", params, fds=[fd]) as replies:
@@ -236,10 +235,12 @@ class Client:
     async def remove_snapshot(self, snapshot_id: str) -> None:
         await self.call("io.runtimed.RemoveSnapshot", {"id": snapshot_id})
 
-    async def export_snapshot(self, snapshot_id: str, fd: int) -> int:
-        """Write the snapshot as a tar archive to an open, writable file; returns its size."""
+    async def export_snapshot(self, snapshot_id: str, fd: int, *, fmt: str = "tar") -> int:
+        """Write the snapshot ("tar" or "oci") to an open, writable file; returns its size."""
         reply = await self.call(
-            "io.runtimed.ExportSnapshot", {"id": snapshot_id, "fileDescriptor": 0}, fds=[fd]
+            "io.runtimed.ExportSnapshot",
+            {"id": snapshot_id, "fileDescriptor": 0, "format": fmt},
+            fds=[fd],
         )
         return _expect(reply, "size", int)
 
@@ -377,7 +378,7 @@ class SyncClient:
     def get_platforms(self) -> dict[str, Json]:
         return self._run(lambda c: c.get_platforms())
 
-    def check_binfmt(self) -> tuple[bool, list[Json]]:
+    def check_binfmt(self) -> dict[str, Json]:
         return self._run(lambda c: c.check_binfmt())
 
     def install_emulators(
@@ -388,10 +389,8 @@ class SyncClient:
     def uninstall_emulators(self, platforms: Sequence[str] | None = None) -> dict[str, Json]:
         return self._run(lambda c: c.uninstall_emulators(platforms))
 
-    def import_snapshot(
-        self, fd: int, *, name: str | None = None, platform: str | None = None
-    ) -> dict[str, Json]:
-        return self._run(lambda c: c.import_snapshot(fd, name=name, platform=platform))
+    def import_snapshot(self, fd: int, *, platform: str | None = None) -> dict[str, Json]:
+        return self._run(lambda c: c.import_snapshot(fd, platform=platform))
 
     def list_snapshots(self) -> list[Json]:
         return self._run(lambda c: c.list_snapshots())
@@ -402,8 +401,8 @@ class SyncClient:
     def remove_snapshot(self, snapshot_id: str) -> None:
         self._run(lambda c: c.remove_snapshot(snapshot_id))
 
-    def export_snapshot(self, snapshot_id: str, fd: int) -> int:
-        return self._run(lambda c: c.export_snapshot(snapshot_id, fd))
+    def export_snapshot(self, snapshot_id: str, fd: int, *, fmt: str = "tar") -> int:
+        return self._run(lambda c: c.export_snapshot(snapshot_id, fd, fmt=fmt))
 
     def exec(self, spec: Mapping[str, Json]) -> ExecOutcome:
         return self._run(lambda c: c.exec(spec))

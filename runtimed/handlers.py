@@ -34,6 +34,7 @@ OutputSink = Callable[[str, bytes], Awaitable[None]]
 """Receives ("stdout" | "stderr", bytes) in the order the sandbox read them."""
 ProgressSink = Callable[[Mapping[str, Json]], Awaitable[None]]
 
+EXPORT_FORMATS: Final = ("tar", "oci")
 # Room left in a message for the JSON around one base64 chunk.
 _ENVELOPE: Final = 256
 
@@ -43,7 +44,7 @@ class Backend(Protocol):
 
     async def get_platforms(self) -> dict[str, Json]: ...
 
-    async def check_binfmt(self) -> tuple[bool, list[Json]]: ...
+    async def check_binfmt(self) -> dict[str, Json]: ...
 
     async def install_emulators(
         self, platforms: list[str] | None, *, force: bool
@@ -52,7 +53,7 @@ class Backend(Protocol):
     async def uninstall_emulators(self, platforms: list[str] | None) -> dict[str, Json]: ...
 
     async def import_snapshot(
-        self, fd: int, *, name: str | None, platform: str | None, progress: ProgressSink
+        self, fd: int, *, platform: str | None, progress: ProgressSink
     ) -> dict[str, Json]: ...
 
     async def list_snapshots(self) -> list[Json]: ...
@@ -61,7 +62,7 @@ class Backend(Protocol):
 
     async def remove_snapshot(self, snapshot_id: str) -> None: ...
 
-    async def export_snapshot(self, snapshot_id: str, fd: int) -> int: ...
+    async def export_snapshot(self, snapshot_id: str, fd: int, *, fmt: str) -> int: ...
 
     async def exec(self, spec: Mapping[str, Json], output: OutputSink) -> dict[str, Json]: ...
 
@@ -163,8 +164,7 @@ def method_table(
 
     async def check_binfmt(request: Request) -> dict[str, Json]:
         _no_parameters(request.parameters)
-        ok, findings = await backend.check_binfmt()
-        return {"ok": ok, "findings": findings}
+        return await backend.check_binfmt()
 
     async def install_emulators(request: Request) -> dict[str, Json]:
         platforms = _platforms(request.parameters)
@@ -175,7 +175,6 @@ def method_table(
         return await backend.uninstall_emulators(_platforms(request.parameters))
 
     async def import_snapshot(request: Request) -> dict[str, Json]:
-        name = _optional_string(request.parameters, "name")
         platform = _optional_string(request.parameters, "platform")
         fd = request.take_fd("fileDescriptor")
         try:
@@ -183,9 +182,7 @@ def method_table(
             async def progress(state: Mapping[str, Json]) -> None:
                 await request.progress({"progress": dict(state)})
 
-            snapshot = await backend.import_snapshot(
-                fd, name=name, platform=platform, progress=progress
-            )
+            snapshot = await backend.import_snapshot(fd, platform=platform, progress=progress)
         finally:
             os.close(fd)
         return {"snapshot": snapshot}
@@ -205,9 +202,15 @@ def method_table(
 
     async def export_snapshot(request: Request) -> dict[str, Json]:
         snapshot_id = _string(request.parameters, "id")
+        fmt = _optional_string(request.parameters, "format") or "tar"
+        if fmt not in EXPORT_FORMATS:
+            raise InvalidParamsError(
+                f"format must be one of {', '.join(EXPORT_FORMATS)}",
+                details={"parameter": "format"},
+            )
         fd = request.take_fd("fileDescriptor")
         try:
-            size = await backend.export_snapshot(snapshot_id, fd)
+            size = await backend.export_snapshot(snapshot_id, fd, fmt=fmt)
         finally:
             os.close(fd)
         return {"size": size}

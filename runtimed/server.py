@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Generic, Protocol, TypeVar
 
@@ -266,7 +266,7 @@ class Server(Generic[S]):
 
     async def serve(
         self,
-        listeners: list[trio.abc.Listener[S]],
+        listeners: Sequence[trio.abc.Listener[S]],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:

@@ -50,8 +50,8 @@ class FakeBackend:
             raise self.fail_with
         return {"host": "linux/amd64", "native": ["linux/amd64", "linux/386"]}
 
-    async def check_binfmt(self) -> tuple[bool, list[Json]]:
-        return True, [{"severity": "info", "message": "fine"}]
+    async def check_binfmt(self) -> dict[str, Json]:
+        return {"ok": True, "findings": [{"severity": "info"}], "platforms": {}}
 
     async def install_emulators(
         self, platforms: list[str] | None, *, force: bool
@@ -63,7 +63,7 @@ class FakeBackend:
         return {"changes": [], "report": {}}
 
     async def import_snapshot(
-        self, fd: int, *, name: str | None, platform: str | None, progress: ProgressSink
+        self, fd: int, *, platform: str | None, progress: ProgressSink
     ) -> dict[str, Json]:
         raise AssertionError("descriptors do not pass over memory streams")
 
@@ -78,7 +78,7 @@ class FakeBackend:
     async def remove_snapshot(self, snapshot_id: str) -> None:
         await self.inspect_snapshot(snapshot_id)
 
-    async def export_snapshot(self, snapshot_id: str, fd: int) -> int:
+    async def export_snapshot(self, snapshot_id: str, fd: int, *, fmt: str) -> int:
         raise AssertionError("descriptors do not pass over memory streams")
 
     async def exec(self, spec: Mapping[str, Json], output: OutputSink) -> dict[str, Json]:
@@ -178,7 +178,7 @@ async def test_daemon_rpc_get_platforms_and_snapshots() -> None:
     async with serving() as h:
         client = await h.connect(BUILDER)
         assert (await client.get_platforms())["host"] == "linux/amd64"
-        assert await client.check_binfmt() == (True, [{"severity": "info", "message": "fine"}])
+        assert (await client.check_binfmt())["findings"] == [{"severity": "info"}]
         assert await client.list_snapshots() == [{"id": "s1"}]
         assert await client.inspect_snapshot("s1") == {"id": "s1"}
         changes = await client.install_emulators(["linux/arm64"], force=True)

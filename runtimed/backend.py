@@ -1,0 +1,283 @@
+"""IO: the daemon's capabilities: binfmt_misc (binfmt.*), the snapshot store and the sandbox.
+
+Implements :class:`runtimed.handlers.Backend` with the real modules. Their APIs are
+synchronous; every call goes through ``trio.to_thread`` (blocking work never runs on the event
+loop). The snapshot store holds a SQLite connection bound to the thread that opened it, so
+each operation opens its own :class:`sandbox.store.Store` in its worker thread; concurrent
+stores share ``store.lock``, and the store reclaims crash leftovers only when it is alone.
+
+Files come from clients as descriptors: the daemon reads a regular file through
+``/proc/self/fd/N`` (the inode the client opened, not a path it named) and spools a pipe to a
+private file first; directories are refused, because following a client's directory tree
+with root's rights would open whatever its symlinks point to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from binfmt import detect, installer, kernel
+from binfmt.diagnose import diagnose
+from binfmt.install import (
+    ActionKind,
+    Plan,
+    desired_entry,
+    desired_flags,
+    native_refusal,
+    plan_install,
+    plan_toggle,
+    require_foreign,
+)
+from binfmt.platform import normalize, parse_platform
+from binfmt.qemu import QEMU_TARGETS, target_for_platform
+from binfmt.report import PlatformReport
+from runtimed.config import Config
+from runtimed.errors import InterpreterNotFoundError, InvalidParamsError, Json
+from runtimed.handlers import OutputSink, ProgressSink
+from sandbox.store import ExportFormat, Store
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK: Final = 1024 * 1024
+
+
+class DaemonBackend:
+    """The capabilities behind the method table.
+
+    Args:
+        config: The current configuration (re-read on each call, so SIGHUP takes effect).
+    """
+
+    def __init__(self, config: Callable[[], Config]) -> None:
+        self.config = config
+        self._report: PlatformReport | None = None
+
+    # --- platforms and binfmt_misc --------------------------------------------------------
+
+    async def refresh_platforms(self) -> PlatformReport:
+        """Probe again (after handlers changed) and keep the report for GetPlatforms."""
+        self._report = await trio.to_thread.run_sync(
+            detect.platform_report, self.config().binfmt_misc
+        )
+        return self._report
+
+    async def get_platforms(self) -> dict[str, Json]:
+        report = self._report or await self.refresh_platforms()
+        return report.to_json()
+
+    async def check_binfmt(self) -> dict[str, Json]:
+        facts, report = await trio.to_thread.run_sync(
+            detect.gather_facts, self.config().binfmt_misc
+        )
+        self._report = report
+        return diagnose(facts, report).to_json()
+
+    async def install_emulators(
+        self, platforms: list[str] | None, *, force: bool
+    ) -> dict[str, Json]:
+        path = self.config().binfmt_misc
+        plan, skipped = await trio.to_thread.run_sync(
+            lambda: install_handlers(path, platforms, force=force)
+        )
+        return self._changed(plan, skipped, await self.refresh_platforms())
+
+    async def uninstall_emulators(self, platforms: list[str] | None) -> dict[str, Json]:
+        path = self.config().binfmt_misc
+
+        def uninstall() -> Plan:
+            host = detect.host_platform()
+            chosen = (
+                None
+                if platforms is None
+                else [normalize(parse_platform(p, host=host)) for p in platforms]
+            )
+            plan = plan_toggle(
+                ActionKind.REMOVE, chosen, kernel.read_state(path).entries, force=False
+            )
+            installer.apply_plan(path, plan)
+            return plan
+
+        plan = await trio.to_thread.run_sync(uninstall)
+        return self._changed(plan, [], await self.refresh_platforms())
+
+    @staticmethod
+    def _changed(
+        plan: Plan, skipped: Sequence[tuple[str, str]], report: PlatformReport
+    ) -> dict[str, Json]:
+        return {
+            "changes": [c.to_json() for c in plan.changes],
+            "skipped": [{"platform": p, "why": why} for p, why in skipped],
+            "report": report.to_json(),
+        }
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    def _store(self) -> Store:
+        return Store(self.config().state_dir)
+
+    async def import_snapshot(
+        self, fd: int, *, platform: str | None, progress: ProgressSink
+    ) -> dict[str, Json]:
+        def report(line: str) -> None:
+            trio.from_thread.run(progress, {"message": line})
+
+        def run() -> dict[str, Json]:
+            with self._store() as store, readable_source(fd, store.staging_dir) as source:
+                return store.import_source(source, platform=platform, progress=report).to_json()
+
+        return await trio.to_thread.run_sync(run)
+
+    async def list_snapshots(self) -> list[Json]:
+        def run() -> list[Json]:
+            with self._store() as store:
+                return [info.to_json() for info in store.list()]
+
+        return await trio.to_thread.run_sync(run)
+
+    async def inspect_snapshot(self, snapshot_id: str) -> dict[str, Json]:
+        def run() -> dict[str, Json]:
+            with self._store() as store:
+                return store.get(snapshot_id).to_json()
+
+        return await trio.to_thread.run_sync(run)
+
+    async def remove_snapshot(self, snapshot_id: str) -> None:
+        def run() -> None:
+            with self._store() as store:
+                store.remove(snapshot_id)
+
+        await trio.to_thread.run_sync(run)
+
+    async def export_snapshot(self, snapshot_id: str, fd: int, *, fmt: str) -> int:
+        def run() -> int:
+            with self._store() as store:
+                scratch = Path(tempfile.mkdtemp(dir=store.staging_dir, prefix="export-"))
+                try:
+                    dest = scratch / "out"
+                    store.export([snapshot_id], dest, fmt=ExportFormat(fmt))
+                    return write_to_fd(dest, fd)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+
+        return await trio.to_thread.run_sync(run)
+
+    # --- execution ------------------------------------------------------------------------
+
+    async def exec(self, spec: Mapping[str, Json], output: OutputSink) -> dict[str, Json]:
+        raise InvalidParamsError(
+            "Exec needs the sandbox, which this build does not have yet",
+            details={"parameter": "spec"},
+        )
+
+
+def install_handlers(
+    path: Path, platforms: Sequence[str] | None, *, force: bool
+) -> tuple[Plan, list[tuple[str, str]]]:
+    """Register QEMU handlers for ``platforms`` (None: every foreign one QEMU is installed
+    for, skipping the rest with the reason). Mounts binfmt_misc at ``path`` if needed.
+
+    Raises:
+        PlatformError: a platform does not parse.
+        UnsupportedPlatformError: QEMU cannot emulate a named platform.
+        NativePlatformError: a named platform runs natively here.
+        InterpreterNotFoundError: no QEMU for a named platform.
+        BinfmtError: binfmt_misc refused a write.
+    """
+    kernel.ensure_mounted(path)
+    host = detect.host_platform()
+    native = detect.native_platforms(host)
+    named = None if platforms is None else [parse_platform(p, host=host) for p in platforms]
+    targets = QEMU_TARGETS if named is None else [target_for_platform(p) for p in named]
+    skipped: list[tuple[str, str]] = []
+    wanted = []
+    for target in targets:
+        platform = normalize(target.platform)
+        if named is not None:
+            require_foreign(
+                platform, host=host, native=native.platforms, native_source=native.source
+            )
+            interpreter = detect.find_interpreter(target)
+        else:
+            why = native_refusal(
+                platform, host=host, native=native.platforms, native_source=native.source
+            )
+            if why is not None:
+                skipped.append((str(platform), why))
+                continue
+            try:
+                interpreter = detect.find_interpreter(target)
+            except InterpreterNotFoundError as exc:
+                skipped.append((str(platform), exc.message))
+                continue
+        flags = desired_flags(preserve_argv0=interpreter.preserve_argv0, credential=False)
+        wanted.append((target, desired_entry(target, str(interpreter.path), flags)))
+    existing = kernel.read_state(path).entries
+    broken = {
+        facts.entry.name: f"interpreter {facts.entry.interpreter} is missing"
+        for facts in map(detect.entry_facts, existing)
+        if not facts.interpreter_exists
+    }
+    plan = plan_install(wanted, existing, broken=broken, force=force)
+    installer.apply_plan(path, plan)
+    return plan, skipped
+
+
+@contextmanager
+def readable_source(fd: int, spool_dir: Path) -> Iterator[Path]:
+    """A path the store can open for a client's descriptor; pipes are spooled first.
+
+    Raises:
+        InvalidParamsError: the descriptor is a directory or a device.
+    """
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        yield Path(f"/proc/self/fd/{fd}")
+        return
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        raise InvalidParamsError(
+            "fileDescriptor must be a regular file or a pipe",
+            details={"parameter": "fileDescriptor"},
+            hint="pass an archive (tar, OCI layout tar, docker save), not a directory",
+        )
+    out, name = tempfile.mkstemp(dir=spool_dir, prefix="spool-")
+    try:
+        with os.fdopen(out, "wb") as spool:
+            while chunk := os.read(fd, COPY_CHUNK):
+                spool.write(chunk)
+        yield Path(name)
+    finally:
+        os.unlink(name)
+
+
+def write_to_fd(dest: Path, fd: int) -> int:
+    """Copy an exported file (an exported directory as a tar) into a client's descriptor.
+
+    Returns:
+        The number of bytes written.
+    """
+    if dest.is_dir():
+        archive = dest.with_name(dest.name + ".tar")
+        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+            for path in sorted(dest.rglob("*")):
+                tar.add(path, arcname=str(path.relative_to(dest)), recursive=False)
+        dest = archive
+    written = 0
+    with dest.open("rb") as src:
+        while chunk := src.read(COPY_CHUNK):
+            view = memoryview(chunk)
+            while view:
+                done = os.write(fd, view)
+                written += done
+                view = view[done:]
+    return written
