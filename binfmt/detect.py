@@ -75,10 +75,9 @@ def host_platform() -> Platform:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Interpreter:
-    """A QEMU user-mode interpreter found on disk."""
+    """A static QEMU user-mode interpreter found on disk."""
 
     path: Path
-    static: bool
     preserve_argv0: bool
 
 
@@ -132,7 +131,6 @@ def find_interpreter(target: QemuTarget) -> Interpreter:
             continue
         return Interpreter(
             path=path,
-            static=True,
             preserve_argv0=supports_preserve_argv0(
                 path.name, qemu_version=_qemu_version(path), kernel_release=os.uname().release
             ),
@@ -290,6 +288,18 @@ def native_platforms(host: Platform) -> NativeSet:
     return NativeSet(platforms=native, source=source, per_userns_binfmt=True)
 
 
+def _emulated_probe() -> list[ProbeResult]:
+    """The emulated probe's results; if the helper cannot run, every probe failed with why."""
+    try:
+        return run_probes("emulated", _probe_platforms())[1]
+    except RuntimedError as exc:
+        log.warning("emulated probe failed: %s", exc)
+        why = f"the probe runner failed: {exc.message}"
+        return [
+            ProbeResult(platform=p, ran=False, native=False, error=why) for p in _probe_platforms()
+        ]
+
+
 def gather_facts(binfmt_misc: Path) -> tuple[BinfmtFacts, PlatformReport]:
     """Everything check-binfmt and the platform report need; reads only, changes nothing.
 
@@ -316,7 +326,7 @@ def gather_facts(binfmt_misc: Path) -> tuple[BinfmtFacts, PlatformReport]:
         if not enabled:
             problem = f"binfmt_misc at {binfmt_misc} is disabled"
         else:
-            _, probes = run_probes("emulated", _probe_platforms())
+            probes = _emulated_probe()
     facts = BinfmtFacts(
         binfmt_misc=os.fspath(binfmt_misc),
         supported=supported,

@@ -141,6 +141,8 @@ def read_probes(text: str) -> list[Probe]:
         raise ValueError(f"'probes' must be a list of at most {MAX_PROBES}")
     probes = []
     for item in items:
+        if not isinstance(item, dict):
+            raise ValueError("each probe must be an object")
         name, image = item.get("name"), item.get("image")
         if not isinstance(name, str) or not isinstance(image, str):
             raise ValueError("each probe needs a string 'name' and 'image'")
