@@ -296,6 +296,8 @@ class _Observer:
 
     exclude: set[int] = field(default_factory=set)
     seen: dict[tuple[int, float], _Observed] = field(default_factory=dict)
+    command_pid: int | None = None  # the command's PID inside the sandbox
+    command_seen: bool = False
 
     def sample(self, pids: Sequence[int]) -> None:
         for pid in pids:
@@ -307,9 +309,20 @@ class _Observer:
                     key = (pid, proc.create_time())
                     times = proc.cpu_times()
                 exe = os.readlink(f"/proc/{pid}/exe")
+                if self.command_pid is not None and not self.command_seen:
+                    self.command_seen = _inner_pid(pid) == self.command_pid
             except (psutil.Error, OSError):
                 continue
             self.seen[key] = _Observed(exe=exe, cpu_seconds=times.user + times.system)
+
+
+def _inner_pid(pid: int) -> int | None:
+    """The PID of host process ``pid`` in the sandbox's namespace (``NSpid``, proc(5))."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            fields = line.split()[1:]
+            return int(fields[1]) if len(fields) > 1 else None
+    return None
 
 
 def _account(
@@ -320,7 +333,11 @@ def _account(
 ) -> ExecutionReport:
     native = ProcessAccount()
     emulated: dict[str, ProcessAccount] = {}
-    for item in observer.seen.values():
+    observed = list(observer.seen.values())
+    if command_exe is not None and not observer.command_seen:
+        # Too short-lived to sample: PID 1 saw its image; its CPU stays "unobserved".
+        observed.append(_Observed(exe=command_exe, cpu_seconds=0.0))
+    for item in observed:
         if item.exe in prepared.interpreters:
             acc = emulated.get(item.exe, ProcessAccount())
             emulated[item.exe] = ProcessAccount(
@@ -480,8 +497,9 @@ class Execution:
             self._error = error_from_json(message.get("error"))
         elif kind == "started":
             self._started = True
-            exe = message.get("exe")
+            exe, pid = message.get("exe"), message.get("pid")
             self._command_exe = exe if isinstance(exe, str) else None
+            self._observer.command_pid = pid if isinstance(pid, int) else None
             with contextlib.suppress(psutil.Error):
                 helper = psutil.Process(process.pid)
                 self._observer.exclude = {process.pid, *(c.pid for c in helper.children())}

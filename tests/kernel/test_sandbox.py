@@ -166,6 +166,7 @@ async def test_sandbox_native_busybox_runs_and_is_reported_native(
     assert report.confirmed
     assert report.interpreter is None
     assert report.emulated == {}
+    assert report.native.processes == 1  # uname, seen by PID 1 if too short to sample
 
 
 async def test_sandbox_isolation_default_profile(source: DirectorySource) -> None:
