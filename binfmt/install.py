@@ -357,12 +357,6 @@ def _register(desired: BinfmtEntry, taken: set[str]) -> list[Action]:
     ]
 
 
-def _selected(entry: BinfmtEntry, platforms: Sequence[Platform] | None, *, force: bool) -> bool:
-    if platforms is None:
-        return is_ours(entry.name) or (force and bool(claimed_platforms(entry)))
-    return bool(claimed_platforms(entry) & set(platforms)) and (is_ours(entry.name) or force)
-
-
 def plan_toggle(
     kind: ActionKind,
     platforms: Sequence[Platform] | None,
@@ -383,11 +377,10 @@ def plan_toggle(
     }[kind]
     for entry in existing:
         claims = sorted(claimed_platforms(entry))
-        relevant = platforms is None or bool(set(claims) & set(platforms or ()))
-        if not relevant or not claims:
+        if not claims or (platforms is not None and not set(claims) & set(platforms)):
             continue
         before = (Previous(entry=entry),)
-        if not _selected(entry, platforms, force=force):
+        if not (is_ours(entry.name) or force):
             note = "not registered by runtimed: add --force to change it"
             changes.extend(
                 PlatformChange(

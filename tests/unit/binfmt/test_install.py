@@ -6,8 +6,10 @@ from dataclasses import replace
 
 import pytest
 
+from binfmt.claims import claimed_platforms
 from binfmt.entry import BinfmtEntry, BinfmtFlag, parse_register_line
 from binfmt.install import (
+    Action,
     ActionKind,
     Outcome,
     conflict_reasons,
@@ -207,3 +209,47 @@ def test_install_drop_in_lines_are_register_lines() -> None:
     text = format_drop_in([OURS])
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert [parse_register_line(line.encode()) for line in lines] == [OURS]
+
+
+def _simulate(
+    entries: list[BinfmtEntry], plan_actions: tuple[object, ...]
+) -> tuple[list[list[str]], list[BinfmtEntry]]:
+    """Apply actions as the kernel would: the enabled entries claiming arm64 after each step,
+    and the entries at the end."""
+    current = list(entries)
+    seen = []
+    for action in plan_actions:
+        assert isinstance(action, Action)
+        if action.kind is ActionKind.REGISTER:
+            assert action.entry is not None
+            assert action.name not in {e.name for e in current}, "EEXIST"
+            current.insert(0, action.entry)  # the kernel tries the newest entry first
+        else:
+            assert action.kind is ActionKind.REMOVE
+            current = [e for e in current if e.name != action.name]
+        seen.append(
+            [e.name for e in current if e.enabled and ARM64_PLATFORM in claimed_platforms(e)]
+        )
+    return seen, current
+
+
+@pytest.mark.parametrize(
+    "existing",
+    [
+        [],
+        [OURS],
+        [replace(OURS, interpreter="/opt/old/qemu-aarch64")],
+        [debian_entry(flags=frozenset({P}))],
+        [debian_entry(flags=frozenset({P})), replace(OURS, flags=frozenset({F}))],
+        [replace(OURS, name="qemu-aarch64"), replace(OURS, enabled=False)],
+    ],
+)
+def test_install_forced_plan_never_leaves_arm64_without_a_handler(
+    existing: list[BinfmtEntry],
+) -> None:
+    plan = plan_install([(ARM64, OURS)], existing, broken={}, force=True)
+    steps, final = _simulate(existing, plan.actions)
+    if existing:
+        assert all(steps), steps
+    (handler,) = [e for e in final if ARM64_PLATFORM in claimed_platforms(e)]
+    assert conflict_reasons(handler, OURS) == ()
