@@ -32,8 +32,9 @@ _INTERPRETER_RE: Final = re.compile(
 
 
 def sample_header(target: QemuTarget, e_type: int) -> bytes:
-    """An ELF header prefix of ``target`` with type ``e_type`` (its magic, masked bits zero)."""
-    head = bytearray(bytes(m & k for m, k in zip(target.magic, target.mask, strict=True)))
+    """An ELF header prefix of ``target`` with type ``e_type``: its magic (a real header's
+    bytes, masked or not), zero-padded, with ``e_type`` set."""
+    head = bytearray(target.magic)
     head.extend(bytes(_SAMPLE_LENGTH - len(head)))
     big = head[_EI_DATA] == _ELFDATA2MSB
     head[_E_TYPE_OFFSET : _E_TYPE_OFFSET + 2] = e_type.to_bytes(2, "big" if big else "little")
