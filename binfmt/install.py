@@ -178,7 +178,6 @@ class Outcome(enum.StrEnum):
     ENABLED = "enabled"
     DISABLED = "disabled"
     UNCHANGED = "unchanged"
-    SKIPPED = "skipped"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -62,10 +62,6 @@ class BinfmtMiscState:
     enabled: bool
     entries: tuple[BinfmtEntry, ...]
 
-    def entry(self, name: str) -> BinfmtEntry | None:
-        """The entry called ``name``, or None."""
-        return next((e for e in self.entries if e.name == name), None)
-
 
 def kernel_error(exc: OSError, *, syscall: str, path: Path, action: str) -> KernelError:
     """Translate an OSError into a KernelError with the errno by name and a hint if known."""
