@@ -2,6 +2,7 @@
 
 Two halves:
 
+- :func:`open_run` does both halves and removes the run directory at the end.
 - :func:`prepare_run` (blocking; the daemon calls it through ``trio.to_thread``): snapshot →
   requested platform → mode decision (:mod:`sandbox.mode`, refusals before anything is
   created) → user and environment from the image and the rootfs → run directory → plan.
@@ -224,7 +225,7 @@ def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) 
     info = source.get(spec.snapshot)
     platform = requested_platform(spec.platform, snapshot=info.platform, host=report.host)
     check_platform(platform, report)  # NonLinuxExec/NoEmulator before touching any file
-    layers = source.layer_paths(info.id)
+    layers = [path.absolute() for path in source.layer_paths(info.id)]
     root = LayeredRoot(layers)
     config = info.config
     identity = resolve_user(
@@ -249,7 +250,7 @@ def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) 
         plan = build_plan(
             spec=dataclasses.replace(spec, cwd=cwd),
             layers=[os.fspath(p) for p in layers],
-            run_dir=os.fspath(run_dir),
+            run_dir=os.fspath(run_dir.absolute()),
             argv=argv,
             env=env,
             identity=identity,
@@ -268,17 +269,6 @@ def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) 
         run_dir=run_dir,
         interpreters=frozenset(e.interpreter for e in report.emulated.values()),
     )
-
-
-def finish_run(prepared: PreparedRun, source: SnapshotSource, result: RunResult) -> RunResult:
-    """Commit the run's changes when asked (and it succeeded), then remove its directory."""
-    try:
-        if prepared.spec.commit and result.exit_code == 0 and not result.timed_out:
-            info = source.commit_upper(prepared.snapshot_id, prepared.run_dir / "upper")
-            result = dataclasses.replace(result, snapshot=info.id)
-    finally:
-        source.remove_run_dir(prepared.run_dir)
-    return result
 
 
 # --- observe ----------------------------------------------------------------------------------
@@ -398,9 +388,12 @@ def error_from_json(obj: Json) -> RuntimedError:
 class Execution:
     """A running sandbox: ``output`` yields chunks until both streams end; then ``wait()``."""
 
-    def __init__(self, prepared: PreparedRun, group: cgroups.RunCgroup) -> None:
+    def __init__(
+        self, prepared: PreparedRun, group: cgroups.RunCgroup, source: SnapshotSource | None
+    ) -> None:
         self.prepared = prepared
         self.group = group
+        self.source = source
         send, self.output = trio.open_memory_channel[OutputChunk](OUTPUT_BUFFER)
         self._send = send
         self._stop_scope = trio.CancelScope()
@@ -426,9 +419,12 @@ class Execution:
 
         Read ``output`` to its end first (or concurrently): a full channel stalls the command.
 
+        With ``commit`` requested and exit status 0, the run's upper directory becomes a new
+        snapshot (``RunResult.snapshot``).
+
         Raises:
             RuntimedError: the sandbox could not be set up or the command could not be
-                executed; the error the helper reported.
+                executed (the error the helper reported), or the commit failed.
         """
         await self._done.wait()
         if self._error is not None and not self._started:
@@ -437,7 +433,7 @@ class Execution:
         total = usage.cpu_seconds
         report = _account(self._observer, self.prepared, self._command_exe, total)
         code, signum = self._status()
-        return RunResult(
+        result = RunResult(
             exit_code=code,
             signal=signum,
             timed_out=self.timed_out,
@@ -446,6 +442,13 @@ class Execution:
             resources=usage,
             oom_kills=events.get("oom_kill", 0),
         )
+        if self.prepared.spec.commit and code == 0 and self.source is not None:
+            upper = self.prepared.run_dir / "upper"
+            info = await trio.to_thread.run_sync(
+                self.source.commit_upper, self.prepared.snapshot_id, upper
+            )
+            result = dataclasses.replace(result, snapshot=info.id)
+        return result
 
     def _usage(self) -> tuple[cgroups.ResourceUsage, dict[str, int]]:
         return self.group.usage(), self.group.memory_events()
@@ -580,7 +583,28 @@ class Execution:
 
 
 @contextlib.asynccontextmanager
-async def open_execution(prepared: PreparedRun, *, debug: bool = False) -> AsyncIterator[Execution]:
+async def open_run(
+    spec: ExecSpec, source: SnapshotSource, report: PlatformReport, *, debug: bool = False
+) -> AsyncIterator[Execution]:
+    """Prepare and start a run; on leaving, the run directory is removed (after any commit).
+
+    Raises:
+        RuntimedError: every refusal of :func:`prepare_run` and :func:`open_execution`.
+    """
+    prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
+    try:
+        async with open_execution(prepared, source=source, debug=debug) as execution:
+            yield execution
+    finally:
+        with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
+            cleanup.shield = True
+            await trio.to_thread.run_sync(source.remove_run_dir, prepared.run_dir)
+
+
+@contextlib.asynccontextmanager
+async def open_execution(
+    prepared: PreparedRun, *, source: SnapshotSource | None = None, debug: bool = False
+) -> AsyncIterator[Execution]:
     """Start a prepared run; leaving the block early cancels it (whole tree killed).
 
     Raises:
@@ -593,7 +617,7 @@ async def open_execution(prepared: PreparedRun, *, debug: bool = False) -> Async
     )
     try:
         async with trio.open_nursery() as nursery:
-            execution = Execution(prepared, group)
+            execution = Execution(prepared, group, source)
             await nursery.start(partial(execution.run, debug=debug))
             try:
                 yield execution

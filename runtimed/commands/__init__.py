@@ -8,6 +8,6 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Final
 
-from runtimed.commands import binfmt_cmd, snapshot_cmd
+from runtimed.commands import binfmt_cmd, run_cmd, snapshot_cmd
 
-COMMAND_MODULES: Final[tuple[ModuleType, ...]] = (binfmt_cmd, snapshot_cmd)
+COMMAND_MODULES: Final[tuple[ModuleType, ...]] = (binfmt_cmd, snapshot_cmd, run_cmd)

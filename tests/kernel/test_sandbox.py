@@ -20,7 +20,7 @@ import trio
 from binfmt.platform import Platform
 from binfmt.report import PlatformReport
 from runtimed.errors import Json
-from sandbox.launch import OutputChunk, RunResult, Stream, finish_run, open_execution, prepare_run
+from sandbox.launch import OutputChunk, RunResult, Stream, open_run
 from sandbox.spec import ExecSpec
 from tests.support import busybox, require, require_root
 
@@ -137,11 +137,9 @@ async def run_in_sandbox(
     source: DirectorySource, argv: Sequence[str], report: PlatformReport, **request: Json
 ) -> Outcome:
     spec = ExecSpec.from_json({"snapshot": "snap", "args": list(argv), **request})
-    prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
-    async with open_execution(prepared) as execution:
+    async with open_run(spec, source, report) as execution:
         chunks = [chunk async for chunk in execution.output]
         result = await execution.wait()
-    result = await trio.to_thread.run_sync(finish_run, prepared, source, result)
     return Outcome(result=result, chunks=chunks)
 
 
@@ -257,14 +255,12 @@ async def test_sandbox_streams_stdout_and_stderr_separately_as_produced(
 ) -> None:
     script = "echo one; echo err1 >&2; echo two; sleep 0.6; echo three; echo err2 >&2"
     spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", script]})
-    prepared = await trio.to_thread.run_sync(prepare_run, spec, source, NATIVE_REPORT)
     arrivals: list[tuple[float, OutputChunk]] = []
-    async with open_execution(prepared) as execution:
+    async with open_run(spec, source, NATIVE_REPORT) as execution:
         async for chunk in execution.output:
             arrivals.append((trio.current_time(), chunk))
         end = trio.current_time()
         await execution.wait()
-    finish_run(prepared, source, await execution.wait())
     stdout = b"".join(c.data for _, c in arrivals if c.stream is Stream.STDOUT)
     stderr = b"".join(c.data for _, c in arrivals if c.stream is Stream.STDERR)
     assert stdout == b"one\ntwo\nthree\n"
@@ -328,19 +324,19 @@ async def test_sandbox_stdin_env_cwd_and_commit(source: DirectorySource) -> None
 
 async def test_sandbox_nothing_left_after_helper_sigkill(source: DirectorySource) -> None:
     spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo up; sleep 987653"]})
-    prepared = await trio.to_thread.run_sync(prepare_run, spec, source, NATIVE_REPORT)
-    async with open_execution(prepared) as execution:
+    async with open_run(spec, source, NATIVE_REPORT) as execution:
         async for chunk in execution.output:
             assert chunk.data == b"up\n"
             cgroup_dirs = list(execution.group.dirs)
             helper = min(execution.group.pids())  # the outer helper started first
             os.kill(helper, 9)
         result = await execution.wait()
-    finish_run(prepared, source, result)
+        run_dir = execution.prepared.run_dir
     assert result.signal == 9
     assert _processes_with("987653") == []
     assert not any(d.exists() for d in cgroup_dirs)
-    assert not await trio.to_thread.run_sync(_mounted_anywhere, str(prepared.run_dir))
+    assert not await trio.to_thread.run_sync(_mounted_anywhere, str(run_dir))
+    assert not run_dir.exists()
 
 
 def _mounted_anywhere(path: str) -> bool:

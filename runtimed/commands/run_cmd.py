@@ -1,0 +1,162 @@
+"""IO: ``runtimectl run``: run a command in the sandbox over a snapshot, for a platform.
+
+The command's stdout and stderr stay its own (streamed live); ``runtimectl`` exits with the
+command's exit status, or 128+n when a signal ended it. ``-v`` prints a one-line execution
+report on stderr at the end; ``--report FILE`` (``-`` for stderr) writes the whole result as
+JSON. Until the daemon's protocol routes exec calls, ``--embedded`` runs the store and the
+sandbox in this process (as root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from binfmt import detect, kernel
+from binfmt.report import PlatformReport
+from runtimed.errors import DaemonUnavailableError, Json, UsageError
+from sandbox.launch import RunResult, Stream, open_run
+from sandbox.spec import ExecSpec, parse_size
+from sandbox.store import DEFAULT_STATE_DIR, Store
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add ``run`` to ``runtimectl``."""
+    run = sub.add_parser(
+        "run",
+        help="run a command in a sandbox over a snapshot",
+        description="Run CMD in a sandbox over snapshot ID for a platform (native or "
+        "emulated, reported truthfully). Exits with CMD's status (128+n for signal n).",
+    )
+    run.add_argument("--snapshot", required=True, metavar="ID", help="the snapshot to run on")
+    run.add_argument(
+        "--platform",
+        metavar="P",
+        help="the platform to run for (default: the snapshot's; 'host': this host's native "
+        "platform, e.g. to run a cross-compiler)",
+    )
+    run.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    run.add_argument("-w", "--workdir", metavar="DIR", help="working directory (created)")
+    run.add_argument("--user", metavar="U", help="uid[:gid] or a name from the rootfs")
+    run.add_argument("--hostname", metavar="H")
+    run.add_argument("--network", choices=["none", "host"], default="none")
+    run.add_argument(
+        "--mount", action="append", default=[], metavar="SRC:DST[:ro]", help="bind mount"
+    )
+    run.add_argument("--memory", metavar="M", help="memory limit, e.g. 512m")
+    run.add_argument("--pids", type=int, metavar="N", help="maximum number of processes")
+    run.add_argument("--cpus", type=float, metavar="N", help="CPU limit in cores")
+    run.add_argument("--timeout", type=float, metavar="T", help="seconds before the run is killed")
+    run.add_argument("--commit", action="store_true", help="keep the run's changes as a snapshot")
+    run.add_argument("--report", metavar="FILE", help="write the result as JSON ('-': stderr)")
+    run.add_argument(
+        "-v",
+        "--verbose",
+        dest="run_verbose",
+        action="count",
+        default=0,
+        help="print a one-line execution report on stderr",
+    )
+    run.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR")
+    run.add_argument("--binfmt-misc", type=Path, default=kernel.DEFAULT_BINFMT_MISC, metavar="DIR")
+    run.add_argument(
+        "--embedded", action="store_true", help="run the store and sandbox in this process"
+    )
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD")
+    run.set_defaults(func=_run)
+
+
+def request_from_args(args: argparse.Namespace) -> ExecSpec:
+    """The exec request the flags describe (validated like an RPC request).
+
+    Raises:
+        UsageError: a malformed ``-e``, ``--mount`` or size.
+        InvalidSpecError: a field the request validation refuses.
+    """
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    env: dict[str, Json] = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"-e {item!r}: expected K=V")
+        env[key] = value
+    mounts: list[Json] = []
+    for item in args.mount:
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            raise UsageError(f"--mount {item!r}: expected SRC:DST[:ro]")
+        source = str(Path(parts[0]).absolute())
+        readonly = len(parts) == 3 and parts[2] == "ro"
+        mounts.append({"source": source, "destination": parts[1], "readonly": readonly})
+    request: dict[str, Json] = {
+        "snapshot": args.snapshot,
+        "args": command,
+        "env": env,
+        "network": args.network,
+        "mounts": mounts,
+        "commit": args.commit,
+    }
+    optional: dict[str, Json] = {
+        "platform": args.platform,
+        "cwd": args.workdir,
+        "user": args.user,
+        "hostname": args.hostname,
+        "memory": None if args.memory is None else parse_size(args.memory, field="memory"),
+        "pids": args.pids,
+        "cpus": args.cpus,
+        "timeout": args.timeout,
+    }
+    request.update({k: v for k, v in optional.items() if v is not None})
+    return ExecSpec.from_json(request)
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = request_from_args(args)
+    if not args.embedded:
+        raise DaemonUnavailableError(
+            "the daemon does not serve exec calls yet",
+            hint="pass --embedded to run the sandbox from this process (as root)",
+        )
+    report = detect.platform_report(args.binfmt_misc)
+    with Store(args.state_dir) as store:
+        result = trio.run(_execute, spec, store, report)
+    if args.run_verbose or args.verbose:
+        print(f"runtimectl: {_summary(result)}", file=sys.stderr)
+    if args.report is not None:
+        text = json.dumps(result.to_json(), indent=2)
+        if args.report == "-":
+            print(text, file=sys.stderr)
+        else:
+            Path(args.report).write_text(text + "\n")
+    return result.exit_code
+
+
+def _summary(result: RunResult) -> str:
+    if result.timed_out:
+        ended = "timed out"
+    elif result.cancelled:
+        ended = "cancelled"
+    elif result.signal is not None:
+        ended = f"killed by signal {result.signal}"
+    else:
+        ended = f"exit {result.exit_code}"
+    cpu = result.resources.cpu_seconds
+    used = "" if cpu is None else f"; {cpu:.2f}s CPU in all"
+    return f"{ended}; {result.report.summary()}{used}"
+
+
+async def _execute(spec: ExecSpec, store: Store, report: PlatformReport) -> RunResult:
+    outputs = {Stream.STDOUT: sys.stdout.buffer, Stream.STDERR: sys.stderr.buffer}
+    async with open_run(spec, store, report) as execution:
+        async for chunk in execution.output:
+            out = outputs[chunk.stream]
+            await trio.to_thread.run_sync(out.write, chunk.data)
+            await trio.to_thread.run_sync(out.flush)
+        return await execution.wait()
