@@ -2,9 +2,10 @@
 
 Implements :class:`runtimed.handlers.Backend` with the real modules. Their APIs are
 synchronous; every call goes through ``trio.to_thread`` (blocking work never runs on the event
-loop). The snapshot store holds a SQLite connection bound to the thread that opened it, so
-each operation opens its own :class:`sandbox.store.Store` in its worker thread; concurrent
-stores share ``store.lock``, and the store reclaims crash leftovers only when it is alone.
+loop). One :class:`sandbox.store.Store` serves every call (it opens a database connection per
+operation, so worker threads may share it); opened at start-up, it reclaims what a crash left
+(staging and run directories, unreferenced layers) and then holds ``store.lock`` shared until
+the daemon exits.
 
 Files come from clients as descriptors: the daemon reads a regular file through
 ``/proc/self/fd/N`` (the inode the client opened, not a path it named) and spools a pipe to a
@@ -43,8 +44,10 @@ from binfmt.platform import normalize, parse_platform
 from binfmt.qemu import QEMU_TARGETS, target_for_platform
 from binfmt.report import PlatformReport
 from runtimed.config import Config
-from runtimed.errors import InterpreterNotFoundError, InvalidParamsError, Json
+from runtimed.errors import InterpreterNotFoundError, InvalidParamsError, Json, RuntimedError
 from runtimed.handlers import OutputSink, ProgressSink
+from sandbox.launch import open_run
+from sandbox.spec import ExecSpec
 from sandbox.store import ExportFormat, Store
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,23 @@ class DaemonBackend:
     def __init__(self, config: Callable[[], Config]) -> None:
         self.config = config
         self._report: PlatformReport | None = None
+        self._store: Store | None = None
+
+    @contextmanager
+    def open_state(self) -> Iterator[Store]:
+        """Open the store (which recovers the state directory) for the daemon's lifetime."""
+        with Store(self.config().state_dir) as store:
+            self._store = store
+            try:
+                yield store
+            finally:
+                self._store = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimedError("the snapshot store is not open")
+        return self._store
 
     # --- platforms and binfmt_misc --------------------------------------------------------
 
@@ -123,9 +143,6 @@ class DaemonBackend:
 
     # --- snapshots ------------------------------------------------------------------------
 
-    def _store(self) -> Store:
-        return Store(self.config().state_dir)
-
     async def import_snapshot(
         self, fd: int, *, platform: str | None, progress: ProgressSink
     ) -> dict[str, Json]:
@@ -133,52 +150,53 @@ class DaemonBackend:
             trio.from_thread.run(progress, {"message": line})
 
         def run() -> dict[str, Json]:
-            with self._store() as store, readable_source(fd, store.staging_dir) as source:
+            store = self.store
+            with readable_source(fd, store.staging_dir) as source:
                 return store.import_source(source, platform=platform, progress=report).to_json()
 
         return await trio.to_thread.run_sync(run)
 
     async def list_snapshots(self) -> list[Json]:
         def run() -> list[Json]:
-            with self._store() as store:
-                return [info.to_json() for info in store.list()]
+            return [info.to_json() for info in self.store.list()]
 
         return await trio.to_thread.run_sync(run)
 
     async def inspect_snapshot(self, snapshot_id: str) -> dict[str, Json]:
         def run() -> dict[str, Json]:
-            with self._store() as store:
-                return store.get(snapshot_id).to_json()
+            return self.store.get(snapshot_id).to_json()
 
         return await trio.to_thread.run_sync(run)
 
     async def remove_snapshot(self, snapshot_id: str) -> None:
         def run() -> None:
-            with self._store() as store:
-                store.remove(snapshot_id)
+            self.store.remove(snapshot_id)
 
         await trio.to_thread.run_sync(run)
 
     async def export_snapshot(self, snapshot_id: str, fd: int, *, fmt: str) -> int:
         def run() -> int:
-            with self._store() as store:
-                scratch = Path(tempfile.mkdtemp(dir=store.staging_dir, prefix="export-"))
-                try:
-                    dest = scratch / "out"
-                    store.export([snapshot_id], dest, fmt=ExportFormat(fmt))
-                    return write_to_fd(dest, fd)
-                finally:
-                    shutil.rmtree(scratch, ignore_errors=True)
+            scratch = Path(tempfile.mkdtemp(dir=self.store.staging_dir, prefix="export-"))
+            try:
+                dest = scratch / "out"
+                self.store.export([snapshot_id], dest, fmt=ExportFormat(fmt))
+                return write_to_fd(dest, fd)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
 
         return await trio.to_thread.run_sync(run)
 
     # --- execution ------------------------------------------------------------------------
 
     async def exec(self, spec: Mapping[str, Json], output: OutputSink) -> dict[str, Json]:
-        raise InvalidParamsError(
-            "Exec needs the sandbox, which this build does not have yet",
-            details={"parameter": "spec"},
-        )
+        request = ExecSpec.from_json(dict(spec))
+        report = self._report or await self.refresh_platforms()
+        async with open_run(request, self.store, report) as execution:
+            async for chunk in execution.output:
+                await output(str(chunk.stream), chunk.data)
+            result = await execution.wait()
+        log.info("exec exited %d: %s", result.exit_code, result.report.summary())
+        return result.to_json()
 
 
 def install_handlers(

@@ -18,6 +18,7 @@ journal adds it), with ``[request-id]`` on every line about a request.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import grp
 import logging
 import os
@@ -44,7 +45,6 @@ from runtimed.systemd import (
     notify,
     parse_listen_fds,
 )
-from sandbox.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +218,7 @@ class Daemon:
     server: Server[trio.SocketStream] = field(init=False)
     gate: ExecGate = field(init=False)
     own_socket: Path | None = None
+    state: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def __post_init__(self) -> None:
         self.allowed_gid = resolve_group(self.config.group)
@@ -251,6 +252,12 @@ class Daemon:
             len(report.unavailable),
         )
         await trio.to_thread.run_sync(self.recover)
+        try:
+            await self.listen_and_serve(task_status)
+        finally:
+            self.state.close()
+
+    async def listen_and_serve(self, task_status: trio.TaskStatus[None]) -> None:
         sockets = activated_sockets(self.env)
         if sockets:
             log.info("socket activation: %d socket(s) from systemd", len(sockets))
@@ -262,9 +269,9 @@ class Daemon:
         await self.server.serve(listeners, task_status=task_status)
 
     def recover(self) -> None:
-        """Clean what a crash left in the state directory (the store does it when alone)."""
-        with Store(self.config.state_dir) as store:
-            log.info("snapshot store at %s: %d snapshots", store.state_dir, len(store.list()))
+        """Clean what a crash left in the state directory and keep it claimed while we run."""
+        store = self.state.enter_context(self.backend.open_state())
+        log.info("snapshot store at %s: %d snapshots", store.state_dir, len(store.list()))
 
     async def install_emulators(self) -> None:
         wanted = self.config.emulators

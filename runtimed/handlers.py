@@ -24,6 +24,7 @@ from runtimed.errors import (
     Json,
     LimitExceededError,
     MethodNotFoundError,
+    PermissionDeniedError,
 )
 from runtimed.interface import SERVICE_DESCRIPTION, SERVICE_INTERFACE
 from runtimed.server import Handler, Request
@@ -223,6 +224,12 @@ def method_table(
             raise InvalidParamsError(
                 "Exec streams its output: call it with more",
                 details={"parameter": "more"},
+            )
+        if spec.get("mounts") and request.peer.uid != 0:
+            # A bind mount names a host path, which the daemon would open with root's rights.
+            raise PermissionDeniedError(
+                "bind mounts of host paths are only for root clients",
+                details={"uid": request.peer.uid},
             )
         # base64 grows 3 bytes to 4: keep each chunk's reply within the message size.
         chunk = max(3, (limits().message_size - _ENVELOPE) // 4 * 3)

@@ -438,6 +438,7 @@ class Server(Generic[S]):
         peer: Peer,
         nursery: trio.Nursery,
     ) -> None:
+        numbers = itertools.count(1)
         async with items:
             async for item, fds in items:
                 if isinstance(item, _Refusal):
@@ -447,7 +448,7 @@ class Server(Generic[S]):
                         break
                     continue
                 request = Request(
-                    id=f"{conn_id}.{next(self._ids)}",
+                    id=f"{conn_id}.{next(numbers)}",
                     method=item.method,
                     parameters=item.parameters,
                     more=item.more,

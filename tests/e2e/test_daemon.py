@@ -54,13 +54,18 @@ class Daemon:
         return str(self.notify.recv(4096), "utf-8")
 
     def wait_ready(self) -> str:
-        while True:
+        waited = 0.0
+        while waited < READY_TIMEOUT:
             try:
-                message = self.notifications()
+                message = self.notifications(timeout=1.0)
             except TimeoutError:
-                pytest.fail(f"daemon not ready in {READY_TIMEOUT}s:\n{self.log.read_text()}")
+                waited += 1.0
+                if self.proc.poll() is not None:
+                    break
+                continue
             if "READY=1" in message:
                 return message
+        pytest.fail(f"daemon not ready (exit status {self.proc.poll()}):\n{self.log.read_text()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
