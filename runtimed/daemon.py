@@ -297,6 +297,7 @@ class Daemon:
             config = load_config(self.args)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
+            notify(self.env, STATUS=f"reload refused: {exc.message}; {self.status()}")
             return
         for key in ("socket", "state_dir", "binfmt_misc"):
             if getattr(config, key) != getattr(self.config, key):

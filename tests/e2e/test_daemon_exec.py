@@ -252,3 +252,38 @@ def test_daemon_exec_restart_after_kill_9_keeps_state(tmp_path: Path) -> None:
     client.remove_snapshot(snapshot)
     assert client.list_snapshots() == []
     assert second.stop() == 0
+
+
+@pytest.mark.parametrize("fmt", ["tar", "oci"])
+def test_daemon_exec_export_writes_to_the_descriptor(
+    served: tuple[Daemon, dict[str, str]], tmp_path: Path, fmt: str
+) -> None:
+    daemon, snapshots = served
+    target = tmp_path / f"export.{fmt}.tar"
+    with target.open("wb") as out:
+        size = daemon.client().export_snapshot(snapshots["arm64"], out.fileno(), fmt=fmt)
+    assert size == target.stat().st_size > 0
+    with tarfile.open(target) as archive:
+        names = archive.getnames()
+    if fmt == "tar":
+        assert "bin/busybox" in [n.lstrip("./") for n in names]
+    else:
+        assert "index.json" in names
+        # An OCI layout of our own export imports back to the same snapshot.
+        assert import_tar(daemon.client(), target) == snapshots["arm64"]
+
+
+def test_daemon_exec_sighup_reloads_the_emulator_set(tmp_path: Path) -> None:
+    running = start_daemon(tmp_path, config="emulators = []\n")
+    running.wait_ready()
+    client = running.client()
+    assert "linux/arm64" not in str(client.get_platforms()["emulated"])
+    config = tmp_path / "runtimed.toml"
+    config.write_text("emulators = [")
+    running.proc.send_signal(signal.SIGHUP)
+    assert running.notifications().startswith("STATUS=reload refused")
+    config.write_text('emulators = ["linux/arm64"]\n')
+    running.proc.send_signal(signal.SIGHUP)
+    assert running.notifications().startswith("STATUS=serving")
+    assert "linux/arm64" in str(client.get_platforms()["emulated"])
+    assert running.stop() == 0
