@@ -234,11 +234,27 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _hash_file(path: Path) -> str:
+def _stat_identity(st: os.stat_result) -> str:
+    return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
+def _copy_hashing(source: Path, dest: Path) -> str:
+    """Copy a regular file and return its sha256 digest, in one pass.
+
+    Raises:
+        SnapshotError: ``source`` is not a regular file (any more) or cannot be read.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as src, open(dest, "wb") as out:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SnapshotError(f"import {source}: not a regular file")
+            while chunk := src.read(CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+    except OSError as exc:
+        raise SnapshotError(f"import {source}: {exc.strerror}") from exc
     return "sha256:" + h.hexdigest()
 
 
@@ -465,6 +481,9 @@ class Store:
         conn = sqlite3.connect(self.state_dir / "meta.db", timeout=30, isolation_level=None)
         try:
             conn.execute("PRAGMA foreign_keys = ON")
+            # WAL + NORMAL: a commit survives a killed process; after a power loss the last
+            # ones may roll back, which leaves only layer directories that reclaim() removes.
+            conn.execute("PRAGMA synchronous = NORMAL")
             if write:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -672,23 +691,36 @@ class Store:
         return None
 
     def _import_tarball(self, source: Path, wanted: Platform | None, say: Progress) -> SnapshotInfo:
-        digest = _hash_file(source)
-        key = f"tarball {digest} {wanted or ''}"
-        found = self._lookup_source(key)
+        # The same file, unchanged since an earlier import, is a lookup without reading it: the
+        # key holds its inode, size, mtime and ctime, and ctime moves on every change to the
+        # file and cannot be set from user space (as git's index and ccache rely on).
+        before = os.stat(source)
+        file_key = f"file {source.resolve()} {_stat_identity(before)} {wanted or ''}"
+        found = self._lookup_source(file_key)
         if found is not None:
             return found
-        with self._lock("src-" + oci.digest_hex(digest)), contextlib.ExitStack() as held:
-            found = self._lookup_source(key)
-            if found is not None:
-                return found
-            say(f"unpacking {source}")
-            with self._staging() as tmp:
-                blob = tmp / "blob"
-                shutil.copyfile(source, blob)
+        with self._staging() as tmp:
+            blob = tmp / "blob"
+            digest = _copy_hashing(source, blob)
+            keys = [f"tarball {digest} {wanted or ''}"]
+            if _stat_identity(os.stat(source)) == _stat_identity(before):
+                keys.append(file_key)
+            with self._lock("src-" + oci.digest_hex(digest)), contextlib.ExitStack() as held:
+                found = self._lookup_source(keys[0])
+                if found is not None:  # the same content, from another file
+                    self._add_sources(found.id, keys)
+                    return found
+                say(f"unpacking {source}")
                 new = self._unpack(tmp, blob, parents=[], diff_id=None, digest=digest)
                 layer = self._install_layer(held, new, chain_id=new.diff_id)
                 resolved = self._tarball_config(self._layer_path(layer.chain_id), layer, wanted)
-            return self._commit(resolved, [layer], source=str(source), source_key=key)
+                return self._commit(resolved, [layer], source=str(source), source_keys=keys)
+
+    def _add_sources(self, snapshot_id: str, keys: Sequence[str]) -> None:
+        with self._db(write=True) as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO sources VALUES (?, ?)", [(k, snapshot_id) for k in keys]
+            )
 
     def _import_directory(
         self, source: Path, wanted: Platform | None, say: Progress
@@ -708,7 +740,7 @@ class Store:
             new = _NewLayer(path=dest, diff_id=tar.digest, size=result.size, entries=result.entries)
             layer = self._install_layer(held, new, chain_id=new.diff_id)
             resolved = self._tarball_config(self._layer_path(layer.chain_id), layer, wanted)
-            return self._commit(resolved, [layer], source=str(source), source_key=None)
+            return self._commit(resolved, [layer], source=str(source), source_keys=())
 
     def _tarball_config(self, root: Path, layer: LayerInfo, wanted: Platform | None) -> _Resolved:
         if wanted is not None:
@@ -840,7 +872,7 @@ class Store:
         layers: Sequence[LayerInfo],
         *,
         source: str,
-        source_key: str | None,
+        source_keys: Sequence[str],
     ) -> SnapshotInfo:
         snapshot_id = oci.sha256_digest(resolved.config)
         with self._db(write=True) as conn:
@@ -860,10 +892,10 @@ class Store:
                     "INSERT INTO snapshot_layers VALUES (?, ?, ?)",
                     [(snapshot_id, i, layer.chain_id) for i, layer in enumerate(layers)],
                 )
-            if source_key is not None:
-                conn.execute(
-                    "INSERT OR REPLACE INTO sources VALUES (?, ?)", (source_key, snapshot_id)
-                )
+            conn.executemany(
+                "INSERT OR REPLACE INTO sources VALUES (?, ?)",
+                [(key, snapshot_id) for key in source_keys],
+            )
         self._checkpoint("snapshot-committed")
         with self._db() as conn:
             info = self._info(conn, snapshot_id)
@@ -1026,7 +1058,7 @@ class Store:
                         digest=digest,
                     )
                     installed.append(self._install_layer(None, new, chain_id=chain_id))
-            return self._commit(resolved, installed, source=str(source), source_key=None)
+            return self._commit(resolved, installed, source=str(source), source_keys=())
 
     @staticmethod
     def _copy_member(
@@ -1200,7 +1232,7 @@ class Store:
                 platform_source=parent.platform_source,
             )
             return self._commit(
-                resolved, [*parent.layers, layer], source=f"commit on {parent.id}", source_key=None
+                resolved, [*parent.layers, layer], source=f"commit on {parent.id}", source_keys=()
             )
 
     # --- export --------------------------------------------------------------------------------

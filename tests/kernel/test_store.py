@@ -156,6 +156,16 @@ def test_store_repeated_import_is_a_lookup(tmp_path: Path, images: dict[str, Pat
         assert phases == []
         assert store.import_source(images["layered"]).id == first.id
         assert again.platform == ARM64
+        # The same content under another name is found by its digest, not unpacked again.
+        copy = tmp_path / "copy.tar.gz"
+        copy.write_bytes(images["tar.gz"].read_bytes())
+        assert store.import_source(copy).id == again.id
+        assert phases == []
+        # A file changed in place is read again (here: the same tar, compressed with zstd,
+        # so it is unpacked and then found to be the layer already stored).
+        copy.write_bytes(images["tar.zst"].read_bytes())
+        assert store.import_source(copy).layers == again.layers
+        assert phases.count("unpacked") == 1
 
 
 @pytest.mark.parametrize(
