@@ -1,0 +1,59 @@
+"""A bounded loopback load test: 50 concurrent Execs through the real daemon, every result
+checked, and the daemon's open descriptors, children and memory back at their idle level."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+import psutil
+import pytest
+import trio
+
+from runtimed.client import open_client
+from tests.e2e.test_daemon import start_daemon
+from tests.e2e.test_daemon_exec import busybox_spec, import_tar, rootfs_tar
+
+pytestmark = pytest.mark.slow
+
+CONCURRENT: Final = 50
+LOAD_TIMEOUT: Final = 180.0
+RSS_SLACK: Final = 16 * 1024 * 1024
+"""Bytes the allocator may keep after the load (arenas are not returned at once)."""
+
+
+def idle_level(proc: psutil.Process) -> tuple[int, int, int]:
+    return proc.num_fds(), len(proc.children(recursive=True)), proc.memory_info().rss
+
+
+async def test_daemon_load_50_concurrent_execs(tmp_path: Path) -> None:
+    tar = rootfs_tar(tmp_path, "amd64")
+    running = start_daemon(tmp_path, config="emulators = []\n[limits]\nconcurrent_execs = 64\n")
+    try:
+        await trio.to_thread.run_sync(running.wait_ready)
+        snapshot = await trio.to_thread.run_sync(import_tar, running.client(), tar)
+        daemon = psutil.Process(running.proc.pid)
+        async with open_client(running.path) as client:  # warm up: threads, caches, helper
+            await client.exec(busybox_spec(snapshot, "true"))
+        fds, children, rss = idle_level(daemon)
+
+        results: dict[int, bytes] = {}
+
+        async def one(i: int) -> None:
+            async with open_client(running.path) as client:
+                outcome = await client.exec(busybox_spec(snapshot, "echo", f"run {i}"))
+                assert outcome.result["exit_code"] == 0
+                results[i] = outcome.stdout
+
+        with trio.fail_after(LOAD_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for i in range(CONCURRENT):
+                    nursery.start_soon(one, i)
+        assert results == {i: f"run {i}\n".encode() for i in range(CONCURRENT)}
+
+        after_fds, after_children, after_rss = idle_level(daemon)
+        assert after_fds == fds
+        assert after_children == children
+        assert after_rss <= rss + RSS_SLACK, (rss, after_rss)
+    finally:
+        assert await trio.to_thread.run_sync(running.stop) == 0
