@@ -1,23 +1,25 @@
-"""IO: the sandbox helper, exec'd once per run as ``python -I -m sandbox.helper``.
+"""IO: the sandbox helper: a warm, single-threaded fork server that sets up each sandbox.
 
-It sets up namespaces, the overlay root and the mounts of a :class:`sandbox.plan.Plan`, then
-runs the command under a PID 1 of its own. It is single-threaded and imports only the stdlib
-and ``sandbox`` (STYLE §6): ``unshare`` of some namespaces fails with EINVAL in a threaded
-process, which is why the trio side never does any of this itself.
-
-Arguments: ``--plan-fd N`` (the plan as JSON, read to EOF), ``--status-fd M`` (messages below),
-``--debug`` (log each step to stderr).
+Started once as ``python -I -m sandbox.helper --serve FD`` (``sandbox.launch.open_forkserver``),
+it reads requests from the SOCK_SEQPACKET socket FD: the plan JSON of one run with four fds
+attached (stdin, stdout, stderr, status). For each it forks a child that sets up namespaces,
+the overlay root and the mounts of the :class:`sandbox.plan.Plan`, then runs the command under
+a PID 1 of its own; the reply is the child's PID with a pidfd attached. It imports only the
+stdlib and ``sandbox`` (STYLE §6) and never starts a thread: ``unshare`` of some namespaces
+fails with EINVAL in a threaded process, which is why the trio side never does this itself.
+Forking a warm interpreter costs about a millisecond; exec'ing a fresh one costs tens.
 
 Processes::
 
-    launcher ──► helper (outer) ── unshare ──► PID 1 (init) ── fork ──► command
-                 forwards TERM/INT/HUP,        reaps zombies, forwards     drops privileges,
-                 exits with PID 1's status     TERM/INT/HUP, exits with    chdir, exec
-                                               the command's status
+    launcher ─socket─► server ── fork ──► helper ── unshare, fork ──► PID 1 ── fork ──► command
+                                          forwards TERM/INT/HUP,      reaps zombies,    drops
+                                          exits with PID 1's          forwards signals, privileges,
+                                          status; dies with the       exits with the    chdir,
+                                          server (PDEATHSIG)          command's status  exec
 
 Steps, in this fixed order (each its own function):
 
- 1. ``validate_plan``: read and validate the plan.
+ 1. ``validate_plan``: validate the request's plan.
  2. ``unshare_namespaces``: join the run's cgroups (so a cgroup namespace is rooted there),
     unshare mount, PID, UTS, IPC (+ net, cgroup), set the host name, bring ``lo`` up in a new
     network namespace, fork PID 1 (``PR_SET_PDEATHSIG`` SIGKILL: it dies with the helper).
@@ -81,6 +83,9 @@ _NAMESPACE_FLAGS: Final = {
     "net": syscalls.CLONE_NEWNET,
     "cgroup": syscalls.CLONE_NEWCGROUP,
 }
+# A request: the plan JSON (a few KiB) with stdin, stdout, stderr and the status fd attached.
+MAX_REQUEST: Final = 1 << 20
+REQUEST_FDS: Final = 4
 # struct ifreq (<net/if.h>): a 16-byte name, then the union (short ifr_flags), 40 bytes in all.
 _IFREQ: Final = struct.Struct("16sH22x")
 
@@ -103,20 +108,12 @@ class Status:
 # --- 1. validate ---------------------------------------------------------------------------------
 
 
-def validate_plan(plan_fd: int) -> Plan:
-    """Read the plan to EOF and validate it.
+def validate_plan(obj: Json) -> Plan:
+    """Validate the plan of a request.
 
     Raises:
-        SandboxError: not JSON, not a plan, or an unknown capability.
+        SandboxError: not a plan, or an unknown capability.
     """
-    chunks = []
-    while chunk := os.read(plan_fd, 1 << 16):
-        chunks.append(chunk)
-    os.close(plan_fd)
-    try:
-        obj = json.loads(b"".join(chunks))
-    except ValueError as exc:
-        raise SandboxError(f"sandbox plan is not JSON: {exc}") from exc
     plan = Plan.from_json(obj)
     unknown = set(plan.capabilities) - set(syscalls.CAPABILITIES)
     if unknown:
@@ -400,21 +397,10 @@ def init(plan: Plan, status: Status) -> NoReturn:
     os._exit(serve_init(command, early, status))
 
 
-def _fd_argument(argv: list[str], name: str) -> int:
+def run(plan_json: Json, status: Status) -> int:
+    """One sandbox, from the forked child of the server: steps 1 and 2, then supervise."""
     try:
-        return int(argv[argv.index(name) + 1])
-    except (ValueError, IndexError):
-        usage = f"usage: python -m sandbox.helper --plan-fd N --status-fd M: bad {name}"
-        raise SystemExit(usage) from None
-
-
-def main(argv: list[str]) -> int:
-    status = Status(_fd_argument(argv, "--status-fd"))
-    os.set_inheritable(status.fd, False)
-    if "--debug" in argv:
-        logging.basicConfig(level=logging.DEBUG, format="sandbox.helper: %(message)s")
-    try:
-        plan = validate_plan(_fd_argument(argv, "--plan-fd"))
+        plan = validate_plan(plan_json)
         for line in plan.describe():
             log.debug("%s", line)
         pid1 = unshare_namespaces(plan)
@@ -424,6 +410,85 @@ def main(argv: list[str]) -> int:
     if pid1 == 0:
         init(plan, status)
     return supervise(pid1)
+
+
+def _serve_one(sock: socket.socket, server: int, data: bytes, fds: list[int]) -> int:
+    """The forked child: take the request's fds as stdio and status, then :func:`run`."""
+    sock.close()
+    stdin, stdout, stderr, status_fd = fds
+    for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.set_inheritable(status_fd, False)
+    status = Status(status_fd)
+    # The run dies with the server (and the server with the launcher's socket): nothing is
+    # left running when the launcher goes away.
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server:
+        return SETUP_FAILED
+    try:
+        request = json.loads(data)
+        if not isinstance(request, dict):
+            raise SandboxError("sandbox request is not a JSON object")
+        if request.get("debug") is True:
+            logging.basicConfig(level=logging.DEBUG, format="sandbox.helper: %(message)s")
+    except ValueError as exc:
+        status.error(SandboxError(f"sandbox request is not JSON: {exc}"))
+        return SETUP_FAILED
+    except SandboxError as exc:
+        status.error(exc)
+        return SETUP_FAILED
+    return run(request.get("plan"), status)
+
+
+def _reap() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def serve(sock: socket.socket) -> None:
+    """The fork server: per request (plan JSON + stdin, stdout, stderr and status fds), fork a
+    child that runs the sandbox and answer with its pidfd; return at EOF.
+
+    Forking a warm, single-threaded interpreter costs about a millisecond, where exec'ing a
+    fresh one costs tens (STYLE §6). Finished children are reaped before each request; the
+    launcher learns their end from the status fd and the pidfd, not from a wait status.
+    """
+    server = os.getpid()
+    while True:
+        _reap()
+        data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, REQUEST_FDS + 1)
+        if not data:
+            return
+        if len(fds) != REQUEST_FDS:
+            for fd in fds:
+                os.close(fd)
+            sock.send(json.dumps({"error": f"expected {REQUEST_FDS} fds"}).encode())
+            continue
+        pid = os.fork()
+        if pid == 0:
+            code = SETUP_FAILED
+            try:
+                code = _serve_one(sock, server, data, fds)
+            finally:
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        pidfd = os.pidfd_open(pid)
+        try:
+            socket.send_fds(sock, [json.dumps({"pid": pid}).encode()], [pidfd])
+        finally:
+            os.close(pidfd)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] != ["--serve"] or len(argv) != 2 or not argv[1].isdigit():
+        print("usage: python -I -m sandbox.helper --serve FD", file=sys.stderr)
+        return 2
+    with socket.socket(fileno=int(argv[1])) as sock:
+        serve(sock)
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ Two halves:
 - :func:`prepare_run` (blocking; the daemon calls it through ``trio.to_thread``): snapshot →
   requested platform → mode decision (:mod:`sandbox.mode`, refusals before anything is
   created) → user and environment from the image and the rootfs → run directory → plan.
-- :func:`open_execution` (async context manager): the run's cgroups, then the helper
-  (``python -I -m sandbox.helper``) through ``trio.run_process`` with a ``deliver_cancel`` that
-  sends SIGTERM, waits :data:`STOP_GRACE`, then kills the whole tree through the cgroup.
+- :func:`open_execution` (async context manager): the run's cgroups, then the sandbox, forked
+  by the warm helper of :func:`open_forkserver` (``python -I -m sandbox.helper --serve``,
+  started once with ``trio.run_process``); a stop sends SIGTERM through the child's pidfd,
+  waits :data:`STOP_GRACE`, then kills the whole tree through the cgroup.
   :class:`Execution` streams stdout and stderr as :class:`OutputChunk` values in the order they
   are read, enforces the timeout, and :meth:`Execution.wait` returns the :class:`RunResult`.
 
@@ -26,6 +27,7 @@ are killed and removed in a shielded ``finally``, even when the helper was SIGKI
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import enum
@@ -33,7 +35,7 @@ import json
 import logging
 import os
 import signal
-import subprocess
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -396,7 +398,7 @@ class Execution:
         self.source = source
         send, self.output = trio.open_memory_channel[OutputChunk](OUTPUT_BUFFER)
         self._send = send
-        self._stop_scope = trio.CancelScope()
+        self._stop_requested = trio.Event()
         self._exited = trio.Event()
         self._done = trio.Event()
         self._observer = _Observer()
@@ -404,15 +406,15 @@ class Execution:
         self._started = False
         self._command_exe: str | None = None
         self._exit: dict[str, Json] | None = None
-        self._returncode: int | None = None
+        self._helper_pid = 0
         self.timed_out = False
         self.cancelled = False
 
     def cancel(self) -> None:
         """Stop the run: SIGTERM to the command, then kill the whole tree after the grace."""
-        if not self._done.is_set():
+        if not self._exited.is_set() and not self._stop_requested.is_set():
             self.cancelled = not self.timed_out
-            self._stop_scope.cancel()
+            self._stop_requested.set()
 
     async def wait(self) -> RunResult:
         """The result once the command, its helper and the output streams have ended.
@@ -461,16 +463,25 @@ class Execution:
             code = self._exit.get("code")
             if isinstance(code, int):
                 return code, None
-        # No exit record: the helper (or PID 1) was killed before the command's status came.
-        rc = self._returncode if self._returncode is not None else -signal.SIGKILL
-        return (128 - rc, -rc) if rc < 0 else (rc, None)
+        # No exit record: the helper or PID 1 was killed before the command's status came, and
+        # the whole tree with it (SIGKILL, by us after the grace or by someone else).
+        return 128 + signal.SIGKILL, signal.SIGKILL
 
-    async def _deliver_cancel(self, process: trio.Process) -> None:
-        process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(STOP_GRACE):
-            await process.wait()
-        await trio.to_thread.run_sync(self.group.kill)
-        process.kill()
+    async def _supervise(self, pidfd: int) -> None:
+        """Wait for the helper to exit; on stop: SIGTERM, grace, then kill the whole tree
+        (what trio's ``deliver_cancel`` does for ``run_process``)."""
+        async with trio.open_nursery() as nursery:
+
+            async def stop() -> None:
+                await self._stop_requested.wait()
+                _pidfd_signal(pidfd, signal.SIGTERM)
+                await trio.sleep(STOP_GRACE)
+                await trio.to_thread.run_sync(self.group.kill)
+                _pidfd_signal(pidfd, signal.SIGKILL)
+
+            nursery.start_soon(stop)
+            await trio.lowlevel.wait_readable(pidfd)
+            nursery.cancel_scope.cancel()
 
     async def _pump(
         self,
@@ -482,16 +493,16 @@ class Execution:
             while data := await stream.receive_some(READ_SIZE):
                 await send.send(OutputChunk(stream=name, data=bytes(data)))
 
-    async def _read_status(self, stream: trio.lowlevel.FdStream, process: trio.Process) -> None:
+    async def _read_status(self, stream: trio.lowlevel.FdStream) -> None:
         buffer = b""
         async with stream:
             while data := await stream.receive_some(READ_SIZE):
                 buffer += data
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
-                    self._on_status(json.loads(line), process)
+                    self._on_status(json.loads(line))
 
-    def _on_status(self, message: Json, process: trio.Process) -> None:
+    def _on_status(self, message: Json) -> None:
         if not isinstance(message, dict):
             return
         kind = message.get("type")
@@ -504,8 +515,8 @@ class Execution:
             self._command_exe = exe if isinstance(exe, str) else None
             self._observer.command_pid = pid if isinstance(pid, int) else None
             with contextlib.suppress(psutil.Error):
-                helper = psutil.Process(process.pid)
-                self._observer.exclude = {process.pid, *(c.pid for c in helper.children())}
+                helper = psutil.Process(self._helper_pid)
+                self._observer.exclude = {helper.pid, *(c.pid for c in helper.children())}
         elif kind == "exited":
             self._exit = message
 
@@ -514,86 +525,173 @@ class Execution:
             if self._started:
                 pids = await trio.to_thread.run_sync(self.group.pids)
                 await trio.to_thread.run_sync(self._observer.sample, pids)
-            await trio.sleep(SAMPLE_INTERVAL)
+            with trio.move_on_after(SAMPLE_INTERVAL):
+                await self._exited.wait()
 
     async def _enforce_timeout(self, seconds: float) -> None:
         with trio.move_on_after(seconds):
             await self._exited.wait()
             return
         self.timed_out = True
-        self._stop_scope.cancel()
+        self._stop_requested.set()
 
-    async def run(self, *, debug: bool, task_status: trio.TaskStatus[None]) -> None:
-        """Start the helper and relay everything; ``_done`` once all of it has ended."""
+    async def run(
+        self, server: ForkServer, *, debug: bool, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Start the sandbox through ``server`` and relay everything until it has ended."""
         plan = dataclasses.replace(self.prepared.plan, cgroups=tuple(map(str, self.group.dirs)))
-        plan_r, plan_w = os.pipe()
-        status_r, status_w = os.pipe()
-        argv = [sys.executable, "-I", "-m", HELPER_MODULE, "--plan-fd", str(plan_r)]
-        argv += ["--status-fd", str(status_w), *(["--debug"] if debug else [])]
-        stdin = self.prepared.spec.stdin
+        request = json.dumps({"plan": plan.to_json(), "debug": debug}).encode()
+        stdin_data = self.prepared.spec.stdin
+        child_fds: list[int] = []
+        ours: list[int] = []
+        try:
+            if stdin_data is None:
+                child_fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            else:
+                stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+                child_fds.append(stdin_r)
+                ours.append(stdin_w)
+            for _ in range(3):  # stdout, stderr, status
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                ours.append(read_end)
+                child_fds.append(write_end)
+            self._helper_pid, pidfd = await server.spawn(request, child_fds)
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        streams = [trio.lowlevel.FdStream(fd) for fd in ours]
         try:
             async with trio.open_nursery() as nursery:
-                async with trio.open_nursery() as process_nursery:
-                    self._stop_scope = process_nursery.cancel_scope
-                    process: trio.Process = await process_nursery.start(
-                        partial(
-                            trio.run_process,
-                            argv,
-                            stdin=b"" if stdin is None else stdin,
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE,
-                            pass_fds=(plan_r, status_w),
-                            check=False,
-                            deliver_cancel=self._deliver_cancel,
-                        )
-                    )
-                    for fd in (plan_r, status_w):
-                        os.close(fd)
-                    plan_r = status_w = -1
-                    status_stream = trio.lowlevel.FdStream(status_r)
-                    status_r = -1
-                    async with trio.lowlevel.FdStream(plan_w) as plan_stream:
-                        plan_w = -1
-                        await plan_stream.send_all(json.dumps(plan.to_json()).encode())
-                    assert process.stdout is not None
-                    assert process.stderr is not None
-                    nursery.start_soon(
-                        self._pump, process.stdout, Stream.STDOUT, self._send.clone()
-                    )
-                    nursery.start_soon(
-                        self._pump, process.stderr, Stream.STDERR, self._send.clone()
-                    )
-                    nursery.start_soon(self._read_status, status_stream, process)
-                    nursery.start_soon(self._observe)
-                    if self.prepared.spec.timeout is not None:
-                        nursery.start_soon(self._enforce_timeout, self.prepared.spec.timeout)
-                    self._send.close()
-                    task_status.started()
-                # The helper is gone (or was stopped by deliver_cancel): whatever is left in
-                # the cgroup dies now, so the output pipes reach EOF.
-                self._returncode = process.returncode
+                if stdin_data is not None:
+                    nursery.start_soon(_feed, streams.pop(0), stdin_data)
+                stdout, stderr, status = streams
+                nursery.start_soon(self._pump, stdout, Stream.STDOUT, self._send.clone())
+                nursery.start_soon(self._pump, stderr, Stream.STDERR, self._send.clone())
+                nursery.start_soon(self._read_status, status)
+                nursery.start_soon(self._observe)
+                if self.prepared.spec.timeout is not None:
+                    nursery.start_soon(self._enforce_timeout, self.prepared.spec.timeout)
+                self._send.close()
+                task_status.started()
+                await self._supervise(pidfd)
+                # The helper is gone: whatever is left in the cgroup dies now, so the output
+                # pipes reach EOF.
                 self._exited.set()
                 await trio.to_thread.run_sync(self.group.kill)
         finally:
             self._exited.set()
             self._done.set()
-            for fd in (plan_r, plan_w, status_r, status_w):
-                if fd >= 0:
-                    os.close(fd)
+            os.close(pidfd)
+
+
+def _pidfd_signal(pidfd: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signum)
+
+
+async def _feed(stream: trio.lowlevel.FdStream, data: bytes) -> None:
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(data)
+
+
+class ForkServer:
+    """The launcher's end of a ``sandbox.helper --serve`` process (see :func:`open_forkserver`)."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+        self._lock = trio.Lock()
+
+    async def spawn(self, request: bytes, fds: Sequence[int]) -> tuple[int, int]:
+        """Send one request with its fds; the PID and a pidfd of the child that runs it.
+
+        Raises:
+            SandboxError: the server refused the request or is gone.
+        """
+        async with self._lock:
+            await self._sock.sendmsg(
+                [request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            )
+            data, ancdata, _, _ = await self._sock.recvmsg(4096, socket.CMSG_SPACE(4))
+        received = [
+            fd
+            for level, kind, payload in ancdata
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+            for fd in array.array("i", payload[: len(payload) - len(payload) % 4])
+        ]
+        if len(received) != 1:
+            for fd in received:
+                os.close(fd)
+            reply = data.decode(errors="replace") or "the sandbox fork server has exited"
+            raise SandboxError(f"sandbox fork server refused the run: {reply}")
+        try:
+            pid = json.loads(data)["pid"]
+        except (ValueError, KeyError, TypeError):
+            os.close(received[0])
+            raise SandboxError(f"sandbox fork server sent {data!r}") from None
+        return int(pid), received[0]
+
+
+async def _stop_server(process: trio.Process) -> None:
+    process.send_signal(signal.SIGTERM)
+    with trio.move_on_after(STOP_GRACE):
+        await process.wait()
+    process.kill()
+
+
+@contextlib.asynccontextmanager
+async def open_forkserver() -> AsyncIterator[ForkServer]:
+    """Start the warm helper (``python -I -m sandbox.helper --serve FD``) for many runs.
+
+    It is single-threaded and forks one child per sandbox (STYLE §6); the daemon keeps one
+    for its lifetime. It exits when this context closes its socket.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    argv = [sys.executable, "-I", "-m", HELPER_MODULE, "--serve", str(theirs.fileno())]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    trio.run_process,
+                    argv,
+                    pass_fds=(theirs.fileno(),),
+                    check=False,
+                    deliver_cancel=_stop_server,
+                )
+            )
+            theirs.close()
+            with trio.socket.from_stdlib_socket(ours) as sock:
+                yield ForkServer(sock)
+            # EOF on the socket: the server returns and exits by itself.
+    finally:
+        theirs.close()
+        ours.close()
 
 
 @contextlib.asynccontextmanager
 async def open_run(
-    spec: ExecSpec, source: SnapshotSource, report: PlatformReport, *, debug: bool = False
+    spec: ExecSpec,
+    source: SnapshotSource,
+    report: PlatformReport,
+    *,
+    server: ForkServer | None = None,
+    debug: bool = False,
 ) -> AsyncIterator[Execution]:
     """Prepare and start a run; on leaving, the run directory is removed (after any commit).
+
+    Without a ``server``, one is started for this run alone (an interpreter start-up more).
 
     Raises:
         RuntimedError: every refusal of :func:`prepare_run` and :func:`open_execution`.
     """
     prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
     try:
-        async with open_execution(prepared, source=source, debug=debug) as execution:
+        async with contextlib.AsyncExitStack() as stack:
+            if server is None:
+                server = await stack.enter_async_context(open_forkserver())
+            execution = await stack.enter_async_context(
+                open_execution(prepared, server, source=source, debug=debug)
+            )
             yield execution
     finally:
         with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
@@ -603,7 +701,11 @@ async def open_run(
 
 @contextlib.asynccontextmanager
 async def open_execution(
-    prepared: PreparedRun, *, source: SnapshotSource | None = None, debug: bool = False
+    prepared: PreparedRun,
+    server: ForkServer,
+    *,
+    source: SnapshotSource | None = None,
+    debug: bool = False,
 ) -> AsyncIterator[Execution]:
     """Start a prepared run; leaving the block early cancels it (whole tree killed).
 
@@ -618,7 +720,7 @@ async def open_execution(
     try:
         async with trio.open_nursery() as nursery:
             execution = Execution(prepared, group, source)
-            await nursery.start(partial(execution.run, debug=debug))
+            await nursery.start(partial(execution.run, server, debug=debug))
             try:
                 yield execution
             finally:

@@ -411,18 +411,30 @@ def _ints(obj: Mapping[str, Json], name: str) -> list[int]:
     return out
 
 
+def _field_types(cls: type[Op]) -> tuple[tuple[str, tuple[type, ...], object], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (field.name, typing.get_args(hints[field.name]) or (hints[field.name],), field.default)
+        for field in dataclasses.fields(cls)  # type: ignore[arg-type]
+    )
+
+
+# Field name, accepted types and default of every op, resolved once: get_type_hints is slow
+# enough (milliseconds per call) to dominate the helper's start of a run.
+_OP_FIELDS: Final = {kind: _field_types(cls) for kind, cls in OPS.items()}
+
+
 def _op(obj: Json) -> Op:
     if not isinstance(obj, dict) or obj.get("op") not in OPS:
         raise _bad("ops", f"has an unknown op {obj!r}")
     cls = OPS[str(obj["op"])]
-    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Json] = {}
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        value = obj.get(field.name, field.default)
-        allowed = typing.get_args(hints[field.name]) or (hints[field.name],)
+    for name, allowed, default in _OP_FIELDS[cls.kind]:
+        value = obj.get(name, default)
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            raise _bad(f"ops.{cls.kind}.{field.name}", f"must be {hints[field.name]}")
-        kwargs[field.name] = value
+            names = "|".join(t.__name__ for t in allowed)
+            raise _bad(f"ops.{cls.kind}.{name}", f"must be {names}")
+        kwargs[name] = value  # type: ignore[assignment]
     op: Op = cls(**kwargs)
     if not op.destination.startswith("/"):
         raise _bad(f"ops.{cls.kind}.destination", "must be absolute")
