@@ -36,6 +36,7 @@ import json
 import logging
 import lzma
 import os
+import queue
 import shutil
 import stat
 import subprocess
@@ -91,6 +92,8 @@ _HOST_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ER
 _WARNING_CHARS: Final = 300
 HELPER_MODULE: Final = "sandbox.layerhelper"
 DEFAULT_LIMITS: Final = UnpackLimits()
+_QUEUE_CHUNKS: Final = 8
+_STOP_POLL: Final = 0.1  # seconds between checks of the stop flag while the queue is full
 
 
 def _digest(h: hashlib._Hash) -> str:
@@ -146,21 +149,16 @@ _DECOMPRESSORS: Final[dict[Compression, Callable[[], _Decompressor]]] = {
 _DECOMPRESS_ERRORS: Final = (zlib.error, lzma.LZMAError, OSError, EOFError, zstd.ZstdError)
 
 
-class LayerStream:
-    """Forward-only, seekable file object over an fd holding a possibly compressed tar stream.
+class _Decoder:
+    """The producer half of :class:`LayerStream`: raw reads, decompression and both digests.
 
-    Reads the fd to its end, hashes what it reads (compressed digest) and what it returns
-    (diff_id), and raises once the uncompressed stream grows beyond ``limits.max_bytes``.
-    ``seek`` only moves forward (reading and hashing what it skips), which is all ``tarfile``
-    needs in mode ``"r"``. Output is produced at most :data:`CHUNK` bytes at a time, so a
-    decompression bomb never sits in memory.
-
-    Raises (from read/peek/seek/finish):
-        InvalidArchiveError: truncated or corrupt compressed data, trailing garbage.
-        LimitExceededError: more than ``limits.max_bytes`` uncompressed bytes.
+    Runs in its own thread (zlib, lzma, bz2, zstd and hashlib release the GIL), so that
+    decompressing and hashing overlap with parsing and writing, as GNU tar's separate
+    decompressor process does. Hands over at most ``_QUEUE_CHUNKS`` chunks of at most
+    :data:`CHUNK` bytes: a decompression bomb never sits in memory.
     """
 
-    def __init__(self, fd: int, limits: UnpackLimits, *, name: str = "layer") -> None:
+    def __init__(self, fd: int, limits: UnpackLimits, name: str) -> None:
         self._fd = fd
         self._limits = limits
         self.name = name
@@ -172,11 +170,16 @@ class LayerStream:
         while len(self._input) < SNIFF_BYTES and not self._raw_eof:
             self._input += self._read_raw()
         self.compression = sniff_compression(self._input)
+        if self.compression is not Compression.NONE:
+            self.raw_hash.update(self._input)
         self._decoder: _Decompressor | None = None
-        self._done = False
-        self._buf = b""
-        self._off = 0
-        self._pos = 0
+        self.queue: queue.Queue[bytes | BaseException | None] = queue.Queue(_QUEUE_CHUNKS)
+        self.stopped = threading.Event()
+
+    @property
+    def compressed_digest(self) -> str:
+        # An uncompressed stream is hashed once: its digest is its diff_id.
+        return _digest(self.hash if self.compression is Compression.NONE else self.raw_hash)
 
     def _read_raw(self) -> bytes:
         try:
@@ -184,10 +187,14 @@ class LayerStream:
         except OSError as exc:
             raise syscalls.oserror(exc, syscall="read") from exc
         self._raw_eof = not data
+        return data
+
+    def _read_compressed(self) -> bytes:
+        data = self._read_raw()
         self.raw_hash.update(data)
         return data
 
-    def _invalid(self, why: str) -> InvalidArchiveError:
+    def invalid(self, why: str) -> InvalidArchiveError:
         return InvalidArchiveError(
             f"{self.name} ({self.compression}): {why}",
             details={"blob": self.name, "compression": str(self.compression), "reason": why},
@@ -197,11 +204,11 @@ class LayerStream:
         """Begin the next compressed member; False at a clean end of the stream."""
         magic = MAGIC[self.compression]
         while len(self._input) < len(magic) and not self._raw_eof:
-            self._input += self._read_raw()
+            self._input += self._read_compressed()
         if not self._input:
             return False
         if not self._input.startswith(magic):
-            raise self._invalid(f"trailing garbage after the last member ({self._input[:8]!r})")
+            raise self.invalid(f"trailing garbage after the last member ({self._input[:8]!r})")
         self._decoder = _DECOMPRESSORS[self.compression]()
         return True
 
@@ -217,32 +224,100 @@ class LayerStream:
             assert decoder is not None
             data = b""
             if decoder.needs_input:
-                data, self._input = self._input or self._read_raw(), b""
+                data, self._input = self._input or self._read_compressed(), b""
                 if not data:
-                    raise self._invalid("truncated: the stream ends inside a member")
+                    raise self.invalid("truncated: the stream ends inside a member")
             try:
                 out = decoder.decompress(data, CHUNK)
             except _DECOMPRESS_ERRORS as exc:
-                raise self._invalid(f"corrupt data: {exc}") from exc
+                raise self.invalid(f"corrupt data: {exc}") from exc
             if decoder.eof:
                 self._input = decoder.unused_data
                 self._decoder = None
             if out:
                 return out
 
+    def run(self) -> None:
+        """Thread body: every chunk, then None; or the exception that stopped it."""
+        item: bytes | BaseException | None
+        try:
+            while True:
+                item = self._produce()
+                if not item:
+                    item = None
+                    break
+                self.hash.update(item)
+                self.total += len(item)
+                if self.total > self._limits.max_bytes:
+                    raise LimitExceededError(
+                        f"{self.name}: more than {self._limits.max_bytes} uncompressed bytes",
+                        details={"blob": self.name, "limit": "max_bytes"},
+                    )
+                self._put(item)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            item = exc
+        self._put(item)
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=_STOP_POLL)
+                return
+            except queue.Full:
+                continue
+
+
+class LayerStream:
+    """Forward-only, seekable file object over an fd holding a possibly compressed tar stream.
+
+    Reads the fd to its end, hashes what it reads (compressed digest) and what it returns
+    (diff_id), and raises once the uncompressed stream grows beyond ``limits.max_bytes``.
+    ``seek`` only moves forward (reading and hashing what it skips), which is all ``tarfile``
+    needs in mode ``"r"``. The decoding runs in a thread (:class:`_Decoder`); call
+    :meth:`close` when done. Start it only after any ``unshare``: it makes the process
+    multi-threaded.
+
+    Raises (from read/peek/seek/finish):
+        InvalidArchiveError: truncated or corrupt compressed data, trailing garbage.
+        LimitExceededError: more than ``limits.max_bytes`` uncompressed bytes.
+    """
+
+    def __init__(self, fd: int, limits: UnpackLimits, *, name: str = "layer") -> None:
+        self.name = name
+        self._decoder = _Decoder(fd, limits, name)
+        self.compression = self._decoder.compression
+        self._thread = threading.Thread(target=self._decoder.run, name="layer-decoder", daemon=True)
+        self._thread.start()
+        self._done = False
+        self._buf = b""
+        self._off = 0
+        self._pos = 0
+
+    @property
+    def diff_id(self) -> str:
+        return _digest(self._decoder.hash)
+
+    @property
+    def compressed_digest(self) -> str:
+        return self._decoder.compressed_digest
+
+    def _next_chunk(self) -> bytes:
+        if self._done:
+            return b""
+        item = self._decoder.queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item is None:
+            self._done = True
+            return b""
+        return item
+
     def _fill(self, size: int) -> None:
-        while len(self._buf) - self._off < size and not self._done:
-            data = self._produce()
+        while len(self._buf) - self._off < size:
+            data = self._next_chunk()
             if not data:
-                self._done = True
                 break
-            self.hash.update(data)
-            self.total += len(data)
-            if self.total > self._limits.max_bytes:
-                raise LimitExceededError(
-                    f"{self.name}: more than {self._limits.max_bytes} uncompressed bytes",
-                    details={"blob": self.name, "limit": "max_bytes"},
-                )
             self._buf = self._buf[self._off :] + data if self._off < len(self._buf) else data
             self._off = 0
 
@@ -264,6 +339,15 @@ class LayerStream:
         self._pos += len(out)
         return out
 
+    def read_some(self, size: int) -> bytes:
+        """Between 1 and ``size`` bytes without joining chunks (b"" only at the end)."""
+        if self._off >= len(self._buf):
+            self._buf, self._off = self._next_chunk(), 0
+        out = self._buf[self._off : self._off + size]
+        self._off += len(out)
+        self._pos += len(out)
+        return out
+
     def tell(self) -> int:
         return self._pos
 
@@ -275,14 +359,33 @@ class LayerStream:
         if whence not in (os.SEEK_SET, os.SEEK_CUR) or target < self._pos:
             raise InternalError(f"{self.name}: backward seek to {target} from {self._pos}")
         while self._pos < target:
-            if not self.read(min(target - self._pos, CHUNK)):
-                raise self._invalid("truncated: the stream ends inside a member's data")
+            if not self.read_some(target - self._pos):
+                raise self._decoder.invalid("truncated: the stream ends inside a member's data")
         return self._pos
 
     def finish(self) -> None:
         """Read (and hash) the rest of the stream, checking the compression to its end."""
-        while self.read(CHUNK):
+        while self.read_some(CHUNK):
             pass
+        self._thread.join()
+
+    def close(self) -> None:
+        """Tell the decoder thread to stop (idempotent). It is a daemon thread: one blocked in
+        ``read`` on a stalled pipe cannot keep the helper from exiting after an error."""
+        self._decoder.stopped.set()
+
+
+class _Slice:
+    """A regular member's data straight from the stream, in whatever chunks it comes."""
+
+    def __init__(self, stream: LayerStream, size: int) -> None:
+        self._stream = stream
+        self._left = size
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._stream.read_some(self._left if size < 0 else min(size, self._left))
+        self._left -= len(data)
+        return data
 
 
 def _clear(parent: int, name: str) -> None:
@@ -339,6 +442,9 @@ class LayerWriter:
         self._limits = limits
         self._created: set[tuple[str, ...]] = set()
         self._dir_times: list[tuple[tuple[str, ...], int]] = []
+        # The last parent directory, kept open: archives list siblings together. Any removal
+        # (the only way a resolved directory can stop being what its path names) drops it.
+        self._parent: tuple[tuple[str, ...], int] | None = None
         self.size = 0
 
     # --- resolution ---------------------------------------------------------------------------
@@ -408,12 +514,30 @@ class LayerWriter:
         if not entry.path:
             self._directory_metadata(self._root, ".", entry)
             return
-        parent = self._open_dir(entry.path[:-1], create=True)
-        try:
-            self._create(parent, entry.path[-1], entry, data)
-        finally:
-            os.close(parent)
+        self._create(self._parent_fd(entry.path[:-1]), entry.path[-1], entry, data)
         self._created.add(entry.path)
+
+    def _parent_fd(self, parts: tuple[str, ...]) -> int:
+        if self._parent is not None and self._parent[0] == parts:
+            return self._parent[1]
+        fd = self._open_dir(parts, create=True)
+        self.close()
+        self._parent = (parts, fd)
+        return fd
+
+    def _clear_anywhere(self, parent: int, name: str) -> None:
+        """Remove something that may be an ancestor of the cached parent: drop the cache.
+
+        (Replacing a child of the cached parent itself, as ``_create`` does, leaves it valid.)
+        """
+        self.close()
+        _clear(parent, name)
+
+    def close(self) -> None:
+        """Close the cached parent directory (idempotent)."""
+        if self._parent is not None:
+            os.close(self._parent[1])
+            self._parent = None
 
     def _create(self, parent: int, name: str, entry: Entry, data: Readable | None) -> None:
         if entry.kind is EntryKind.DIRECTORY:
@@ -550,7 +674,7 @@ class LayerWriter:
                 return  # nothing below to hide
             raise
         try:
-            _clear(parent, path[-1])
+            self._clear_anywhere(parent, path[-1])
         finally:
             os.close(parent)
 
@@ -561,7 +685,7 @@ class LayerWriter:
         try:
             for name in os.listdir(fd):
                 if (*path, name) not in self._created:
-                    _clear(fd, name)
+                    self._clear_anywhere(fd, name)
         finally:
             os.close(fd)
 
@@ -672,6 +796,28 @@ def unpack_stream(
         KernelError: the host failed while writing.
     """
     stream = LayerStream(fd, limits, name=name)
+    try:
+        entries, warnings, size = _unpack_members(stream, root_fd, limits, name)
+        stream.finish()
+    finally:
+        stream.close()
+    result = LayerResult(
+        diff_id=stream.diff_id,
+        compressed_digest=stream.compressed_digest,
+        compression=stream.compression,
+        size=size,
+        entries=entries,
+        warnings=warnings,
+    )
+    _check_digest(name, "diff_id", expected_diff_id, result.diff_id)
+    _check_digest(name, "digest", expected_digest, result.compressed_digest)
+    return result
+
+
+def _unpack_members(
+    stream: LayerStream, root_fd: int, limits: UnpackLimits, name: str
+) -> tuple[int, tuple[str, ...], int]:
+    """Plan and write every member: (entries, warnings, bytes written)."""
     writer = LayerWriter(root_fd, limits)
     warnings = _Warnings(limits.max_warnings)
     entries = 0
@@ -687,25 +833,26 @@ def unpack_stream(
             for text in plan.warnings:
                 warnings.add(text)
             if plan.entry is not None:
-                data = tar.extractfile(info) if plan.entry.kind is EntryKind.FILE else None
-                writer.apply(plan.entry, data)
+                writer.apply(plan.entry, _member_data(stream, tar, info, plan.entry))
     except tarfile.TarError as exc:
         raise InvalidArchiveError(
             f"{name}: corrupt tar data: {exc}", details={"blob": name}
         ) from exc
+    finally:
+        writer.close()
     writer.finish()
-    stream.finish()
-    result = LayerResult(
-        diff_id=_digest(stream.hash),
-        compressed_digest=_digest(stream.raw_hash),
-        compression=stream.compression,
-        size=writer.size,
-        entries=entries,
-        warnings=warnings.result(),
-    )
-    _check_digest(name, "diff_id", expected_diff_id, result.diff_id)
-    _check_digest(name, "digest", expected_digest, result.compressed_digest)
-    return result
+    return entries, warnings.result(), writer.size
+
+
+def _member_data(
+    stream: LayerStream, tar: tarfile.TarFile, info: tarfile.TarInfo, entry: Entry
+) -> Readable | None:
+    if entry.kind is not EntryKind.FILE:
+        return None
+    if info.sparse is not None:
+        return tar.extractfile(info)  # tarfile expands GNU sparse maps
+    stream.seek(info.offset_data)
+    return _Slice(stream, info.size)
 
 
 def _check_digest(name: str, what: str, expected: str | None, actual: str) -> None:
