@@ -33,7 +33,8 @@ kernel.per-userns-binfmt      info /    whether user namespaces get their own bi
                               warning   instance (kernel >= 6.7), which the native probe needs
 ============================  ========  ===========================================================
 
-Errors and warnings are problems (exit status 1); info findings are not.
+Entry checks apply to entries that claim a QEMU target; others (Java, Wine, .pyc handlers)
+are left alone. Errors and warnings are problems (exit status 1); info findings are not.
 """
 
 from __future__ import annotations
@@ -188,6 +189,10 @@ def _reinstall(ef: EntryFacts, where: str) -> str:
 def _entry_findings(facts: BinfmtFacts, ef: EntryFacts) -> list[Finding]:
     entry, where = ef.entry, facts.binfmt_misc
     claims = sorted(claimed_platforms(entry))
+    if not claims:
+        # Not an emulator (Java, Wine, .pyc handlers): F and static interpreters are QEMU's
+        # needs, not theirs; `runtimectl binfmt status` still lists them.
+        return []
     reinstall = _reinstall(ef, where)
     remove = f"echo -1 > {where}/{entry.name}"
     out: list[Finding] = []

@@ -8,7 +8,7 @@ import pytest
 
 from binfmt.claims import interpreter_cpu, misses_pie
 from binfmt.diagnose import BinfmtFacts, Severity, diagnose, interpreter_replaced
-from binfmt.entry import BinfmtFlag
+from binfmt.entry import BinfmtEntry, BinfmtFlag, BinfmtKind
 from binfmt.install import desired_entry
 from binfmt.platform import Platform
 from binfmt.qemu import target_for_platform
@@ -126,6 +126,17 @@ def test_diagnose_entry_problems_come_with_their_fix(
     assert check in found
     if fix is not None:
         assert found[check] == fix
+
+
+def test_diagnose_leaves_non_emulator_entries_alone() -> None:
+    pyc = BinfmtEntry(
+        name="python3.11",
+        kind=BinfmtKind.MAGIC,
+        magic=b"\xa7\x0d\x0d\x0a",
+        interpreter="/usr/bin/python3.11",
+    )
+    found = _checks(_facts([GOOD, replace(GOOD, entry=pyc, interpreter_static=False)]))
+    assert found == {}
 
 
 def test_diagnose_entry_claiming_a_native_architecture() -> None:
