@@ -291,20 +291,25 @@ class _Observer:
     command_pid: int | None = None  # the command's PID inside the sandbox
     command_seen: bool = False
 
-    def sample(self, pids: Sequence[int]) -> None:
-        for pid in pids:
+    def sample(self, group: cgroups.RunCgroup) -> None:
+        """One look at every process of the run but the helper and the sandbox's PID 1."""
+        for pid in group.pids():
             if pid in self.exclude:
                 continue
             try:
+                inner = _inner_pid(pid)
+                if inner == 1:
+                    self.exclude.add(pid)
+                    continue
                 proc = psutil.Process(pid)
                 with proc.oneshot():
                     key = (pid, proc.create_time())
                     times = proc.cpu_times()
                 exe = os.readlink(f"/proc/{pid}/exe")
-                if self.command_pid is not None and not self.command_seen:
-                    self.command_seen = _inner_pid(pid) == self.command_pid
             except (psutil.Error, OSError):
                 continue
+            if inner is not None and inner == self.command_pid:
+                self.command_seen = True
             self.seen[key] = _Observed(exe=exe, cpu_seconds=times.user + times.system)
 
 
@@ -514,17 +519,14 @@ class Execution:
             exe, pid = message.get("exe"), message.get("pid")
             self._command_exe = exe if isinstance(exe, str) else None
             self._observer.command_pid = pid if isinstance(pid, int) else None
-            with contextlib.suppress(psutil.Error):
-                helper = psutil.Process(self._helper_pid)
-                self._observer.exclude = {helper.pid, *(c.pid for c in helper.children())}
+            self._observer.exclude = {self._helper_pid}
         elif kind == "exited":
             self._exit = message
 
     async def _observe(self) -> None:
         while not self._exited.is_set():
             if self._started:
-                pids = await trio.to_thread.run_sync(self.group.pids)
-                await trio.to_thread.run_sync(self._observer.sample, pids)
+                await trio.to_thread.run_sync(self._observer.sample, self.group)
             with trio.move_on_after(SAMPLE_INTERVAL):
                 await self._exited.wait()
 
