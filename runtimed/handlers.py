@@ -140,13 +140,14 @@ def method_table(
         gate: The exec concurrency counter (shared so the daemon can report it).
     """
     descriptions = {SERVICE_INTERFACE: SERVICE_DESCRIPTION, VARLINK_INTERFACE: description}
+    version = _version()  # reading package metadata takes milliseconds: once
 
     async def get_info(request: Request) -> dict[str, Json]:
         _no_parameters(request.parameters)
         return {
             "vendor": "runtimed",
             "product": "runtimed",
-            "version": _version(),
+            "version": version,
             "url": "",
             "interfaces": list(descriptions),
         }

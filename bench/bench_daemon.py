@@ -1,0 +1,235 @@
+"""Benchmark (not a test): runtimed Exec latency and throughput against bubblewrap.
+
+Measures, in one run, inside a private user+mount namespace with its own binfmt_misc (the
+host's is never touched):
+
+- sequential ``Exec`` of ``true`` over one connection, native (amd64) and emulated (arm64),
+  against ``bwrap --unshare-all`` started per exec on the same root;
+- 50 concurrent Execs (one connection each) against ``xargs -P50 bwrap ...``;
+- the daemon's idle RSS, and a GetInfo round trip (the RPC layer without a sandbox).
+
+Usage: ``.venv/bin/python bench/bench_daemon.py [--runs N] [--json]`` (as root; needs
+bubblewrap, qemu-user-static and the busybox fixtures of scripts/fetch-test-fixtures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Final
+
+import psutil
+import trio
+
+from runtimed.client import SyncClient, open_client
+from runtimed.errors import Json
+
+CACHE: Final = Path(os.environ.get("RUNTIMED_TEST_CACHE", "/var/cache/runtimed-tests"))
+CONCURRENT: Final = 50
+ARCHES: Final = ("amd64", "arm64")
+
+
+def reexec_in_private_namespace(argv: list[str]) -> int:
+    """Run this script again as root of a user+mount namespace with a fresh binfmt_misc."""
+    inner = (
+        'BM=$(mktemp -d) && mount -t binfmt_misc none "$BM" && '
+        'exec "$0" "$@" --inner-binfmt-misc "$BM"'
+    )
+    command = ["unshare", "--user", "--map-root-user", "--mount", "--", "sh", "-c", inner]
+    return subprocess.run([*command, sys.executable, *argv], check=False).returncode
+
+
+def make_roots(work: Path) -> dict[str, tuple[Path, Path]]:
+    """For each arch, a root directory (for bwrap) and a tar of it (for the daemon)."""
+    roots = {}
+    for arch in ARCHES:
+        root = work / f"root-{arch}"
+        for directory in ("bin", "proc", "dev"):  # bwrap mounts /proc and /dev on these
+            (root / directory).mkdir(parents=True)
+        shutil.copy2(CACHE / "busybox" / arch / "busybox", root / "bin" / "busybox")
+        tar = work / f"root-{arch}.tar"
+        with tarfile.open(tar, "w") as out:
+            out.add(root / "bin" / "busybox", "bin/busybox")
+        roots[arch] = (root, tar)
+    return roots
+
+
+def start_daemon(work: Path, binfmt_misc: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    config = work / "runtimed.toml"
+    config.write_text('emulators = ["linux/arm64"]\n[limits]\nconcurrent_execs = 64\n')
+    sock = work / "rt.sock"
+    notify_path = work / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(60)
+        runtimed = Path(sys.executable).parent / "runtimed"
+        proc = subprocess.Popen(
+            [
+                str(runtimed),
+                "--config",
+                str(config),
+                "--binfmt-misc",
+                str(binfmt_misc),
+                "--state-dir",
+                str(work / "state"),
+                "--socket",
+                str(sock),
+            ],
+            stderr=(work / "daemon.log").open("wb"),
+            env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+        )
+        while b"READY=1" not in notify.recv(4096):
+            pass
+    return proc, sock
+
+
+def bwrap_argv(root: Path) -> list[str]:
+    return [
+        "bwrap",
+        "--unshare-all",
+        "--ro-bind",
+        str(root),
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "/bin/busybox",
+        "true",
+    ]
+
+
+def time_bwrap(root: Path, runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(bwrap_argv(root), check=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_xargs_bwrap(root: Path) -> float:
+    command = " ".join(bwrap_argv(root))
+    start = time.perf_counter()
+    subprocess.run(
+        ["sh", "-c", f"seq {CONCURRENT} | xargs -P{CONCURRENT} -I{{}} {command}"], check=True
+    )
+    return time.perf_counter() - start
+
+
+async def time_daemon(
+    sock: Path, snapshots: dict[str, str], runs: int
+) -> dict[str, list[float] | float]:
+    def spec(arch: str) -> dict[str, Json]:
+        return {"snapshot": snapshots[arch], "args": ["/bin/busybox", "true"]}
+
+    out: dict[str, list[float] | float] = {}
+    async with open_client(sock) as client:
+        # The RPC layer alone (framing, dispatch, peer check done once per connection).
+        rpc = []
+        for _ in range(runs * 10):
+            start = time.perf_counter()
+            await client.get_info()
+            rpc.append(time.perf_counter() - start)
+        out["rpc"] = rpc
+        for arch in ARCHES:
+            await client.exec(spec(arch))  # warm up
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                outcome = await client.exec(spec(arch))
+                times.append(time.perf_counter() - start)
+                assert outcome.result["exit_code"] == 0
+            out[f"seq_{arch}"] = times
+
+    async def one() -> None:
+        async with open_client(sock) as client:
+            outcome = await client.exec(spec("amd64"))
+            assert outcome.result["exit_code"] == 0
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(CONCURRENT):
+            nursery.start_soon(one)
+    out["concurrent"] = time.perf_counter() - start
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--inner-binfmt-misc", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner_binfmt_misc is None:
+        return reexec_in_private_namespace(sys.argv)
+    work = Path(tempfile.mkdtemp(prefix="runtimed-bench-"))
+    proc, sock = start_daemon(work, args.inner_binfmt_misc)
+    try:
+        roots = make_roots(work)
+        client = SyncClient(sock)
+        snapshots = {}
+        for arch, (_, tar) in roots.items():
+            with tar.open("rb") as f:
+                snapshots[arch] = str(client.import_snapshot(f.fileno())["id"])
+        daemon = trio.run(time_daemon, sock, snapshots, args.runs)
+        idle_rss = psutil.Process(proc.pid).memory_info().rss
+        bwrap = {arch: time_bwrap(roots[arch][0], args.runs) for arch in ARCHES}
+        xargs = time_xargs_bwrap(roots["amd64"][0])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+
+    results: dict[str, float] = {}
+    for arch in ARCHES:
+        sequential = daemon[f"seq_{arch}"]
+        assert isinstance(sequential, list)
+        ours = statistics.median(sequential)
+        theirs = statistics.median(bwrap[arch])
+        results[f"exec_median_{arch}_s"] = ours
+        results[f"bwrap_median_{arch}_s"] = theirs
+        results[f"ratio_{arch}"] = ours / theirs
+    concurrent = daemon["concurrent"]
+    assert isinstance(concurrent, float)
+    results["concurrent50_s"] = concurrent
+    results["xargs_bwrap50_s"] = xargs
+    results["ratio_concurrent"] = results["concurrent50_s"] / xargs
+    results["idle_rss_mb"] = idle_rss / 1024 / 1024
+    rpc = daemon["rpc"]
+    assert isinstance(rpc, list)
+    results["rpc_roundtrip_median_s"] = statistics.median(rpc)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for arch in ARCHES:
+            print(
+                f"sequential {arch:<6} runtimed {results[f'exec_median_{arch}_s'] * 1000:7.1f} ms"
+                f"   bwrap {results[f'bwrap_median_{arch}_s'] * 1000:7.1f} ms"
+                f"   ratio {results[f'ratio_{arch}']:.2f} (target <= 1.0)"
+            )
+        print(
+            f"50 concurrent     runtimed {results['concurrent50_s']:7.2f} s "
+            f"  xargs -P50 bwrap {xargs:5.2f} s   ratio {results['ratio_concurrent']:.2f}"
+            " (target <= 1.5)"
+        )
+        print(f"daemon idle RSS   {results['idle_rss_mb']:.1f} MB (target < 60 MB)")
+        print(
+            f"RPC round trip    {results['rpc_roundtrip_median_s'] * 1e6:.0f} us (GetInfo median)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
