@@ -232,6 +232,16 @@ _TAR_KINDS: Final[Mapping[str, str]] = {
 }
 
 
+_ENTRY_KINDS: Final[Mapping[str, EntryKind]] = {
+    "file": EntryKind.FILE,
+    "directory": EntryKind.DIRECTORY,
+    "symlink": EntryKind.SYMLINK,
+    "hardlink": EntryKind.HARDLINK,
+    "char": EntryKind.CHAR_DEVICE,
+    "fifo": EntryKind.FIFO,
+}
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Member:
     """One archive member as the parser saw it (a tar header, or a source directory's stat).
@@ -377,42 +387,43 @@ def plan_entry(member: Member) -> Plan:
         if not path:
             raise _invalid(name, "whiteout of the root")
         return Plan(entry=Entry(path=path, kind=EntryKind.WHITEOUT))
-    base = Entry(
-        path=path,
-        kind=EntryKind.FILE,
-        mode=member.mode & 0o7777,
-        uid=_check_id(name, "uid", member.uid),
-        gid=_check_id(name, "gid", member.gid),
-        mtime_ns=round(member.mtime * 1_000_000_000),
-    )
     if kind == "block" or (kind == "char" and device not in HARMLESS_CHAR_DEVICES):
         return Plan(
             entry=None, warnings=(f"{name}: skipped {kind} device {device[0]}:{device[1]}",)
         )
-    if kind == "char":
-        return Plan(entry=dataclasses.replace(base, kind=EntryKind.CHAR_DEVICE, device=device))
-    if kind == "fifo":
-        return Plan(entry=dataclasses.replace(base, kind=EntryKind.FIFO))
+    symlink, size = "", 0
+    hardlink: tuple[str, ...] = ()
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+    warnings: tuple[str, ...] = ()
     if kind == "symlink":
-        if "\0" in member.linkname or not member.linkname:
+        symlink = member.linkname
+        if "\0" in symlink or not symlink:
             raise _invalid(name, "empty symlink target or NUL byte in it")
-        if len(member.linkname.encode("utf-8", _SURROGATE)) >= PATH_MAX:
+        if len(symlink.encode("utf-8", _SURROGATE)) >= PATH_MAX:
             raise _invalid(name, "symlink target longer than PATH_MAX")
-        return Plan(
-            entry=dataclasses.replace(base, kind=EntryKind.SYMLINK, symlink=member.linkname)
-        )
-    if kind == "hardlink":
-        target = parse_member_path(member.linkname)
-        if not target:
+    elif kind == "hardlink":
+        hardlink = parse_member_path(member.linkname)
+        if not hardlink:
             raise _invalid(name, "hardlink to the root")
-        return Plan(entry=dataclasses.replace(base, kind=EntryKind.HARDLINK, hardlink=target))
-    xattrs, warnings = filter_xattrs(name, member.xattrs)
-    if kind == "directory":
-        entry = dataclasses.replace(base, kind=EntryKind.DIRECTORY, xattrs=xattrs)
-        return Plan(entry=entry, warnings=warnings)
-    if member.size < 0:
-        raise _invalid(name, "negative size")
-    return Plan(entry=dataclasses.replace(base, size=member.size, xattrs=xattrs), warnings=warnings)
+    elif kind in ("file", "directory"):
+        xattrs, warnings = filter_xattrs(name, member.xattrs)
+        if member.size < 0:
+            raise _invalid(name, "negative size")
+        size = member.size if kind == "file" else 0
+    entry = Entry(
+        path=path,
+        kind=_ENTRY_KINDS[kind],
+        mode=member.mode & 0o7777,
+        uid=_check_id(name, "uid", member.uid),
+        gid=_check_id(name, "gid", member.gid),
+        mtime_ns=round(member.mtime * 1_000_000_000),
+        size=size,
+        symlink=symlink,
+        hardlink=hardlink,
+        device=device if kind == "char" else (0, 0),
+        xattrs=xattrs,
+    )
+    return Plan(entry=entry, warnings=warnings)
 
 
 def _plan_whiteout(name: str, path: tuple[str, ...]) -> Plan:

@@ -496,7 +496,8 @@ class LayerWriter:
             KernelError: the host failed (ENOSPC, EIO, ...).
             LimitExceededError: file data beyond ``limits.max_bytes``.
         """
-        log.debug("unpack: %s", entry.describe())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("unpack: %s", entry.describe())
         try:
             self._apply(entry, data)
         except OSError as exc:
