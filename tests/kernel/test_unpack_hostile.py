@@ -257,6 +257,10 @@ CASES: dict[str, tuple[Callable[[str], list[Member]], str | Check]] = {
         ],
         _regular("f"),
     ),
+    "non-utf8-name-kept-byte-exact": (
+        lambda v: [file("caf\udce9")],
+        _regular("caf\udce9"),  # os encodes the surrogate back to the byte 0xe9
+    ),
     "too-many-entries": (lambda v: [file(f"f{i}", b"") for i in range(70)], "limit"),
     "too-many-bytes": (lambda v: [file("big", bytes(70_000))], "limit"),
 }
