@@ -31,9 +31,9 @@ Probe set-up, in order (each step one function below):
 3. *native* only: mount a fresh binfmt_misc instance; it belongs to the new user namespace and
    is empty, so no handler can answer (kernel >= 6.7; older kernels refuse with EPERM, reported
    as ``private_binfmt_misc: false``).
-4. write each probe into an otherwise empty root directory and start it there (``fork``,
-   ``chroot``, ``execv``): with nothing but the probe in the root, emulation works only through
-   an interpreter the kernel pinned at registration (the F flag).
+4. write the probes into a root directory holding nothing else and start each there
+   (``fork``, ``chroot``, ``execv``; SIGKILL as parent-death signal): with no interpreter in
+   the root, emulation works only through one the kernel pinned at registration (the F flag).
 5. let them settle for :data:`SETTLE_SECONDS`, read ``/proc/PID/exe`` of each survivor, then
    SIGKILL and reap all of them.
 """
@@ -62,8 +62,8 @@ MS_NODEV: Final = 0x4
 MS_NOEXEC: Final = 0x8
 MS_REC: Final = 0x4000
 MS_PRIVATE: Final = 0x40000
-# --- <sys/mount.h> -----------------------------------------------------------------------------
-MNT_DETACH: Final = 0x2
+# --- <linux/prctl.h> ---------------------------------------------------------------------------
+PR_SET_PDEATHSIG: Final = 1
 
 # How long probes get to crash before a survivor counts as running. QEMU starts a static guest
 # in a few milliseconds; a broken interpreter or probe dies well within this.
@@ -107,10 +107,6 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
     _check(result, "mount", target)
 
 
-def umount2(target: str, flags: int) -> None:
-    _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), "umount2", target)
-
-
 def _write_file(path: str, text: str) -> None:
     try:
         with open(path, "w") as file:
@@ -127,10 +123,19 @@ class Probe:
 
 @dataclass(slots=True)
 class Started:
+    """A probe after its exec: ``pid`` is None once it is reaped (or never ran)."""
+
     probe: Probe
     path: str
     pid: int | None
     error: str | None
+
+    def reap(self, pid: int, *, kill: bool) -> int:
+        """Wait for the probe ``pid`` (after SIGKILL if ``kill``); return its wait status."""
+        self.pid = None
+        if kill:
+            os.kill(pid, signal.SIGKILL)
+        return os.waitpid(pid, 0)[1]
 
 
 def read_probes(text: str) -> list[Probe]:
@@ -194,14 +199,20 @@ def start_probe(root: str, probe: Probe, index: int) -> Started:
         file.write(probe.image)
     os.chmod(path, 0o755)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read_end)
+            # A probe never ends by itself: it must die with us, even if we crash (the
+            # death signal survives execve for a non-setuid program, see prctl(2)).
+            _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl", "")
+            if os.getppid() != parent:
+                os._exit(127)
             os.chroot(root)
             os.chdir("/")
             os.execv("/" + name, [name])
-        except OSError as exc:
+        except (OSError, SyscallError) as exc:
             os.write(write_end, str(exc.errno or errno.EIO).encode())
         finally:
             os._exit(127)
@@ -216,24 +227,25 @@ def start_probe(root: str, probe: Probe, index: int) -> Started:
     return Started(probe, path, pid, None)
 
 
-def settle(started: list[Started]) -> dict[int, str]:
-    """Step 5a: wait :data:`SETTLE_SECONDS`; the probes that died meanwhile, with how."""
-    fds = {os.pidfd_open(s.pid): s.pid for s in started if s.pid is not None}
+def settle(started: list[Started]) -> None:
+    """Step 5a: wait :data:`SETTLE_SECONDS`; a probe that dies meanwhile is reaped and its
+    ``error`` says how."""
+    fds = {os.pidfd_open(s.pid): (s, s.pid) for s in started if s.pid is not None}
     poller = select.poll()
     for fd in fds:
         poller.register(fd, select.POLLIN)
-    dead: dict[int, str] = {}
+    waiting = len(fds)
     deadline = time.monotonic() + SETTLE_SECONDS
     try:
-        while len(dead) < len(fds) and (left := deadline - time.monotonic()) > 0:
+        while waiting and (left := deadline - time.monotonic()) > 0:
             for fd, _ in poller.poll(left * 1000):
                 poller.unregister(fd)
-                _, status = os.waitpid(fds[fd], 0)
-                dead[fds[fd]] = _describe_status(status)
+                waiting -= 1
+                probe, pid = fds[fd]
+                probe.error = _describe_status(probe.reap(pid, kill=False))
     finally:
         for fd in fds:
             os.close(fd)
-    return dead
 
 
 def _describe_status(status: int) -> str:
@@ -242,16 +254,13 @@ def _describe_status(status: int) -> str:
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
-def collect(started: list[Started], dead: dict[int, str]) -> list[dict[str, object]]:
-    """Step 5b: name what runs each survivor, then kill and reap every probe."""
+def collect(started: list[Started]) -> list[dict[str, object]]:
+    """Step 5b: name what runs each survivor, then kill and reap it."""
     results: list[dict[str, object]] = []
     for s in started:
         exe: str | None = None
         exe_id: list[int] | None = None
-        error = s.error
-        if s.pid is not None and s.pid in dead:
-            error = dead[s.pid]
-        elif s.pid is not None:
+        if s.pid is not None:
             link = f"/proc/{s.pid}/exe"
             try:
                 exe = os.readlink(link)
@@ -259,9 +268,9 @@ def collect(started: list[Started], dead: dict[int, str]) -> list[dict[str, obje
                 info = os.stat(link)
                 exe_id = [info.st_dev, info.st_ino]
             except OSError as exc:
-                error = f"readlink {link}: {errno.errorcode.get(exc.errno or 0)}"
-            os.kill(s.pid, signal.SIGKILL)
-            os.waitpid(s.pid, 0)
+                exe = None
+                s.error = f"readlink {link}: {errno.errorcode.get(exc.errno or 0)}"
+            s.reap(s.pid, kill=True)
         results.append(
             {
                 "name": s.probe.name,
@@ -269,7 +278,7 @@ def collect(started: list[Started], dead: dict[int, str]) -> list[dict[str, obje
                 "native": exe == s.path,
                 "exe": exe,
                 "exe_id": exe_id,
-                "error": error,
+                "error": s.error,
             }
         )
     return results
@@ -289,8 +298,17 @@ def run_probes(mode: str, probes: list[Probe]) -> dict[str, object]:
             return reply
     root = os.path.join(work, "root")
     os.mkdir(root)
-    started = [start_probe(root, probe, index) for index, probe in enumerate(probes)]
-    reply["results"] = collect(started, settle(started))
+    started: list[Started] = []
+    try:
+        for index, probe in enumerate(probes):
+            started.append(start_probe(root, probe, index))
+        settle(started)
+        reply["results"] = collect(started)
+    finally:
+        # Only after a failure are some left: never leave an endless loop running.
+        for s in started:
+            if s.pid is not None:
+                s.reap(s.pid, kill=True)
     return reply
 
 
