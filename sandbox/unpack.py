@@ -24,6 +24,20 @@ The building blocks the helper uses live here too:
   Whiteouts and opaque markers delete what the layers below show, as seen through the root; in
   the helper that root is an overlay mount whose upper dir is the new layer, so the kernel
   records them as overlay whiteouts and opaque directories (see ``sandbox.layerhelper``).
+
+Decisions beyond the per-member table in ``sandbox.archive``:
+
+- Stream ends: concatenated members are legal (RFC 1952 2.2, RFC 8878 3, xz 2.2, bzip2);
+  anything else after the last one is garbage, NUL padding and zstd skippable frames included.
+  A plain tar must end with its two zero blocks; bytes after them count toward the diff_id.
+- A later entry replaces what a path holds (tar semantics), a directory by removing its tree;
+  a ``DIRECTORY`` entry over a symlink that resolves to a directory inside the root keeps the
+  symlink (GNU tar ``--keep-directory-symlink``), so usrmerge's ``lib -> usr/lib`` survives.
+- A parent that is a dangling symlink, or one that resolves to a non-directory, rejects the
+  archive: nothing is created at its target.
+- A whiteout or opaque marker never removes what this same layer created (OCI layer.md).
+- Directory mtimes are set once every entry is written; directories the archive does not
+  list (implied parents, copied up in the overlay) keep the time of the unpack.
 """
 
 from __future__ import annotations
