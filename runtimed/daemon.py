@@ -26,8 +26,10 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Final
@@ -35,6 +37,7 @@ from typing import Final
 import trio
 
 from runtimed.backend import DaemonBackend, install_handlers
+from runtimed.client import Client, open_client
 from runtimed.config import DEFAULT_CONFIG_PATH, Config, apply_overrides, parse_config
 from runtimed.errors import ConfigError, RuntimedError
 from runtimed.handlers import ExecGate, method_table
@@ -210,7 +213,8 @@ def activated_sockets(env: Mapping[str, str]) -> list[socket.socket]:
 class Daemon:
     """The running daemon's state, shared by start-up, the signal loop and the handlers."""
 
-    args: argparse.Namespace
+    load: Callable[[], Config]
+    """Reads the configuration again (SIGHUP); raises ConfigError."""
     config: Config
     env: Mapping[str, str]
     allowed_gid: int | None = None
@@ -294,7 +298,7 @@ class Daemon:
 
     async def reload(self) -> None:
         try:
-            config = load_config(self.args)
+            config = self.load()
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             notify(self.env, STATUS=f"reload refused: {exc.message}; {self.status()}")
@@ -354,6 +358,30 @@ async def serve(daemon: Daemon) -> None:
     daemon.remove_own_socket()
 
 
+@contextlib.asynccontextmanager
+async def open_embedded_client(config: Config) -> AsyncIterator[Client]:
+    """This daemon, in-process on a private socket, and a client connected to it.
+
+    For ``runtimectl --embedded``: one command goes through the same protocol path as with a
+    running daemon. The socket lives in a fresh 0700 directory, so only this process (and
+    root) can reach it; ``config.socket`` is ignored. Leaving the block stops the daemon.
+
+    Raises:
+        RuntimedError: start-up failed (the store cannot be opened, the socket not bound).
+    """
+    with tempfile.TemporaryDirectory(prefix="runtimed-embedded-") as private:
+        config = replace(config, socket=Path(private) / "runtimed.sock")
+        daemon = Daemon(load=lambda: config, config=config, env={})
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.start)
+            try:
+                async with open_client(config.socket) as client:
+                    yield client
+            finally:
+                await daemon.stop()
+                nursery.cancel_scope.cancel()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -365,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"runtimed: configuration OK (socket {config.socket}, state {config.state_dir})")
         sys.exit(0)
     setup_logging(config.log_level)
-    daemon = Daemon(args=args, config=config, env=dict(os.environ))
+    daemon = Daemon(load=partial(load_config, args), config=config, env=dict(os.environ))
     try:
         trio.run(serve, daemon)
     except* RuntimedError as group:

@@ -22,7 +22,7 @@ import varlink
 
 from runtimed.client import SyncClient
 from runtimed.errors import DaemonUnavailableError
-from tests.support import require, require_private_binfmt, tool
+from tests.support import require, require_private_binfmt, run_private_binfmt, tool
 
 pytestmark = pytest.mark.slow
 
@@ -331,3 +331,31 @@ def test_daemon_e2e_check_config(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "limits.concurrent_execs" in bad.stderr
+
+
+EMBEDDED: Final = """
+import sys
+from pathlib import Path
+import trio
+from runtimed.config import Config
+from runtimed.daemon import open_embedded_client
+
+async def main() -> None:
+    config = Config(state_dir=Path(sys.argv[1]), binfmt_misc=Path(sys.argv[2]), emulators=())
+    async with open_embedded_client(config) as client:
+        info = await client.get_info()
+        report = await client.get_platforms()
+        print(info["product"], report["host"], len(await client.list_snapshots()))
+
+trio.run(main)
+"""
+
+
+def test_daemon_e2e_embedded_daemon_serves_one_command(tmp_path: Path) -> None:
+    out = run_private_binfmt(
+        '"$PY" -c "$1" "$2" "$BM"', args=[EMBEDDED, str(tmp_path / "state")], timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    product, host, snapshots = out.stdout.split()
+    assert (product, snapshots) == ("runtimed", "0")
+    assert host.startswith("linux/amd64")
