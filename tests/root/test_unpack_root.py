@@ -199,3 +199,55 @@ def test_unpack_hostile_later_layer_stays_inside(
     except InvalidArchiveError:
         assert os.listdir(store / "layer1") == []
     assert snapshot(tmp_path, store) == before
+
+
+def test_unpack_whiteouts_never_remove_what_the_same_layer_created(tmp_path: Path) -> None:
+    require_root()
+    first, second = tmp_path / "l1.tar", tmp_path / "l2.tar"
+    first.write_bytes(
+        tar_bytes(
+            [member("d", tarfile.DIRTYPE), member("d/old", data=b"old"), member("x", data=b"1")]
+        )
+    )
+    second.write_bytes(
+        tar_bytes(
+            [
+                member("d/new", data=b"new"),
+                member("d/.wh..wh..opq", data=b""),
+                member("y", data=b"y"),
+                member(".wh.y", data=b""),
+                member(".wh.x", data=b""),
+            ]
+        )
+    )
+    layers = apply_all(tmp_path, [first, second])
+    listing = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            LIST_MERGED.replace("cat etc/motd", "echo"),
+            "sh",
+            lowerdir(layers),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert listing.returncode == 0, listing.stderr
+    entries, _ = parse_listing(listing.stdout)
+    assert entries == {"d d", "f d/new", "f y"}
+
+
+def test_unpack_failure_over_parents_leaves_layer_and_work_empty(tmp_path: Path) -> None:
+    require_root()
+    first, second = tmp_path / "l1.tar", tmp_path / "l2.tar"
+    first.write_bytes(tar_bytes([member("d", tarfile.DIRTYPE), member("d/f", data=b"f")]))
+    second.write_bytes(tar_bytes([member("d/g", data=b"g"), member("e", data=b"e")])[:1500])
+    with pytest.raises(InvalidArchiveError, match=r"truncated|unexpected end"):
+        apply_all(tmp_path, [first, second])
+    store = tmp_path / "store"
+    assert os.listdir(store / "layer1") == []
+    assert os.listdir(store / "work") == []
+    assert os.fspath(store) not in Path("/proc/self/mountinfo").read_text()
