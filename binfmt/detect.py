@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -308,7 +309,16 @@ def gather_facts(binfmt_misc: Path) -> tuple[BinfmtFacts, PlatformReport]:
         BinfmtError: an entry's status text is not understood.
     """
     host = host_platform()
-    native = native_platforms(host)
+    # The two probes are independent helper processes: run the native one meanwhile.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        native_future = pool.submit(native_platforms, host)
+        facts, report = _gather(binfmt_misc, host, native_future)
+    return facts, report
+
+
+def _gather(
+    binfmt_misc: Path, host: Platform, native_future: Future[NativeSet]
+) -> tuple[BinfmtFacts, PlatformReport]:
     supported = kernel.filesystem_supported()
     mounted = supported and kernel.is_mounted(binfmt_misc)
     enabled = False
@@ -327,6 +337,7 @@ def gather_facts(binfmt_misc: Path) -> tuple[BinfmtFacts, PlatformReport]:
             problem = f"binfmt_misc at {binfmt_misc} is disabled"
         else:
             probes = _emulated_probe()
+    native = native_future.result()
     facts = BinfmtFacts(
         binfmt_misc=os.fspath(binfmt_misc),
         supported=supported,
