@@ -55,6 +55,7 @@ import sqlite3
 import stat
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,6 +437,9 @@ class Store:
         self.limits = limits or UnpackLimits()
         self.host = host or platform_from_uname(os.uname().machine)
         self._checkpoint = checkpoint or (lambda _phase: None)
+        self._local = threading.local()
+        self._connections: builtins.list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
         self.layers_dir = state_dir / "layers"
         self.blobs_dir = state_dir / "blobs"
         self.staging_dir = state_dir / "staging"
@@ -465,6 +469,10 @@ class Store:
         fcntl.flock(self._store_lock, fcntl.LOCK_SH)
 
     def close(self) -> None:
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
         os.close(self._store_lock)
 
     def __enter__(self) -> Store:
@@ -477,25 +485,33 @@ class Store:
 
     @contextlib.contextmanager
     def _db(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """A connection per operation: the daemon calls in from several worker threads."""
-        conn = sqlite3.connect(self.state_dir / "meta.db", timeout=30, isolation_level=None)
-        try:
+        """This thread's connection (the daemon calls in from several worker threads; a
+        connection is made once per thread), inside one transaction when ``write``."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.state_dir / "meta.db",
+                timeout=30,
+                isolation_level=None,
+                check_same_thread=False,  # only its own thread uses it; close() may be elsewhere
+            )
             conn.execute("PRAGMA foreign_keys = ON")
             # WAL + NORMAL: a commit survives a killed process; after a power loss the last
             # ones may roll back, which leaves only layer directories that reclaim() removes.
             conn.execute("PRAGMA synchronous = NORMAL")
-            if write:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            else:
-                yield conn
-        finally:
-            conn.close()
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        if not write:
+            yield conn
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def _init_schema(self) -> None:
         with self._db() as conn:
