@@ -174,17 +174,20 @@ class DaemonBackend:
 
         await trio.to_thread.run_sync(run)
 
-    async def export_snapshot(self, snapshot_id: str, fd: int, *, fmt: str) -> int:
+    async def export_snapshots(self, snapshot_ids: list[str], fd: int, *, fmt: str) -> int:
         def run() -> int:
             scratch = Path(tempfile.mkdtemp(dir=self.store.staging_dir, prefix="export-"))
             try:
                 dest = scratch / "out"
-                self.store.export([snapshot_id], dest, fmt=ExportFormat(fmt))
+                self.store.export(snapshot_ids, dest, fmt=ExportFormat(fmt))
                 return write_to_fd(dest, fd)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
 
         return await trio.to_thread.run_sync(run)
+
+    async def collect_garbage(self) -> list[str]:
+        return await trio.to_thread.run_sync(self.store.gc)
 
     # --- execution ------------------------------------------------------------------------
 

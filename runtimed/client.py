@@ -235,14 +235,24 @@ class Client:
     async def remove_snapshot(self, snapshot_id: str) -> None:
         await self.call("io.runtimed.RemoveSnapshot", {"id": snapshot_id})
 
-    async def export_snapshot(self, snapshot_id: str, fd: int, *, fmt: str = "tar") -> int:
-        """Write the snapshot ("tar" or "oci") to an open, writable file; returns its size."""
+    async def export_snapshots(
+        self, snapshot_ids: Sequence[str], fd: int, *, fmt: str = "tar"
+    ) -> int:
+        """Write snapshots to an open, writable file; returns the bytes written.
+
+        ``tar``: one snapshot as a rootfs tarball; ``oci``: an OCI layout archive (several
+        snapshots of different platforms make one multi-platform image).
+        """
         reply = await self.call(
             "io.runtimed.ExportSnapshot",
-            {"id": snapshot_id, "fileDescriptor": 0, "format": fmt},
+            {"ids": list(snapshot_ids), "fileDescriptor": 0, "format": fmt},
             fds=[fd],
         )
         return _expect(reply, "size", int)
+
+    async def collect_garbage(self) -> list[Json]:
+        """Delete unused layers; their chain ids."""
+        return _expect(await self.call("io.runtimed.CollectGarbage"), "removed", list)
 
     @asynccontextmanager
     async def open_exec(self, spec: Mapping[str, Json]) -> AsyncIterator[ExecStream]:
@@ -401,8 +411,11 @@ class SyncClient:
     def remove_snapshot(self, snapshot_id: str) -> None:
         self._run(lambda c: c.remove_snapshot(snapshot_id))
 
-    def export_snapshot(self, snapshot_id: str, fd: int, *, fmt: str = "tar") -> int:
-        return self._run(lambda c: c.export_snapshot(snapshot_id, fd, fmt=fmt))
+    def export_snapshots(self, snapshot_ids: Sequence[str], fd: int, *, fmt: str = "tar") -> int:
+        return self._run(lambda c: c.export_snapshots(snapshot_ids, fd, fmt=fmt))
+
+    def collect_garbage(self) -> list[Json]:
+        return self._run(lambda c: c.collect_garbage())
 
     def exec(self, spec: Mapping[str, Json]) -> ExecOutcome:
         return self._run(lambda c: c.exec(spec))

@@ -63,7 +63,9 @@ class Backend(Protocol):
 
     async def remove_snapshot(self, snapshot_id: str) -> None: ...
 
-    async def export_snapshot(self, snapshot_id: str, fd: int, *, fmt: str) -> int: ...
+    async def export_snapshots(self, snapshot_ids: list[str], fd: int, *, fmt: str) -> int: ...
+
+    async def collect_garbage(self) -> list[str]: ...
 
     async def exec(self, spec: Mapping[str, Json], output: OutputSink) -> dict[str, Json]: ...
 
@@ -100,15 +102,17 @@ def _optional_string(params: Mapping[str, Json], name: str) -> str | None:
     return None if params.get(name) is None else _string(params, name)
 
 
-def _platforms(params: Mapping[str, Json]) -> list[str] | None:
-    value = params.get("platforms")
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+def _strings(params: Mapping[str, Json], name: str) -> list[str]:
+    value = params.get(name)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
         raise InvalidParamsError(
-            "platforms must be a list of platform strings", details={"parameter": "platforms"}
+            f"{name} must be a non-empty list of non-empty strings", details={"parameter": name}
         )
-    return [str(p) for p in value]
+    return [str(v) for v in value]
+
+
+def _platforms(params: Mapping[str, Json]) -> list[str] | None:
+    return None if params.get("platforms") is None else _strings(params, "platforms")
 
 
 def _bool(params: Mapping[str, Json], name: str) -> bool:
@@ -203,7 +207,7 @@ def method_table(
         return {}
 
     async def export_snapshot(request: Request) -> dict[str, Json]:
-        snapshot_id = _string(request.parameters, "id")
+        ids = _strings(request.parameters, "ids")
         fmt = _optional_string(request.parameters, "format") or "tar"
         if fmt not in EXPORT_FORMATS:
             raise InvalidParamsError(
@@ -212,10 +216,14 @@ def method_table(
             )
         fd = request.take_fd("fileDescriptor")
         try:
-            size = await backend.export_snapshot(snapshot_id, fd, fmt=fmt)
+            size = await backend.export_snapshots(ids, fd, fmt=fmt)
         finally:
             os.close(fd)
         return {"size": size}
+
+    async def collect_garbage(request: Request) -> dict[str, Json]:
+        _no_parameters(request.parameters)
+        return {"removed": list[Json](await backend.collect_garbage())}
 
     async def exec_(request: Request) -> dict[str, Json]:
         spec = request.parameters.get("spec")
@@ -259,6 +267,7 @@ def method_table(
         "InspectSnapshot": inspect_snapshot,
         "RemoveSnapshot": remove_snapshot,
         "ExportSnapshot": export_snapshot,
+        "CollectGarbage": collect_garbage,
         "Exec": exec_,
     }
     return {

@@ -78,8 +78,11 @@ class FakeBackend:
     async def remove_snapshot(self, snapshot_id: str) -> None:
         await self.inspect_snapshot(snapshot_id)
 
-    async def export_snapshot(self, snapshot_id: str, fd: int, *, fmt: str) -> int:
+    async def export_snapshots(self, snapshot_ids: list[str], fd: int, *, fmt: str) -> int:
         raise AssertionError("descriptors do not pass over memory streams")
+
+    async def collect_garbage(self) -> list[str]:
+        return ["sha256:aa"]
 
     async def exec(self, spec: Mapping[str, Json], output: OutputSink) -> dict[str, Json]:
         self.exec_started.set()
@@ -181,6 +184,7 @@ async def test_daemon_rpc_get_platforms_and_snapshots() -> None:
         assert (await client.check_binfmt())["findings"] == [{"severity": "info"}]
         assert await client.list_snapshots() == [{"id": "s1"}]
         assert await client.inspect_snapshot("s1") == {"id": "s1"}
+        assert await client.collect_garbage() == ["sha256:aa"]
         changes = await client.install_emulators(["linux/arm64"], force=True)
         assert changes["changes"] == [{"platforms": ["linux/arm64"], "force": True}]
 
@@ -228,6 +232,9 @@ async def test_daemon_rpc_internal_error_is_logged_not_sent(
         ("io.runtimed.InstallEmulators", {"force": "yes"}, "force"),
         ("io.runtimed.Exec", {"spec": []}, "spec"),
         ("io.runtimed.ImportSnapshot", {"fileDescriptor": 0}, "fileDescriptor"),
+        ("io.runtimed.ExportSnapshot", {"ids": []}, "ids"),
+        ("io.runtimed.ExportSnapshot", {"ids": ["s1"], "format": "zip"}, "format"),
+        ("io.runtimed.CollectGarbage", {"all": True}, "all"),
     ],
 )
 async def test_daemon_rpc_invalid_parameter_is_named(

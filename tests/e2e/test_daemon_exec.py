@@ -261,7 +261,7 @@ def test_daemon_exec_export_writes_to_the_descriptor(
     daemon, snapshots = served
     target = tmp_path / f"export.{fmt}.tar"
     with target.open("wb") as out:
-        size = daemon.client().export_snapshot(snapshots["arm64"], out.fileno(), fmt=fmt)
+        size = daemon.client().export_snapshots([snapshots["arm64"]], out.fileno(), fmt=fmt)
     assert size == target.stat().st_size > 0
     with tarfile.open(target) as archive:
         names = archive.getnames()
@@ -287,3 +287,18 @@ def test_daemon_exec_sighup_reloads_the_emulator_set(tmp_path: Path) -> None:
     assert running.notifications().startswith("STATUS=serving")
     assert "linux/arm64" in str(client.get_platforms()["emulated"])
     assert running.stop() == 0
+
+
+def test_daemon_exec_multi_platform_export_imports_back_per_platform(
+    served: tuple[Daemon, dict[str, str]], tmp_path: Path
+) -> None:
+    daemon, snapshots = served
+    client = daemon.client()
+    target = tmp_path / "multi.oci.tar"
+    with target.open("wb") as out:
+        client.export_snapshots([snapshots["amd64"], snapshots["arm64"]], out.fileno(), fmt="oci")
+    for arch in ("amd64", "arm64"):
+        with target.open("rb") as f:
+            imported = client.import_snapshot(f.fileno(), platform=f"linux/{arch}")
+        assert imported["id"] == snapshots[arch]
+    assert client.collect_garbage() == []  # every layer is still used
