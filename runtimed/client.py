@@ -47,6 +47,7 @@ from runtimed.protocol import EOF, NEED_DATA, Call, Connection, Reply, Role
 
 DEFAULT_SOCKET: Final = Config().socket
 CONNECT_TIMEOUT: Final = 10.0
+CLOSE_TIMEOUT: Final = 1.0
 RECEIVE_SIZE: Final = 65536
 MAX_MESSAGE_SIZE: Final = Config().limits.message_size
 
@@ -165,7 +166,7 @@ class Client:
                 yield replies
             finally:
                 if not replies.done:
-                    with trio.CancelScope(shield=True):
+                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                         await self.aclose()
 
     # --- io.runtimed ----------------------------------------------------------------------
@@ -365,7 +366,7 @@ async def open_client(path: Path = DEFAULT_SOCKET) -> AsyncIterator[Client]:
     try:
         yield client
     finally:
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             await client.aclose()
 
 

@@ -52,6 +52,9 @@ REQUEST_ID: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar(
 
 RECEIVE_SIZE: Final = 65536
 MAX_FDS_PER_MESSAGE: Final = 16
+CLOSE_TIMEOUT: Final = 1.0
+ACCEPT_ERROR_PAUSE: Final = 0.1
+"""Seconds to wait after accept() fails for lack of resources (trio's serve_listeners too)."""
 SEND_TIMEOUT: Final = 30.0
 """Seconds a reply may wait for a client that does not read before the connection is dropped."""
 
@@ -298,7 +301,7 @@ class Server(Generic[S]):
                 # EMFILE/ENFILE/ENOBUFS: keep serving the connections we have (trio's
                 # serve_listeners sleeps for the same reason).
                 log.warning("accept failed: %s", exc)
-                await trio.sleep(0.1)
+                await trio.sleep(ACCEPT_ERROR_PAUSE)
                 continue
             connections.start_soon(self.serve_connection, self.transport_for(accepted))
 
@@ -325,7 +328,7 @@ class Server(Generic[S]):
             log.debug("connection %d lost", conn_id)
         finally:
             self.connections -= 1
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await transport.aclose()
 
     async def _refuse(self, transport: Transport, peer: Peer) -> None:

@@ -215,33 +215,56 @@ def test_daemon_e2e_invalid_message_is_answered_and_the_connection_goes_on(
 NOBODY_CLIENT: Final = """
 import json, os, socket, sys
 from runtimed.interface import error_from_reply
-os.setgroups([]); os.setgid(65534); os.setuid(65534)
+os.setgroups([int(g) for g in sys.argv[2:]]); os.setgid(65534); os.setuid(65534)
 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
     sock.connect(sys.argv[1])
     sock.sendall(b'{"method":"io.runtimed.ListSnapshots"}\\0')
     reply = json.loads(sock.recv(65536).split(b"\\0")[0])
-exc = error_from_reply(reply["error"], reply["parameters"])
-print(type(exc).__name__, exc.details.get("uid"))
+if "error" in reply:
+    exc = error_from_reply(reply["error"], reply["parameters"])
+    print(type(exc).__name__, exc.details.get("uid"))
+else:
+    print("allowed", len(reply["parameters"]["snapshots"]))
 """
 
 
-def test_daemon_e2e_peer_outside_the_group_is_refused_and_logged(daemon: Daemon) -> None:
+def run_as_nobody(socket_path: Path, *groups: int) -> list[str]:
     require(os.geteuid() == 0, "needs root to setuid() to nobody")
-    # Open the socket file itself, so the daemon's SO_PEERCRED check is what refuses.
-    os.chmod(daemon.path, 0o666)
+    # Open the socket file itself, so the daemon's peer check is what decides.
+    os.chmod(socket_path, 0o666)
+    out = subprocess.run(
+        [sys.executable, "-c", NOBODY_CLIENT, str(socket_path), *map(str, groups)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return out.stdout.split()
+
+
+def test_daemon_e2e_peer_outside_the_group_is_refused_and_logged(daemon: Daemon) -> None:
     try:
-        out = subprocess.run(
-            [sys.executable, "-c", NOBODY_CLIENT, str(daemon.path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
+        # Outside the daemon's user namespace nobody is unmapped: it shows as overflowuid.
+        assert run_as_nobody(daemon.path) == ["PermissionDeniedError", "65534"]
     finally:
         os.chmod(daemon.path, 0o600)
-    # Outside the daemon's user namespace nobody is unmapped: the kernel reports overflowuid.
-    assert out.stdout.split() == ["PermissionDeniedError", "65534"]
     assert "refused: pid" in daemon.log.read_text()
+
+
+def test_daemon_e2e_supplementary_group_member_is_allowed() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="runtimed-e2e-"))
+    tmp.chmod(0o711)
+    try:
+        # gid 0 is the one group mapped into the daemon's user namespace; nobody with root as
+        # a supplementary group is let in through SO_PEERGROUPS.
+        running = start_daemon(tmp, config=CONFIG + 'group = "root"\n')
+        running.wait_ready()
+        try:
+            assert run_as_nobody(running.path, 0) == ["allowed", "0"]
+        finally:
+            assert running.stop() == 0
+    finally:
+        shutil.rmtree(tmp)
 
 
 def test_daemon_e2e_socket_mode_without_group_is_owner_only(daemon: Daemon) -> None:
@@ -249,8 +272,11 @@ def test_daemon_e2e_socket_mode_without_group_is_owner_only(daemon: Daemon) -> N
 
 
 def test_daemon_e2e_sigterm_exits_0_and_removes_its_socket(tmp_path: Path) -> None:
-    running = start_daemon(tmp_path)
+    # gid 0 is the one group mapped into the daemon's user namespace.
+    running = start_daemon(tmp_path, config=CONFIG + 'group = "root"\n')
     running.wait_ready()
+    mode = running.path.stat()
+    assert (mode.st_mode & 0o777, mode.st_gid) == (0o660, 0)
     assert running.stop(signal.SIGTERM) == 0
     assert not running.path.exists()
     log = running.log.read_text()
