@@ -177,7 +177,7 @@ def apply_ops(plan: Plan, newroot: Path, workspace: Path) -> None:
     try:
         for op in plan.ops:
             mounts.apply(op, root_fd, workspace)
-        os.close(mounts.open_in_root(root_fd, plan.cwd, create="dir"))
+        os.close(mounts.open_directory(root_fd, plan.cwd))
     finally:
         os.close(root_fd)
 

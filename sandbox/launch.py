@@ -641,6 +641,25 @@ async def _stop_server(process: trio.Process) -> None:
     process.kill()
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _single_errors() -> AsyncIterator[None]:
+    """Raise a nursery's lone error as itself: callers catch ``RuntimedError``, not groups."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
 @contextlib.asynccontextmanager
 async def open_forkserver() -> AsyncIterator[ForkServer]:
     """Start the warm helper (``python -I -m sandbox.helper --serve FD``) for many runs.
@@ -651,7 +670,7 @@ async def open_forkserver() -> AsyncIterator[ForkServer]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     argv = [sys.executable, "-I", "-m", HELPER_MODULE, "--serve", str(theirs.fileno())]
     try:
-        async with trio.open_nursery() as nursery:
+        async with _single_errors(), trio.open_nursery() as nursery:
             await nursery.start(
                 partial(
                     trio.run_process,
@@ -720,7 +739,7 @@ async def open_execution(
         partial(cgroups.create, name, memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
     )
     try:
-        async with trio.open_nursery() as nursery:
+        async with _single_errors(), trio.open_nursery() as nursery:
             execution = Execution(prepared, group, source)
             await nursery.start(partial(execution.run, server, debug=debug))
             try:

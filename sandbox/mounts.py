@@ -44,6 +44,7 @@ from sandbox.syscalls import (
 log = logging.getLogger(__name__)
 
 _RESOLVE: Final = syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS
+_BENEATH: Final = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS
 # statvfs f_flag bits kept on a read-only remount: a bind remount must repeat the locked flags
 # of the original mount or the kernel refuses it with EPERM inside a user namespace
 # (mount(2), "MS_REMOUNT"; bubblewrap bind_mount()).
@@ -62,41 +63,69 @@ def fd_path(fd: int) -> str:
 
 
 def open_in_root(root_fd: int, path: str, *, create: str | None = None) -> int:
-    """An ``O_PATH`` fd of ``path`` resolved inside ``root_fd``; creates it when asked.
+    """An ``O_PATH`` fd of ``path`` resolved inside ``root_fd``.
 
     Args:
-        create: None (must exist), "dir" or "file": what to create when missing (parents are
-            created as directories).
+        create: None: ``path`` must exist (symlinks followed inside the root). "dir" or
+            "file": ``path`` is a mount point: its parents are resolved inside the root
+            (created as directories when missing), and the last component is made a real
+            directory or file when missing or a symlink. Mounting "through" a symlink would
+            follow it, and rootfs trees have them where mount points go (debootstrap's first
+            stage has ``proc -> /proc``); the change lands in the run's upper directory.
 
     Raises:
         KernelError: resolution failed (ENOENT without ``create``, or an escape attempt).
     """
     relative = path.strip("/") or "."
-    try:
+    if create is None or relative == ".":
         return syscalls.openat2(root_fd, relative, os.O_PATH, _RESOLVE)
+    parent, name = posixpath.split("/" + relative)
+    parent_fd = open_directory(root_fd, parent)
+    try:
+        _make_mount_point(parent_fd, name, create)
+        return syscalls.openat2(parent_fd, name, os.O_PATH, _BENEATH)
+    finally:
+        os.close(parent_fd)
+
+
+def open_directory(root_fd: int, path: str) -> int:
+    """The directory ``path`` inside the root, created (with its parents) when missing."""
+    relative = path.strip("/") or "."
+    try:
+        return syscalls.openat2(root_fd, relative, os.O_PATH | os.O_DIRECTORY, _RESOLVE)
     except KernelError as exc:
-        if exc.errno_name != "ENOENT" or create is None:
+        if exc.errno_name != "ENOENT":
             raise
     parent, name = posixpath.split("/" + relative)
-    parent_fd = open_in_root(root_fd, parent, create="dir")
+    parent_fd = open_directory(root_fd, parent)
     try:
-        if create == "dir":
+        os.mkdir(name, 0o755, dir_fd=parent_fd)
+    except FileExistsError:
+        pass  # a dangling symlink: the openat2 below reports it
+    except OSError as exc:
+        raise syscalls.oserror(exc, syscall="mkdirat") from exc
+    finally:
+        os.close(parent_fd)
+    return syscalls.openat2(root_fd, relative, os.O_PATH | os.O_DIRECTORY, _RESOLVE)
+
+
+def _make_mount_point(parent_fd: int, name: str, kind: str) -> None:
+    try:
+        try:
+            current: os.stat_result | None = os.lstat(name, dir_fd=parent_fd)
+        except FileNotFoundError:
+            current = None
+        if current is not None:
+            if not stat.S_ISLNK(current.st_mode):
+                return  # an existing file or directory: a type mismatch fails the mount
+            os.unlink(name, dir_fd=parent_fd)
+        if kind == "dir":
             os.mkdir(name, 0o755, dir_fd=parent_fd)
         else:
             flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-            try:
-                os.close(os.open(name, flags, 0o644, dir_fd=parent_fd))
-            except FileExistsError:
-                # A dangling symlink (resolv.conf -> ../run/...): replace it by the mount point.
-                os.unlink(name, dir_fd=parent_fd)
-                os.close(os.open(name, flags, 0o644, dir_fd=parent_fd))
-    except FileExistsError:
-        pass
+            os.close(os.open(name, flags, 0o644, dir_fd=parent_fd))
     except OSError as exc:
-        raise syscalls.oserror(exc, syscall="mkdirat" if create == "dir" else "openat") from exc
-    finally:
-        os.close(parent_fd)
-    return syscalls.openat2(root_fd, relative, os.O_PATH, _RESOLVE)
+        raise syscalls.oserror(exc, syscall="mknodat") from exc
 
 
 def mount_overlay(root: OverlayMount, target: Path) -> None:
@@ -204,7 +233,7 @@ def _apply_existing(op: MaskPath | ReadonlyPath, root_fd: int) -> None:
 
 def _symlink(op: Symlink, root_fd: int) -> None:
     parent, name = posixpath.split(op.destination)
-    parent_fd = open_in_root(root_fd, parent, create="dir")
+    parent_fd = open_directory(root_fd, parent)
     try:
         os.symlink(op.target, name, dir_fd=parent_fd)
     except FileExistsError:

@@ -19,7 +19,7 @@ import trio
 
 from binfmt.platform import Platform
 from binfmt.report import PlatformReport
-from runtimed.errors import Json
+from runtimed.errors import Json, KernelError
 from sandbox.launch import OutputChunk, RunResult, Stream, open_run
 from sandbox.spec import ExecSpec
 from tests.support import busybox, require, require_root
@@ -348,3 +348,26 @@ def _mounted_anywhere(path: str) -> bool:
         except OSError:
             continue
     return False
+
+
+async def test_sandbox_hostile_symlink_cannot_place_mounts_on_the_host(
+    source: DirectorySource, tmp_path: Path
+) -> None:
+    host_dir = tmp_path / "host-etc"
+    host_dir.mkdir()
+    etc = source.root / "etc"
+    shutil.rmtree(etc)
+    etc.symlink_to(host_dir)  # absolute: outside the root when followed on the host
+    with pytest.raises(KernelError, match=r"/etc/resolv\.conf") as info:
+        await run_in_sandbox(source, ["true"], NATIVE_REPORT, user="0")
+    assert info.value.errno_name == "ENOENT"  # resolved inside the root, where it dangles
+    assert list(host_dir.iterdir()) == []
+
+
+async def test_sandbox_symlink_mount_point_is_replaced_in_the_run(
+    source: DirectorySource,
+) -> None:
+    (source.root / "proc").symlink_to("/proc")  # as debootstrap's first stage leaves it
+    out = await run_in_sandbox(source, ["sh", "-c", "ls -d /proc/self/fd"], NATIVE_REPORT)
+    assert out.stdout == "/proc/self/fd\n"
+    assert (source.root / "proc").is_symlink()  # the snapshot keeps its symlink
