@@ -60,7 +60,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Final, Protocol
+from typing import BinaryIO, Final, Protocol, TypeVar
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -163,6 +163,10 @@ _DECOMPRESSORS: Final[dict[Compression, Callable[[], _Decompressor]]] = {
 _DECOMPRESS_ERRORS: Final = (zlib.error, lzma.LZMAError, OSError, EOFError, zstd.ZstdError)
 
 
+_Item = bytes | BaseException | None
+_T = TypeVar("_T")
+
+
 class _Decoder:
     """The producer half of :class:`LayerStream`: raw reads, decompression and both digests.
 
@@ -187,7 +191,8 @@ class _Decoder:
         if self.compression is not Compression.NONE:
             self.raw_hash.update(self._input)
         self._decoder: _Decompressor | None = None
-        self.queue: queue.Queue[bytes | BaseException | None] = queue.Queue(_QUEUE_CHUNKS)
+        self.queue: queue.Queue[_Item] = queue.Queue(_QUEUE_CHUNKS)
+        self.hash_queue: queue.Queue[bytes | None] = queue.Queue(_QUEUE_CHUNKS)
         self.stopped = threading.Event()
 
     @property
@@ -252,7 +257,7 @@ class _Decoder:
                 return out
 
     def run(self) -> None:
-        """Thread body: every chunk, then None; or the exception that stopped it."""
+        """Decoder thread: every chunk, then None; or the exception that stopped it."""
         item: bytes | BaseException | None
         try:
             while True:
@@ -260,22 +265,28 @@ class _Decoder:
                 if not item:
                     item = None
                     break
-                self.hash.update(item)
                 self.total += len(item)
                 if self.total > self._limits.max_bytes:
                     raise LimitExceededError(
                         f"{self.name}: more than {self._limits.max_bytes} uncompressed bytes",
                         details={"blob": self.name, "limit": "max_bytes"},
                     )
-                self._put(item)
+                self._put(self.hash_queue, item)
+                self._put(self.queue, item)
         except BaseException as exc:  # handed to the consumer, which raises it
             item = exc
-        self._put(item)
+        self._put(self.hash_queue, None)
+        self._put(self.queue, item)
 
-    def _put(self, item: bytes | BaseException | None) -> None:
+    def hash_all(self) -> None:
+        """Hasher thread: sha256 runs beside decompression, as a third stage of the pipe."""
+        while (chunk := self.hash_queue.get()) is not None:
+            self.hash.update(chunk)
+
+    def _put(self, into: queue.Queue[_T], item: _T) -> None:
         while not self.stopped.is_set():
             try:
-                self.queue.put(item, timeout=_STOP_POLL)
+                into.put(item, timeout=_STOP_POLL)
                 return
             except queue.Full:
                 continue
@@ -300,8 +311,12 @@ class LayerStream:
         self.name = name
         self._decoder = _Decoder(fd, limits, name)
         self.compression = self._decoder.compression
-        self._thread = threading.Thread(target=self._decoder.run, name="layer-decoder", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._decoder.run, name="layer-decoder", daemon=True),
+            threading.Thread(target=self._decoder.hash_all, name="layer-hasher", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
         self._done = False
         self._buf = b""
         self._off = 0
@@ -381,7 +396,8 @@ class LayerStream:
         """Read (and hash) the rest of the stream, checking the compression to its end."""
         while self.read_some(CHUNK):
             pass
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
     def close(self) -> None:
         """Tell the decoder thread to stop (idempotent). It is a daemon thread: one blocked in
