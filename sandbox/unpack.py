@@ -98,6 +98,9 @@ log = logging.getLogger(__name__)
 CHUNK: Final = 1024 * 1024
 BLOCK: Final = tarfile.BLOCKSIZE
 _RESOLVE: Final = syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS
+_ONE_COMPONENT: Final = (
+    syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS
+)
 _DIR_PATH: Final = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _DIR_READ: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NEW_FILE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -483,7 +486,13 @@ class LayerWriter:
         return syscalls.openat2(self._root, "/".join(parts) or ".", flags, _RESOLVE)
 
     def _open_dir(self, parts: tuple[str, ...], *, create: bool) -> int:
-        """An O_PATH fd of directory ``parts`` resolved in the root, creating missing ones."""
+        """An O_PATH fd of directory ``parts`` resolved in the root, creating missing ones.
+
+        The slow path walks one component at a time without following symlinks; a component
+        that is a symlink is resolved as a whole prefix in the root instead (the kernel allows
+        at most 40 of those per path). So a hostile archive of deep, ever-new paths costs
+        O(depth) lookups per member, not O(depth^2).
+        """
         try:
             return self._open(parts)
         except KernelError as exc:
@@ -491,29 +500,38 @@ class LayerWriter:
                 raise
         fd = os.dup(self._root)
         try:
-            for i, name in enumerate(parts):
-                prefix = parts[: i + 1]
-                try:
-                    child = self._open(prefix)
-                except KernelError as exc:
-                    if exc.errno_name != "ENOENT":
-                        raise
-                    try:
-                        os.mkdir(name, 0o755, dir_fd=fd)
-                    except FileExistsError:
-                        raise InvalidArchiveError(
-                            f"{'/'.join(prefix)!r} is a symlink that does not resolve to a "
-                            "directory inside the layer",
-                            details={"entry": "/".join(prefix)},
-                        ) from None
-                    self._created.add(prefix)
-                    child = os.open(name, _DIR_PATH | os.O_NOFOLLOW, dir_fd=fd)
+            for depth in range(1, len(parts) + 1):
+                child = self._step(fd, parts[:depth])
                 os.close(fd)
                 fd = child
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def _step(self, fd: int, prefix: tuple[str, ...]) -> int:
+        """The directory ``prefix`` (whose parent is ``fd``), created when missing."""
+        name = prefix[-1]
+        try:
+            return syscalls.openat2(fd, name, _DIR_PATH, _ONE_COMPONENT)
+        except KernelError as exc:
+            if exc.errno_name == "ELOOP":  # a symlink: follow it, inside the root
+                try:
+                    return self._open(prefix)
+                except KernelError as inner:
+                    if inner.errno_name not in ("ENOENT", "ENOTDIR"):
+                        raise
+            elif exc.errno_name != "ENOENT":
+                raise
+            else:
+                os.mkdir(name, 0o755, dir_fd=fd)
+                self._created.add(prefix)
+                return os.open(name, _DIR_PATH | os.O_NOFOLLOW, dir_fd=fd)
+        raise InvalidArchiveError(
+            f"{'/'.join(prefix)!r} is a symlink that does not resolve to a directory inside the "
+            "layer",
+            details={"entry": "/".join(prefix)},
+        )
 
     # --- entries ------------------------------------------------------------------------------
 
