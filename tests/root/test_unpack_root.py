@@ -158,6 +158,7 @@ def test_unpack_owners_devices_setuid_and_capabilities(tmp_path: Path) -> None:
     assert (link.st_uid, link.st_gid) == (7, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "second",
     [
@@ -201,6 +202,7 @@ def test_unpack_hostile_later_layer_stays_inside(
     assert snapshot(tmp_path, store) == before
 
 
+@pytest.mark.slow
 def test_unpack_whiteouts_never_remove_what_the_same_layer_created(tmp_path: Path) -> None:
     require_root()
     first, second = tmp_path / "l1.tar", tmp_path / "l2.tar"
@@ -240,6 +242,7 @@ def test_unpack_whiteouts_never_remove_what_the_same_layer_created(tmp_path: Pat
     assert entries == {"d d", "f d/new", "f y"}
 
 
+@pytest.mark.slow
 def test_unpack_failure_over_parents_leaves_layer_and_work_empty(tmp_path: Path) -> None:
     require_root()
     first, second = tmp_path / "l1.tar", tmp_path / "l2.tar"
