@@ -20,11 +20,13 @@ Processes::
 Steps, in this fixed order (each its own function):
 
  1. ``validate_plan``: validate the request's plan.
- 2. ``unshare_namespaces``: join the run's cgroups (so a cgroup namespace is rooted there),
-    unshare mount, PID, UTS, IPC (+ net, cgroup), set the host name, bring ``lo`` up in a new
-    network namespace, fork PID 1 (``PR_SET_PDEATHSIG`` SIGKILL: it dies with the helper).
+ 2. ``join_cgroups`` (so a cgroup namespace is rooted there); for hermetic emulation
+    ``enter_user_namespace`` (a child in an identity-mapped user namespace carries on, the
+    helper supervises it); ``unshare_namespaces``: mount, PID, UTS, IPC (+ net, cgroup), the
+    host name, ``lo`` up in a new network namespace, fork PID 1 (``PR_SET_PDEATHSIG``).
  3. ``make_root_slave``: ``/`` rslave, so nothing propagates back to the host.
- 4. ``mount_workspace``: a private tmpfs on the run's ``mnt/`` for the new root and the files.
+ 4. ``mount_workspace``: a private tmpfs on the run's ``mnt/`` for the new root and the files;
+    ``register_emulators`` there for hermetic emulation.
  5. ``mount_newroot``: the overlay (snapshot layers, the run's upper and work dirs).
  6. ``apply_ops``: the plan's ops in order (``sandbox.mounts``), then the working directory.
  7. ``switch_root``: ``pivot_root(".", ".")`` and detach the old root.
@@ -66,7 +68,7 @@ from types import FrameType
 from typing import Final, NoReturn
 
 from runtimed.errors import ExecFailedError, Json, RuntimedError, SandboxError
-from sandbox import mounts, syscalls
+from sandbox import idmap, mounts, syscalls
 from sandbox.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -124,13 +126,52 @@ def validate_plan(obj: Json) -> Plan:
 # --- 2. namespaces -------------------------------------------------------------------------------
 
 
-def unshare_namespaces(plan: Plan) -> int:
-    """Join cgroups, unshare, configure UTS and network, fork PID 1; its PID (0 in PID 1)."""
+def join_cgroups(plan: Plan) -> None:
     for directory in plan.cgroups:
         Path(directory, "cgroup.procs").write_text(str(os.getpid()))
+
+
+def enter_user_namespace() -> int:
+    """Fork a child into a new, identity-mapped user namespace; its PID (0 in the child).
+
+    The maps are written by the parent: a process inside the new namespace cannot map more
+    than its own ID (user_namespaces(7)). The child then has every capability there, and the
+    namespaces it creates next (mount, PID, ...) belong to it.
+    """
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    mapped_r, mapped_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(mapped_w)
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        syscalls.unshare(syscalls.CLONE_NEWUSER)
+        os.write(ready_w, b"u")
+        if os.read(mapped_r, 1) != b"m":
+            raise SandboxError("the helper did not write the user namespace's ID maps")
+        os.close(ready_w)
+        os.close(mapped_r)
+        return 0
+    os.close(ready_w)
+    os.close(mapped_r)
+    try:
+        if os.read(ready_r, 1) == b"u":
+            for name in ("uid_map", "gid_map"):
+                own = Path(f"/proc/self/{name}").read_text()
+                Path(f"/proc/{pid}/{name}").write_text(idmap.identity_map(own))
+            os.write(mapped_w, b"m")
+    finally:
+        os.close(ready_r)
+        os.close(mapped_w)
+    return pid
+
+
+def unshare_namespaces(plan: Plan) -> int:
+    """Unshare, configure UTS and network, fork PID 1; its PID (0 in PID 1)."""
     flags = 0
     for name in plan.namespaces:
-        flags |= _NAMESPACE_FLAGS[name]
+        if name != "user":
+            flags |= _NAMESPACE_FLAGS[name]
     syscalls.unshare(flags)
     if "uts" in plan.namespaces:
         syscalls.sethostname(plan.hostname)
@@ -164,6 +205,30 @@ def mount_workspace(plan: Plan) -> Path:
     syscalls.mount("tmpfs", workspace, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=700")
     (workspace / "root").mkdir()
     return workspace
+
+
+def register_emulators(plan: Plan, workspace: Path) -> int | None:
+    """Hermetic emulation: register the plan's handlers in this user namespace's own
+    binfmt_misc instance (Linux >= 6.7), before the host's interpreters go out of reach: with
+    the F flag the kernel opens the interpreter now.
+
+    Returns an fd on the instance that PID 1 keeps open: the instance and its handlers go
+    away when its last mount does, and the mount goes with the old root.
+    """
+    if not plan.binfmt:
+        return None
+    instance = workspace / "binfmt_misc"
+    instance.mkdir()
+    syscalls.mount("binfmt_misc", instance, "binfmt_misc", syscalls.MS_NOSUID | syscalls.MS_NODEV)
+    for line in plan.binfmt:
+        fd = os.open(instance / "register", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, line.encode("latin-1"))
+        except OSError as exc:
+            raise syscalls.oserror(exc, syscall="write", flags=line) from exc
+        finally:
+            os.close(fd)
+    return os.open(instance, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def mount_newroot(plan: Plan, workspace: Path) -> Path:
@@ -383,6 +448,7 @@ def init(plan: Plan, status: Status) -> NoReturn:
     try:
         make_root_slave()
         workspace = mount_workspace(plan)
+        emulators = register_emulators(plan, workspace)  # noqa: F841 - held open until exit
         newroot = mount_newroot(plan, workspace)
         apply_ops(plan, newroot, workspace)
         switch_root(newroot)
@@ -403,6 +469,11 @@ def run(plan_json: Json, status: Status) -> int:
         plan = validate_plan(plan_json)
         for line in plan.describe():
             log.debug("%s", line)
+        join_cgroups(plan)
+        if "user" in plan.namespaces:
+            child = enter_user_namespace()
+            if child != 0:
+                return supervise(child)
         pid1 = unshare_namespaces(plan)
     except BaseException as exc:
         status.error(exc)

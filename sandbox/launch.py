@@ -47,8 +47,12 @@ from typing import Final, Protocol
 import psutil
 import trio
 
-from binfmt.platform import Platform, parse_platform
-from binfmt.report import PlatformReport
+from binfmt.detect import find_interpreter
+from binfmt.entry import format_flags, format_register_line
+from binfmt.install import desired_entry, desired_flags
+from binfmt.platform import Platform, is_linux, parse_platform
+from binfmt.qemu import target_for_platform
+from binfmt.report import Emulator, PlatformReport
 from runtimed.errors import Json, KernelError, RuntimedError, SandboxError, error_class_for_code
 from sandbox import cgroups
 from sandbox.mode import ExecMode, Mode, check_platform, decide
@@ -65,6 +69,7 @@ SAMPLE_INTERVAL: Final = 0.02
 OUTPUT_BUFFER: Final = 64
 READ_SIZE: Final = 65536
 HOST_RESOLV_CONF: Final = Path("/etc/resolv.conf")
+HERMETIC_KERNEL: Final = (6, 7)
 
 
 class ImageConfigView(Protocol):
@@ -216,6 +221,46 @@ def requested_platform(text: str | None, *, snapshot: Platform, host: Platform) 
     return parse_platform(text, host=host)
 
 
+def hermetic_emulation(
+    platform: Platform, report: PlatformReport
+) -> tuple[PlatformReport, list[str]]:
+    """The report and register lines for emulating ``platform`` with handlers registered only
+    in the sandbox's own user namespace, leaving the host's binfmt_misc untouched.
+
+    Raises:
+        SandboxError: the kernel has no per-user-namespace binfmt_misc (before Linux 6.7).
+        UnsupportedPlatformError: QEMU user mode does not run ``platform``.
+        InterpreterNotFoundError: no static QEMU interpreter for it is installed.
+    """
+    if report.runs_natively(platform) or not is_linux(platform):
+        return report, []
+    release = os.uname().release
+    if kernel_version(release) < HERMETIC_KERNEL:
+        raise SandboxError(
+            f"hermetic emulation needs Linux >= 6.7 (binfmt_misc instances per user "
+            f"namespace); this kernel is {release}",
+            hint=f"register the handler on the host instead: runtimectl binfmt install {platform}",
+        )
+    target = target_for_platform(platform)
+    interpreter = find_interpreter(target)
+    flags = desired_flags(preserve_argv0=interpreter.preserve_argv0, credential=False)
+    entry = desired_entry(target, os.fspath(interpreter.path), flags)
+    emulator = Emulator(
+        entry=entry.name, interpreter=entry.interpreter, flags=format_flags(entry.flags)
+    )
+    hermetic = dataclasses.replace(report, emulated={platform: emulator})
+    return hermetic, [format_register_line(entry).decode("latin-1")]
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    """``6.18.44-fc-v669`` → (6, 18); (0, 0) when unreadable."""
+    parts = release.split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
 def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) -> PreparedRun:
     """Decide and plan a run (blocking: reads the store and the rootfs).
 
@@ -226,6 +271,9 @@ def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) 
     """
     info = source.get(spec.snapshot)
     platform = requested_platform(spec.platform, snapshot=info.platform, host=report.host)
+    binfmt: list[str] = []
+    if spec.hermetic:
+        report, binfmt = hermetic_emulation(platform, report)
     check_platform(platform, report)  # NonLinuxExec/NoEmulator before touching any file
     layers = [path.absolute() for path in source.layer_paths(info.id)]
     root = LayeredRoot(layers)
@@ -259,6 +307,7 @@ def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) 
             resolv_conf=resolv_conf,
             cgroups=[],
             cgroup_namespace=cgroups.detect().pure_v2,
+            binfmt=binfmt,
         )
     except BaseException:
         source.remove_run_dir(run_dir)
@@ -292,13 +341,14 @@ class _Observer:
     command_seen: bool = False
 
     def sample(self, group: cgroups.RunCgroup) -> None:
-        """One look at every process of the run but the helper and the sandbox's PID 1."""
+        """One look at every process of the run but the helper's and the sandbox's PID 1."""
         for pid in group.pids():
             if pid in self.exclude:
                 continue
             try:
                 inner = _inner_pid(pid)
-                if inner == 1:
+                if inner is None or inner == 1:
+                    # the helper's own processes (outside the sandbox's PID namespace), PID 1
                     self.exclude.add(pid)
                     continue
                 proc = psutil.Process(pid)

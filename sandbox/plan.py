@@ -72,7 +72,7 @@ HOSTS: Final = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\
 # need trusted.* xattrs and are refused with userxattr, so both are off explicitly rather than
 # left to kernel or module defaults.
 OVERLAY_OPTIONS: Final = ("userxattr", "index=off", "metacopy=off")
-NAMESPACES: Final = frozenset({"mount", "pid", "uts", "ipc", "net", "cgroup"})
+NAMESPACES: Final = frozenset({"user", "mount", "pid", "uts", "ipc", "net", "cgroup"})
 
 
 def _depth(path: str) -> int:
@@ -312,6 +312,7 @@ class Plan:
     rlimits: tuple[Rlimit, ...]
     capabilities: tuple[str, ...]
     cgroups: tuple[str, ...]
+    binfmt: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Json]:
         return {
@@ -334,6 +335,7 @@ class Plan:
             "rlimits": {r.name: [r.soft, r.hard] for r in self.rlimits},
             "capabilities": list(self.capabilities),
             "cgroups": list(self.cgroups),
+            "binfmt": list(self.binfmt),
         }
 
     @classmethod
@@ -375,6 +377,7 @@ class Plan:
             ),
             capabilities=tuple(_strings(obj, "capabilities")),
             cgroups=tuple(_strings(obj, "cgroups")),
+            binfmt=tuple(_strings(obj, "binfmt")),
         )
 
     def describe(self) -> list[str]:
@@ -452,8 +455,12 @@ def build_plan(
     resolv_conf: str,
     cgroups: Sequence[str],
     cgroup_namespace: bool,
+    binfmt: Sequence[str] = (),
 ) -> Plan:
     """The plan for one run of ``spec`` over ``layers`` with ``run_dir``'s upper and work.
+
+    ``binfmt`` register lines make the emulation hermetic: the sandbox gets a user namespace
+    of its own (identity-mapped) whose private binfmt_misc instance holds them (Linux >= 6.7).
 
     Raises:
         SandboxError: a layer or run path the overlay options cannot express.
@@ -461,7 +468,8 @@ def build_plan(
     for path in (*layers, run_dir):
         if any(c in path for c in ":,\n") or not path.startswith("/"):
             raise _bad("layers", f"path {path!r} cannot be an overlay directory")
-    namespaces = ["mount", "pid", "uts", "ipc"]
+    namespaces = ["user"] if binfmt else []
+    namespaces += ["mount", "pid", "uts", "ipc"]
     if spec.network is Network.NONE:
         namespaces.append("net")
     if cgroup_namespace:
@@ -486,4 +494,5 @@ def build_plan(
         rlimits=spec.rlimits,
         capabilities=DEFAULT_CAPABILITIES,
         cgroups=tuple(cgroups),
+        binfmt=tuple(binfmt),
     )

@@ -42,6 +42,7 @@ _NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?")
 _KNOWN_FIELDS: Final = frozenset(
     {"snapshot", "platform", "args", "env", "cwd", "user", "hostname", "network", "mounts"}
     | {"tmpfs", "rlimits", "memory", "pids", "cpus", "timeout", "stdin", "commit", "shm_size"}
+    | {"hermetic"}
 )
 
 
@@ -94,6 +95,7 @@ class ExecSpec:
     stdin: bytes | None = None
     commit: bool = False
     shm_size: int = DEFAULT_SHM_SIZE
+    hermetic: bool = False
 
     @classmethod
     def from_json(cls, obj: Json) -> ExecSpec:
@@ -130,6 +132,7 @@ class ExecSpec:
             stdin=None if stdin in (None, "none") else _stdin(stdin),
             commit=_bool(obj, "commit"),
             shm_size=_positive_int(obj, "shm_size") or DEFAULT_SHM_SIZE,
+            hermetic=_bool(obj, "hermetic"),
         )
 
 

@@ -53,6 +53,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     run.add_argument("--cpus", type=float, metavar="N", help="CPU limit in cores")
     run.add_argument("--timeout", type=float, metavar="T", help="seconds before the run is killed")
     run.add_argument("--commit", action="store_true", help="keep the run's changes as a snapshot")
+    run.add_argument(
+        "--hermetic-emulation",
+        action="store_true",
+        help="register the QEMU handler only inside the sandbox's own user namespace (Linux "
+        ">= 6.7); the host's binfmt_misc is left alone, but device nodes cannot be created",
+    )
     run.add_argument("--report", metavar="FILE", help="write the result as JSON ('-': stderr)")
     run.add_argument(
         "-v",
@@ -102,6 +108,7 @@ def request_from_args(args: argparse.Namespace) -> ExecSpec:
         "network": args.network,
         "mounts": mounts,
         "commit": args.commit,
+        "hermetic": args.hermetic_emulation,
     }
     optional: dict[str, Json] = {
         "platform": args.platform,

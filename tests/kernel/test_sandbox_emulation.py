@@ -19,7 +19,7 @@ import trio
 
 from binfmt.platform import Platform
 from runtimed.errors import NoEmulatorError, NonLinuxExecError, PlatformMismatchError
-from sandbox.launch import prepare_run
+from sandbox.launch import kernel_version, prepare_run
 from sandbox.spec import ExecSpec
 from tests.kernel.test_sandbox import (
     NATIVE_REPORT,
@@ -40,16 +40,20 @@ FOREIGN: Final = {
 }
 
 
-async def _drive(binfmt_misc: Path, scratch: Path) -> dict[str, object]:
+async def _drive(binfmt_misc: Path, scratch: Path, hermetic: bool) -> dict[str, object]:
     from binfmt.detect import platform_report
 
     report = await trio.to_thread.run_sync(platform_report, binfmt_misc)
     results: dict[str, object] = {}
     for arch, (platform, _, _) in FOREIGN.items():
+        if hermetic and arch != "arm64":
+            continue
         root = make_busybox_root(scratch / arch / "root", arch)
         source = DirectorySource(root, scratch / arch, Platform(*platform.split("/")))
-        out = await run_in_sandbox(source, ["sh", "-c", "uname -m; true"], report)
+        script = "uname -m; true" + ("; mknod /dev/x c 1 3 2>&1 || true" if hermetic else "")
+        out = await run_in_sandbox(source, ["sh", "-c", script], report, hermetic=hermetic)
         results[arch] = {"stdout": out.stdout, "stderr": out.stderr, **out.result.to_json()}
+    results["binfmt_misc_after"] = sorted(os.listdir(binfmt_misc))
     return results
 
 
@@ -61,7 +65,7 @@ def emulated_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[st
     scratch = tmp_path_factory.mktemp("emulated")
     proc = run_private_binfmt(
         '"$RUNTIMECTL" binfmt install --binfmt-misc "$BM" linux/arm64 linux/arm/v7 '
-        'linux/s390x linux/ppc64le >&2 && "$PY" "$1" "$BM" "$2"',
+        'linux/s390x linux/ppc64le >&2 && "$PY" "$1" "$BM" "$2" host-handlers',
         args=[__file__, str(scratch)],
         env={"PYTHONPATH": str(REPO)},
         timeout=300,
@@ -69,6 +73,45 @@ def emulated_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[st
     assert proc.returncode == 0, proc.stderr
     results: dict[str, dict[str, object]] = json.loads(proc.stdout)
     return results
+
+
+@pytest.mark.slow
+def test_sandbox_hermetic_emulation_leaves_binfmt_misc_untouched(
+    tmp_path: Path,
+) -> None:
+    require_root()
+    busybox("arm64")
+    proc = run_private_binfmt(
+        '"$PY" "$1" "$BM" "$2" hermetic',
+        args=[__file__, str(tmp_path)],
+        env={"PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    run = results["arm64"]
+    assert run["stdout"] == "aarch64\nmknod: /dev/x: Operation not permitted\n", run
+    assert run["report"]["mode"] == "emulated"
+    assert run["report"]["interpreter"] == "/usr/bin/qemu-aarch64-static"
+    assert run["report"]["confirmed"]
+    # The handler lived only in the sandbox's user namespace: the instance around it (and
+    # the host's) never saw a registration.
+    assert results["binfmt_misc_after"] == ["register", "status"]
+
+
+@pytest.mark.parametrize(
+    ("release", "version"),
+    [
+        ("6.18.44-fc-v669", (6, 18)),
+        ("6.7.0", (6, 7)),
+        ("5.15.0-91-generic", (5, 15)),
+        ("x", (0, 0)),
+    ],
+)
+def test_sandbox_kernel_version_for_hermetic_emulation(
+    release: str, version: tuple[int, int]
+) -> None:
+    assert kernel_version(release) == version
 
 
 @pytest.mark.slow
@@ -128,6 +171,7 @@ def test_sandbox_mismatched_binary_reported(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    print(json.dumps(trio.run(_drive, Path(sys.argv[1]), Path(sys.argv[2]))))
+    hermetic = sys.argv[3] == "hermetic"
+    print(json.dumps(trio.run(_drive, Path(sys.argv[1]), Path(sys.argv[2]), hermetic)))
     sys.stdout.flush()
     os._exit(0)

@@ -114,7 +114,7 @@ def test_plan_json_round_trip() -> None:
         ({"uid": "0"}, "uid"),
         ({"uid": True}, "uid"),
         ({"groups": ["1"]}, "groups"),
-        ({"namespaces": ["user"]}, "namespaces"),
+        ({"namespaces": ["time"]}, "namespaces"),
         ({"ops": [{"op": "explode", "destination": "/"}]}, "ops"),
         (
             {"ops": [{"op": "bind", "source": "/a", "destination": "/b", "readonly": 1}]},
