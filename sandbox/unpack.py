@@ -244,11 +244,10 @@ class _Decoder:
                 return b""
             decoder = self._decoder
             assert decoder is not None
-            data = b""
+            data, at_end = b"", False
             if decoder.needs_input:
                 data, self._input = self._input or self._read_compressed(), b""
-                if not data:
-                    raise self.invalid("truncated: the stream ends inside a member")
+                at_end = not data
             try:
                 out = decoder.decompress(data, CHUNK)
             except _DECOMPRESS_ERRORS as exc:
@@ -258,6 +257,10 @@ class _Decoder:
                 self._decoder = None
             if out:
                 return out
+            # Only when no input is left *and* the decoder had nothing more to give (zlib may
+            # still hold output with its input all consumed) is the member cut short.
+            if at_end and self._decoder is not None:
+                raise self.invalid("truncated: the stream ends inside a member")
 
     def run(self) -> None:
         """Decoder thread: every chunk, then None; or the exception that stopped it."""
