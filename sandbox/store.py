@@ -678,11 +678,14 @@ class Store:
         wanted = None if platform is None else parse_platform(platform, host=self.host)
         say = progress or (lambda _line: None)
         try:
-            st = os.stat(source)
+            return self._import(source, wanted, say)
         except OSError as exc:
             raise SnapshotError(
-                f"import {source}: {exc.strerror}", details={"source": str(source)}
+                f"import {source}: {exc.strerror or exc}", details={"source": str(source)}
             ) from exc
+
+    def _import(self, source: Path, wanted: Platform | None, say: Progress) -> SnapshotInfo:
+        st = os.stat(source)
         if stat.S_ISDIR(st.st_mode):
             if (source / "oci-layout").exists():
                 return self._import_image(source, wanted, say)
@@ -743,9 +746,8 @@ class Store:
     ) -> SnapshotInfo:
         say(f"copying {source}")
         with contextlib.ExitStack() as held, self._staging() as tmp:
-            dest, work = tmp / "layer", tmp / "work"
+            dest = tmp / "layer"
             dest.mkdir()
-            work.mkdir()
             src_fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 result = copy_directory_layer(src_fd, dest, self.limits)
@@ -1281,7 +1283,10 @@ class Store:
                 f"export: several snapshots for one platform ({', '.join(platforms)})",
                 hint="a multi-platform image holds one snapshot per platform",
             )
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+        try:
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+        except OSError as exc:
+            raise SnapshotError(f"export to {dest}: {exc.strerror}") from exc
         try:
             if fmt is ExportFormat.TAR:
                 with open(tmp / "rootfs.tar", "wb") as out:

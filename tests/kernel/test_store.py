@@ -321,3 +321,19 @@ def test_store_commit_upper_converts_overlay_whiteouts(
     assert "opt/.wh..wh..opq" in top
     with Store(tmp_path / "again") as other:
         assert other.import_source(out).id == child.id
+
+
+def test_store_layout_blob_symlink_out_of_the_layout_is_refused(
+    store: Store, images: dict[str, Path], tmp_path: Path
+) -> None:
+    hostile = tmp_path / "hostile"
+    run("cp", "-a", images["layered"], hostile)
+    manifest = json.loads((hostile / "index.json").read_text())["manifests"][0]["digest"]
+    config = json.loads((hostile / "blobs" / "sha256" / manifest[7:]).read_text())["config"]
+    secret = tmp_path / "secret.json"
+    secret.write_bytes((hostile / "blobs" / "sha256" / config["digest"][7:]).read_bytes())
+    (hostile / "blobs" / "sha256" / config["digest"][7:]).unlink()
+    (hostile / "blobs" / "sha256" / config["digest"][7:]).symlink_to(secret)
+    with pytest.raises(InvalidArchiveError, match="cannot open blobs/sha256/"):
+        store.import_source(hostile)
+    assert store.list() == []
