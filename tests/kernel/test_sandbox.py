@@ -20,7 +20,7 @@ import trio
 from binfmt.platform import Platform
 from binfmt.report import PlatformReport
 from runtimed.errors import Json, KernelError
-from sandbox.launch import OutputChunk, RunResult, Stream, open_run
+from sandbox.launch import OutputChunk, RunResult, Stream, open_forkserver, open_run
 from sandbox.spec import ExecSpec
 from tests.support import busybox, require, require_root
 
@@ -371,3 +371,22 @@ async def test_sandbox_symlink_mount_point_is_replaced_in_the_run(
     out = await run_in_sandbox(source, ["sh", "-c", "ls -d /proc/self/fd"], NATIVE_REPORT)
     assert out.stdout == "/proc/self/fd\n"
     assert (source.root / "proc").is_symlink()  # the snapshot keeps its symlink
+
+
+async def test_sandbox_concurrent_runs_share_one_fork_server(source: DirectorySource) -> None:
+    outcomes: dict[int, Outcome] = {}
+    async with open_forkserver() as server:
+
+        async def one(n: int) -> None:
+            spec = ExecSpec.from_json(
+                {"snapshot": "s", "args": ["sh", "-c", f"echo run{n}; echo err{n} >&2; exit {n}"]}
+            )
+            async with open_run(spec, source, NATIVE_REPORT, server=server) as execution:
+                chunks = [chunk async for chunk in execution.output]
+                outcomes[n] = Outcome(result=await execution.wait(), chunks=chunks)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(4):
+                nursery.start_soon(one, n)
+    for n, out in outcomes.items():
+        assert (out.stdout, out.stderr, out.result.exit_code) == (f"run{n}\n", f"err{n}\n", n)
