@@ -204,6 +204,79 @@ class LayerResult:
         )
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class UnpackPlan:
+    """What ``sandbox.unpack.apply_layer`` asks of ``sandbox.layerhelper``: its stdin, as JSON.
+
+    Paths are absolute strings (the helper turns them into ``Path``); ``parents`` lowest first.
+    """
+
+    name: str
+    source_fd: int
+    parents: tuple[str, ...]
+    dest: str
+    work: str | None
+    limits: UnpackLimits
+    expected_diff_id: str | None = None
+    expected_digest: str | None = None
+
+    def to_json(self) -> dict[str, Json]:
+        return {
+            "name": self.name,
+            "source_fd": self.source_fd,
+            "parents": list(self.parents),
+            "dest": self.dest,
+            "work": self.work,
+            "limits": self.limits.to_json(),
+            "expected_diff_id": self.expected_diff_id,
+            "expected_digest": self.expected_digest,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Json) -> UnpackPlan:
+        """Raises:
+        InvalidParamsError: naming the missing or mistyped field.
+        """
+        if not isinstance(obj, dict):
+            raise InvalidParamsError("plan: not an object", details={"parameter": "."})
+        parents = obj.get("parents")
+        if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+            raise InvalidParamsError(
+                "plan.parents: not a list of paths", details={"parameter": "parents"}
+            )
+        fd = obj.get("source_fd")
+        if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+            raise InvalidParamsError(
+                "plan.source_fd: not a file descriptor", details={"parameter": "source_fd"}
+            )
+        plan = cls(
+            name=_text(obj, "name"),
+            source_fd=fd,
+            parents=tuple(str(p) for p in parents),
+            dest=_text(obj, "dest"),
+            work=_optional_text(obj, "work"),
+            limits=UnpackLimits.from_json(obj.get("limits")),
+            expected_diff_id=_optional_text(obj, "expected_diff_id"),
+            expected_digest=_optional_text(obj, "expected_digest"),
+        )
+        if plan.parents and plan.work is None:
+            raise InvalidParamsError(
+                "plan.work: needed with parents", details={"parameter": "work"}
+            )
+        return plan
+
+
+def _text(obj: dict[str, Json], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidParamsError(f"plan.{key}: not a non-empty string", details={"parameter": key})
+    return value
+
+
+def _optional_text(obj: dict[str, Json], key: str) -> str | None:
+    return None if obj.get(key) is None else _text(obj, key)
+
+
 class EntryKind(enum.StrEnum):
     """What one planned entry does to the layer."""
 

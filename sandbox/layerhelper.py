@@ -72,7 +72,7 @@ from typing import Final
 
 from runtimed.errors import InternalError, InvalidParamsError, Json, RuntimedError
 from sandbox import syscalls
-from sandbox.archive import LayerResult, UnpackLimits
+from sandbox.archive import LayerResult, UnpackPlan
 from sandbox.unpack import unpack_stream
 
 log = logging.getLogger(__name__)
@@ -88,45 +88,13 @@ _FORBIDDEN_IN_PATHS: Final = (",", ":", "\\")
 
 
 class Plan:
-    """The validated plan (plain attributes; built only by :func:`read_plan`)."""
+    """The validated plan, with paths as ``Path`` (built only by :func:`read_plan`)."""
 
-    def __init__(self, obj: dict[str, Json]) -> None:
-        self.name = _text(obj, "name")
-        self.source_fd = _integer(obj, "source_fd")
-        parents = obj.get("parents")
-        if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
-            raise InvalidParamsError("plan.parents: not a list of paths", details=_param("parents"))
-        self.parents = [Path(str(p)) for p in parents]
-        self.dest = Path(_text(obj, "dest"))
-        work = obj.get("work")
-        self.work = None if work is None else Path(_text(obj, "work"))
-        if self.parents and self.work is None:
-            raise InvalidParamsError("plan.work: needed with parents", details=_param("work"))
-        self.limits = UnpackLimits.from_json(obj.get("limits"))
-        self.expected_diff_id = _optional_text(obj, "expected_diff_id")
-        self.expected_digest = _optional_text(obj, "expected_digest")
-
-
-def _param(name: str) -> dict[str, Json]:
-    return {"parameter": name}
-
-
-def _text(obj: dict[str, Json], key: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str) or not value:
-        raise InvalidParamsError(f"plan.{key}: not a non-empty string", details=_param(key))
-    return value
-
-
-def _optional_text(obj: dict[str, Json], key: str) -> str | None:
-    return None if obj.get(key) is None else _text(obj, key)
-
-
-def _integer(obj: dict[str, Json], key: str) -> int:
-    value = obj.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidParamsError(f"plan.{key}: not a non-negative integer", details=_param(key))
-    return value
+    def __init__(self, plan: UnpackPlan) -> None:
+        self.wire = plan
+        self.parents = [Path(p) for p in plan.parents]
+        self.dest = Path(plan.dest)
+        self.work = None if plan.work is None else Path(plan.work)
 
 
 def read_plan(text: bytes) -> Plan:
@@ -134,10 +102,8 @@ def read_plan(text: bytes) -> Plan:
     try:
         obj = json.loads(text)
     except ValueError as exc:
-        raise InvalidParamsError(f"plan: not JSON: {exc}", details=_param(".")) from exc
-    if not isinstance(obj, dict):
-        raise InvalidParamsError("plan: not an object", details=_param("."))
-    return Plan(obj)
+        raise InvalidParamsError(f"plan: not JSON: {exc}", details={"parameter": "."}) from exc
+    return Plan(UnpackPlan.from_json(obj))
 
 
 def die_with_parent() -> None:
@@ -163,7 +129,7 @@ def overlay_options(parents: list[Path], upper: Path, work: Path) -> str:
         if any(c in os.fspath(path) for c in _FORBIDDEN_IN_PATHS):
             raise InvalidParamsError(
                 f"overlay path {path}: ',', ':' and '\\' cannot be passed to overlayfs",
-                details=_param("parents"),
+                details={"parameter": "parents"},
             )
     lower = ":".join(os.path.relpath(p, base) for p in reversed(parents))
     data = (
@@ -172,7 +138,8 @@ def overlay_options(parents: list[Path], upper: Path, work: Path) -> str:
     )
     if len(data.encode()) > _MAX_OPTIONS:
         raise InvalidParamsError(
-            f"overlay options for {len(parents)} layers exceed one page", details=_param("parents")
+            f"overlay options for {len(parents)} layers exceed one page",
+            details={"parameter": "parents"},
         )
     os.chdir(base)
     return data
@@ -193,13 +160,14 @@ def unpack(plan: Plan, root: Path) -> LayerResult:
     """Step 5."""
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
+        wire = plan.wire
         return unpack_stream(
-            plan.source_fd,
+            wire.source_fd,
             root_fd,
-            plan.limits,
-            name=plan.name,
-            expected_diff_id=plan.expected_diff_id,
-            expected_digest=plan.expected_digest,
+            wire.limits,
+            name=wire.name,
+            expected_diff_id=wire.expected_diff_id,
+            expected_digest=wire.expected_digest,
         )
     finally:
         os.close(root_fd)

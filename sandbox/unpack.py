@@ -88,6 +88,7 @@ from sandbox.archive import (
     LayerResult,
     Member,
     UnpackLimits,
+    UnpackPlan,
     pax_xattrs,
     plan_entry,
     sniff_compression,
@@ -952,18 +953,18 @@ def apply_layer(
         if work is None:
             raise SnapshotError(f"{name}: a layer with parents needs a work directory")
         _require_empty(work)
-    plan: dict[str, Json] = {
-        "name": name,
-        "source_fd": source_fd,
-        "parents": [os.fspath(p) for p in parents],
-        "dest": os.fspath(dest),
-        "work": None if work is None else os.fspath(work),
-        "limits": limits.to_json(),
-        "expected_diff_id": expected_diff_id,
-        "expected_digest": expected_digest,
-    }
+    plan = UnpackPlan(
+        name=name,
+        source_fd=source_fd,
+        parents=tuple(os.fspath(p) for p in parents),
+        dest=os.fspath(dest),
+        work=None if work is None else os.fspath(work),
+        limits=limits,
+        expected_diff_id=expected_diff_id,
+        expected_digest=expected_digest,
+    )
     try:
-        return LayerResult.from_json(_run_helper(plan, source_fd))
+        return LayerResult.from_json(_run_helper(plan))
     except BaseException:
         _empty(dest)
         if work is not None:
@@ -971,13 +972,13 @@ def apply_layer(
         raise
 
 
-def _run_helper(plan: dict[str, Json], source_fd: int) -> Json:
+def _run_helper(plan: UnpackPlan) -> Json:
     """Run the helper; the result record's payload, or the helper's error raised again."""
     proc = subprocess.run(
         [sys.executable, "-I", "-m", HELPER_MODULE],
-        input=json.dumps(plan).encode(),
+        input=json.dumps(plan.to_json()).encode(),
         capture_output=True,
-        pass_fds=(source_fd,),
+        pass_fds=(plan.source_fd,),
         check=False,
     )
     stderr = proc.stderr.decode(errors="replace").strip()

@@ -7,7 +7,7 @@ import lzma
 import pytest
 from backports import zstd
 
-from runtimed.errors import InvalidArchiveError, InvalidParamsError
+from runtimed.errors import InvalidArchiveError, InvalidParamsError, Json
 from sandbox.archive import (
     Compression,
     Entry,
@@ -15,6 +15,7 @@ from sandbox.archive import (
     LayerResult,
     Member,
     UnpackLimits,
+    UnpackPlan,
     filter_xattrs,
     parse_member_path,
     pax_xattrs,
@@ -203,3 +204,42 @@ def test_layer_result_json_round_trip() -> None:
         warnings=("x",),
     )
     assert LayerResult.from_json(result.to_json()) == result
+
+
+def test_unpack_plan_json_round_trip() -> None:
+    plan = UnpackPlan(
+        name="blob",
+        source_fd=5,
+        parents=("/s/l1", "/s/l2"),
+        dest="/s/new",
+        work="/s/work",
+        limits=UnpackLimits(max_entries=7),
+        expected_diff_id="sha256:" + "c" * 64,
+    )
+    assert UnpackPlan.from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize(
+    ("change", "parameter"),
+    [
+        ({"source_fd": -1}, "source_fd"),
+        ({"source_fd": True}, "source_fd"),
+        ({"parents": "/s/l1"}, "parents"),
+        ({"dest": ""}, "dest"),
+        ({"work": None}, "work"),  # parents need a work directory
+        ({"limits": {}}, "limits.max_bytes"),
+    ],
+)
+def test_unpack_plan_from_json_names_the_bad_field(change: dict[str, Json], parameter: str) -> None:
+    obj: dict[str, Json] = {
+        "name": "blob",
+        "source_fd": 3,
+        "parents": ["/s/l1"],
+        "dest": "/s/new",
+        "work": "/s/work",
+        "limits": UnpackLimits().to_json(),
+        **change,
+    }
+    with pytest.raises(InvalidParamsError) as raised:
+        UnpackPlan.from_json(obj)
+    assert raised.value.details["parameter"] == parameter
