@@ -390,3 +390,32 @@ async def test_sandbox_concurrent_runs_share_one_fork_server(source: DirectorySo
                 nursery.start_soon(one, n)
     for n, out in outcomes.items():
         assert (out.stdout, out.stderr, out.result.exit_code) == (f"run{n}\n", f"err{n}\n", n)
+
+
+async def test_sandbox_cancel_stops_the_command_with_sigterm(source: DirectorySource) -> None:
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo up; sleep 987654"]})
+    async with open_run(spec, source, NATIVE_REPORT) as execution:
+        async for _ in execution.output:
+            execution.cancel()  # after the first chunk: the command runs
+        result = await execution.wait()
+    assert result.cancelled
+    assert not result.timed_out
+    assert result.signal == 15
+    assert _processes_with("987654") == []
+
+
+async def test_sandbox_caller_cancellation_leaves_nothing_behind(
+    source: DirectorySource,
+) -> None:
+    spec = ExecSpec.from_json(
+        {"snapshot": "s", "args": ["sh", "-c", "setsid sleep 987655 & echo up; sleep 987656"]}
+    )
+    with trio.move_on_after(10) as scope:
+        async with open_run(spec, source, NATIVE_REPORT) as execution:
+            async for _ in execution.output:
+                scope.cancel()  # the daemon's client went away
+                dirs = list(execution.group.dirs)
+                await trio.sleep(5)
+    assert scope.cancelled_caught
+    assert _processes_with("98765") == []
+    assert not any(d.exists() for d in dirs)
