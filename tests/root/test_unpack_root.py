@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from runtimed.errors import InvalidArchiveError
-from sandbox.unpack import apply_layer
+from sandbox.unpack import apply_layer, copy_directory_layer
 from tests.kernel.test_unpack_hostile import snapshot
 from tests.kernel.test_unpack_layers import (
     EXPECTED_MERGED,
@@ -254,3 +254,32 @@ def test_unpack_failure_over_parents_leaves_layer_and_work_empty(tmp_path: Path)
     assert os.listdir(store / "layer1") == []
     assert os.listdir(store / "work") == []
     assert os.fspath(store) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_copy_directory_layer_filters_devices_and_keeps_links_and_capabilities(
+    tmp_path: Path,
+) -> None:
+    require_root()
+    src = tmp_path / "src"
+    (src / "dev").mkdir(parents=True)
+    os.mknod(src / "dev/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(src / "dev/sda", stat.S_IFBLK | 0o600, os.makedev(8, 0))
+    (src / "ping").write_bytes(b"\x7fELF")
+    os.chown(src / "ping", 0, 0)
+    os.chmod(src / "ping", 0o4755)
+    os.setxattr(src / "ping", "security.capability", CAP_NET_RAW)
+    os.link(src / "ping", src / "ping6")
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        result = copy_directory_layer(fd, dest)
+    finally:
+        os.close(fd)
+    assert stat.S_ISCHR((dest / "dev/null").lstat().st_mode)
+    assert not os.path.lexists(dest / "dev/sda")
+    assert any("dev/sda" in w for w in result.warnings)
+    ping = (dest / "ping").lstat()
+    assert stat.S_IMODE(ping.st_mode) == 0o4755
+    assert ping.st_ino == (dest / "ping6").lstat().st_ino
+    assert os.getxattr(dest / "ping", "security.capability") == CAP_NET_RAW
