@@ -535,15 +535,16 @@ class Store:
     # --- locks and staging ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _lock(self, name: str, *, wait: bool = True) -> Iterator[bool]:
+    def _lock(self, name: str, *, wait: bool = True, shared: bool = False) -> Iterator[bool]:
         """Hold ``locks/<name>.lock``; yields False (not holding) when ``wait`` is off and
         another holder has it. Lock files are never deleted while the store is shared."""
         if not _LOCK_NAME_RE.fullmatch(name):
             raise InternalError(f"bad lock name {name!r}")
         fd = os.open(self.locks_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 yield False
                 return
@@ -1107,10 +1108,24 @@ class Store:
 
         Raises:
             SnapshotNotFoundError: no such snapshot.
-            SnapshotInUseError: a view of it is mounted (``runtimectl snapshot unmount``).
+            SnapshotInUseError: a view of it is mounted (``runtimectl snapshot unmount``) or a
+                run holds a :meth:`lease` on it.
         """
+        snapshot_id = self.get(ref).id
+        with self._lock("snap-" + oci.digest_hex(snapshot_id), wait=False) as free:
+            if not free:
+                raise SnapshotInUseError(
+                    f"snapshot {oci.digest_hex(snapshot_id)[:SHORT_ID]} is in use by a run",
+                    details={"id": snapshot_id},
+                )
+            info = self._forget(snapshot_id)
+        self._checkpoint("snapshot-removed")
+        self.gc()
+        return info
+
+    def _forget(self, snapshot_id: str) -> SnapshotInfo:
         with self._db(write=True) as conn:
-            info = self._info(conn, self._resolve_id(conn, ref))
+            info = self._info(conn, snapshot_id)
             for (path,) in conn.execute(
                 "SELECT path FROM views WHERE snapshot_id = ?", (info.id,)
             ).fetchall():
@@ -1122,9 +1137,19 @@ class Store:
                     )
                 conn.execute("DELETE FROM views WHERE path = ?", (path,))
             conn.execute("DELETE FROM snapshots WHERE id = ?", (info.id,))
-        self._checkpoint("snapshot-removed")
-        self.gc()
         return info
+
+    @contextlib.contextmanager
+    def lease(self, ref: str) -> Iterator[SnapshotInfo]:
+        """Keep a snapshot, hence its layers, from being removed while a run uses them: hold
+        this around the run (``remove`` then raises SnapshotInUseError).
+
+        Raises:
+            SnapshotNotFoundError: no such snapshot (or it was removed just now).
+        """
+        snapshot_id = self.get(ref).id
+        with self._lock("snap-" + oci.digest_hex(snapshot_id), shared=True):
+            yield self.get(snapshot_id)  # still there: a remove that won the race is done
 
     def gc(self) -> builtins.list[str]:
         """Delete layers no snapshot uses (skipping any an import holds) and their blobs.

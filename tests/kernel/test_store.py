@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from binfmt.platform import Platform
-from runtimed.errors import InvalidArchiveError, PlatformError, SnapshotNotFoundError, UsageError
+from runtimed.errors import (
+    InvalidArchiveError,
+    PlatformError,
+    SnapshotInUseError,
+    SnapshotNotFoundError,
+    UsageError,
+)
 from sandbox.store import ExportFormat, Store
 from tests.kernel.store_images import (
     LAYERED_TREE,
@@ -284,16 +291,20 @@ def test_store_commit_upper_converts_overlay_whiteouts(
     store: Store, images: dict[str, Path], tmp_path: Path
 ) -> None:
     parent = store.import_source(images["layered"])
-    run_dir = store.new_run_dir()
-    upper = run_dir / "upper"
-    (upper / "etc").mkdir()
-    (upper / "etc" / "hello").write_text("hi")
-    os.mknod(upper / "data", 0o600 | 0o020000, os.makedev(0, 0))  # overlay whiteout of /data
-    (upper / "opt").mkdir()
-    os.setxattr(upper / "opt", "user.overlay.opaque", b"y")
-    (upper / "opt" / "only").write_text("o")
-    child = store.commit_upper(parent.id, upper)
-    store.remove_run_dir(run_dir)
+    with store.lease(parent.id):  # as a run does: the parent cannot go away meanwhile
+        run_dir = store.new_run_dir()
+        upper = run_dir / "upper"
+        (upper / "etc").mkdir()
+        (upper / "etc" / "hello").write_text("hi")
+        os.mknod(upper / "data", 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # whiteout of /data
+        (upper / "opt").mkdir()
+        os.setxattr(upper / "opt", "user.overlay.opaque", b"y")
+        (upper / "opt" / "only").write_text("o")
+        with pytest.raises(SnapshotInUseError, match="in use by a run"):
+            store.remove(parent.id)
+        child = store.commit_upper(parent.id, upper)
+        store.remove_run_dir(run_dir)
+        assert not run_dir.exists()
     assert [layer.chain_id for layer in child.layers[:-1]] == [
         layer.chain_id for layer in parent.layers
     ]

@@ -94,6 +94,23 @@ def test_store_crash_at_any_phase_is_all_or_nothing(
     assert _check_consistent(state) == 1
 
 
+@pytest.mark.parametrize("delay", [0.15, 0.4, 0.7])
+def test_store_crash_at_any_time_is_all_or_nothing(
+    layered: Path, clean_id: str, tmp_path: Path, delay: float
+) -> None:
+    """Killed whenever it happens to be, unpack helper included (it dies with its parent)."""
+    state = tmp_path / "state"
+    proc = _start("none", state, layered, tmp_path / "log")
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    proc.communicate(timeout=60)
+    assert _check_consistent(state) in (0, 1)
+    with Store(state) as store:
+        assert store.import_source(layered).id == clean_id
+
+
 def test_store_concurrent_imports_unpack_each_layer_once(layered: Path, tmp_path: Path) -> None:
     state, log = tmp_path / "state", tmp_path / "log"
     Store(state).close()  # create the schema before the race
