@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 HELPER_MODULE: Final = "sandbox.helper"
 STOP_GRACE: Final = 2.0
+SPAWN_TIMEOUT: Final = 10.0
 CLEANUP_TIMEOUT: Final = 10.0
 SAMPLE_INTERVAL: Final = 0.02
 OUTPUT_BUFFER: Final = 64
@@ -608,6 +609,10 @@ class Execution:
                 ours.append(read_end)
                 child_fds.append(write_end)
             self._helper_pid, pidfd = await server.spawn(request, child_fds)
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
         finally:
             for fd in child_fds:
                 os.close(fd)
@@ -653,6 +658,7 @@ class ForkServer:
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self._sock = sock
         self._lock = trio.Lock()
+        self._broken: str | None = None
 
     async def spawn(self, request: bytes, fds: Sequence[int]) -> tuple[int, int]:
         """Send one request with its fds; the PID and a pidfd of the child that runs it.
@@ -660,11 +666,22 @@ class ForkServer:
         Raises:
             SandboxError: the server refused the request or is gone.
         """
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         async with self._lock:
-            await self._sock.sendmsg(
-                [request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            )
-            data, ancdata, _, _ = await self._sock.recvmsg(4096, socket.CMSG_SPACE(4))
+            if self._broken is not None:
+                raise SandboxError(f"sandbox fork server unusable: {self._broken}")
+            # A request and its reply stay paired even if the caller is cancelled in between;
+            # the server answers within milliseconds, SPAWN_TIMEOUT bounds a wedged one.
+            with trio.CancelScope(shield=True), trio.move_on_after(SPAWN_TIMEOUT) as deadline:
+                try:
+                    await self._sock.sendmsg([request], rights)
+                    data, ancdata, _, _ = await self._sock.recvmsg(4096, socket.CMSG_SPACE(4))
+                except OSError as exc:
+                    self._broken = f"it is gone ({exc})"
+                    raise SandboxError(f"sandbox fork server is gone: {exc}") from exc
+            if deadline.cancelled_caught:
+                self._broken = f"it did not answer in {SPAWN_TIMEOUT} s"
+                raise SandboxError(f"sandbox fork server {self._broken}")
         received = [
             fd
             for level, kind, payload in ancdata
