@@ -63,6 +63,9 @@ KEPT_XATTRS: Final = frozenset({"security.capability"})
 KEPT_XATTR_PREFIX: Final = "user."
 DROPPED_XATTR_PREFIX: Final = "user.overlay."
 PAX_XATTR_PREFIX: Final = "SCHILY.xattr."
+# utimensat(2) takes a 64-bit time_t; keep mtime_ns within a signed 64-bit count of ns.
+_MAX_MTIME: Final = 9_000_000_000.0
+_MIN_MTIME: Final = -_MAX_MTIME
 _NO_ID: Final = 0xFFFFFFFF  # (uid_t)-1 means "leave unchanged" to chown(2)
 _SURROGATE: Final = "surrogateescape"  # how tarfile and os.fsencode carry undecodable bytes
 
@@ -411,8 +414,9 @@ def filter_xattrs(
     kept: list[tuple[str, bytes]] = []
     warnings: list[str] = []
     for key in sorted(xattrs):
-        allowed = key in KEPT_XATTRS or (
-            key.startswith(KEPT_XATTR_PREFIX) and not key.startswith(DROPPED_XATTR_PREFIX)
+        allowed = "\0" not in key and (
+            key in KEPT_XATTRS
+            or (key.startswith(KEPT_XATTR_PREFIX) and not key.startswith(DROPPED_XATTR_PREFIX))
         )
         if allowed:
             kept.append((key, xattrs[key]))
@@ -483,6 +487,8 @@ def plan_entry(member: Member) -> Plan:
         if member.size < 0:
             raise _invalid(name, "negative size")
         size = member.size if kind == "file" else 0
+    if not _MIN_MTIME <= member.mtime <= _MAX_MTIME:  # also false for NaN
+        raise _invalid(name, f"mtime {member.mtime} out of range")
     entry = Entry(
         path=path,
         kind=_ENTRY_KINDS[kind],

@@ -554,6 +554,8 @@ class LayerWriter:
             self._apply(entry, data)
         except OSError as exc:
             raise _entry_error(entry, exc.errno or 0, str(exc)) from exc
+        except (ValueError, OverflowError) as exc:  # os.* on values the kernel cannot take
+            raise _entry_error(entry, errno.EINVAL, str(exc)) from exc
         except KernelError as exc:
             raise _entry_error(entry, getattr(errno, exc.errno_name, 0), exc.message) from exc
 

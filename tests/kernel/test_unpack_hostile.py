@@ -261,10 +261,15 @@ CASES: dict[str, tuple[Callable[[str], list[Member]], str | Check]] = {
         lambda v: [file("caf\udce9")],
         _regular("caf\udce9"),  # os encodes the surrogate back to the byte 0xe9
     ),
+    "mtime-not-a-number": (lambda v: [file("f", pax={"mtime": "nan"})], "reject"),
+    "xattr-value-beyond-xattr-size-max": (
+        lambda v: [file("f", pax={"SCHILY.xattr.user.big": "x" * 70_000})],
+        "reject",
+    ),
     "too-many-entries": (lambda v: [file(f"f{i}", b"") for i in range(70)], "limit"),
-    "too-many-bytes": (lambda v: [file("big", bytes(70_000))], "limit"),
+    "too-many-bytes": (lambda v: [file("big", bytes(140_000))], "limit"),
 }
-LIMITS = UnpackLimits(max_bytes=64 * 1024, max_entries=64)
+LIMITS = UnpackLimits(max_bytes=128 * 1024, max_entries=64)
 
 
 @pytest.mark.parametrize("case", CASES)

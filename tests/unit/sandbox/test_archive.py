@@ -132,6 +132,9 @@ def test_plan_entry_skips_with_a_warning(member: Member) -> None:
         (Member(name="f", type="0", gid=-1), "gid"),
         (Member(name=".", type="0"), "root"),
         (Member(name="x/../../y", type="5"), "'..'"),
+        (Member(name="f", type="0", mtime=float("nan")), "mtime"),
+        (Member(name="f", type="0", mtime=1e30), "mtime"),
+        (Member(name="f", type="0", mtime=-1e30), "mtime"),
     ],
 )
 def test_plan_entry_rejects(member: Member, reason: str) -> None:
@@ -163,10 +166,16 @@ def test_plan_entry_keeps_setuid_and_capabilities() -> None:
 
 def test_filter_xattrs_drops_every_overlay_and_trusted_key() -> None:
     kept, warnings = filter_xattrs(
-        "f", {"trusted.overlay.opaque": b"y", "user.overlay.opaque": b"y", "trusted.x": b""}
+        "f",
+        {
+            "trusted.overlay.opaque": b"y",
+            "user.overlay.opaque": b"y",
+            "trusted.x": b"",
+            "user.a\0b": b"",
+        },
     )
     assert kept == ()
-    assert len(warnings) == 3
+    assert len(warnings) == 4
 
 
 def test_pax_xattrs_recovers_binary_values() -> None:
