@@ -1,0 +1,74 @@
+"""Run cgroups on the real hierarchies: the v2 path (cgroup.kill) and the v1 path (freezer),
+each killing a tree that includes a setsid'd grandchild, then removed without a trace."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from runtimed.errors import SandboxError
+from sandbox import cgroups
+from tests.support import require, require_root
+
+pytestmark = pytest.mark.kernel
+
+
+def _hierarchies(version: int) -> cgroups.Hierarchies:
+    require_root()
+    found = cgroups.detect()
+    if version == 2:
+        require(found.unified is not None, "no cgroup2 mount")
+        assert found.unified is not None
+        return found
+    require("freezer" in found.v1 and "pids" in found.v1, "no v1 freezer and pids hierarchies")
+    return dataclasses.replace(found, unified=None, unified_controllers=frozenset())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [2, 1])
+def test_cgroups_kill_reaches_setsid_grandchildren_and_remove_cleans_up(version: int) -> None:
+    group = cgroups.RunCgroup(_hierarchies(version), f"runtimed-test-{uuid.uuid4().hex[:8]}")
+    try:
+        group.setup(memory=64 << 20, pids=32, cpus=None)
+        procs = " ".join(str(d / "cgroup.procs") for d in group.dirs)
+        tree = subprocess.Popen(
+            [
+                "sh",
+                "-c",
+                f"for f in {procs}; do echo $$ > $f; done; "
+                "setsid sleep 987661 & sleep 987662 & wait",
+            ]
+        )
+        deadline = time.monotonic() + 5
+        while len(group.pids()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(group.pids()) == 3  # sh, the setsid'd sleep, the plain sleep
+        if version == 2:
+            assert (group.dirs[0] / "cgroup.kill").exists()  # the v2 path, not the fallback
+        group.kill()
+        assert tree.wait(timeout=5) == -9
+        deadline = time.monotonic() + 5
+        while group.pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert group.pids() == []
+        usage = group.usage()
+        assert usage.cpu_seconds is not None
+        assert usage.peak_memory is not None
+        assert usage.peak_memory > 0
+    finally:
+        dirs = list(group.dirs)
+        group.remove()
+    assert not any(d.exists() for d in dirs)
+
+
+def test_cgroups_refuse_a_limit_nothing_can_enforce() -> None:
+    found = _hierarchies(1)
+    bare = dataclasses.replace(found, v1={}, unified=None, unified_controllers=frozenset())
+    group = cgroups.RunCgroup(bare, "runtimed-test-none")
+    with pytest.raises(SandboxError, match="no cgroup memory controller"):
+        group.setup(memory=1 << 20, pids=None, cpus=None)
+    group.remove()
