@@ -10,8 +10,9 @@ turn, for the same command; the table shows per-exec medians and the median of t
 per-round ratios ours/peer (below 1.0: we are faster).
 
 Ours is measured the way the daemon runs it: ``sandbox.launch.open_run`` from a live trio
-process (the helper is a fresh ``python -I -m sandbox.helper`` per exec), output read, result
-waited for, run directory removed.
+process through one warm fork server (``open_forkserver``): snapshot lookup, mode decision,
+cgroups, overlay and mounts, output read, result with the execution report, run directory
+and cgroups removed.
 """
 
 from __future__ import annotations
