@@ -3,6 +3,7 @@ checked, and the daemon's open descriptors, children and memory back at their id
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Final
 
@@ -18,12 +19,22 @@ pytestmark = pytest.mark.slow
 
 CONCURRENT: Final = 50
 LOAD_TIMEOUT: Final = 180.0
+SETTLE_STEPS: Final = 100
+SETTLE_STEP: Final = 0.05
 RSS_SLACK: Final = 16 * 1024 * 1024
 """Bytes the allocator may keep after the load (arenas are not returned at once)."""
 
 
-def idle_level(proc: psutil.Process) -> tuple[int, int, int]:
-    return proc.num_fds(), len(proc.children(recursive=True)), proc.memory_info().rss
+def idle_level(proc: psutil.Process) -> tuple[list[str], int, int]:
+    fds = [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+    return sorted(fds), len(proc.children(recursive=True)), proc.memory_info().rss
+
+
+def store_connection(target: str) -> bool:
+    # sandbox.store keeps one SQLite connection per worker thread that ever called it and
+    # closes them only with the store (reported to its owner); those are the only descriptors
+    # allowed to stay.
+    return Path(target).name in ("meta.db", "meta.db-wal", "meta.db-shm")
 
 
 async def test_daemon_load_50_concurrent_execs(tmp_path: Path) -> None:
@@ -51,9 +62,22 @@ async def test_daemon_load_50_concurrent_execs(tmp_path: Path) -> None:
                     nursery.start_soon(one, i)
         assert results == {i: f"run {i}\n".encode() for i in range(CONCURRENT)}
 
-        after_fds, after_children, after_rss = idle_level(daemon)
-        assert after_fds == fds
-        assert after_children == children
+        def leftovers() -> tuple[list[str], int]:
+            after_fds, after_children, _ = idle_level(daemon)
+            extra = list(after_fds)
+            for target in fds:
+                if target in extra:
+                    extra.remove(target)
+            return [t for t in extra if not store_connection(t)], after_children
+
+        # The daemon closes a connection when it reads the client's EOF, a moment after the
+        # client closed it: give it a bounded while to get there.
+        for _ in range(SETTLE_STEPS):
+            if leftovers() == ([], children):
+                break
+            await trio.sleep(SETTLE_STEP)
+        assert leftovers() == ([], children)
+        after_rss = idle_level(daemon)[2]
         assert after_rss <= rss + RSS_SLACK, (rss, after_rss)
     finally:
         assert await trio.to_thread.run_sync(running.stop) == 0
