@@ -86,6 +86,7 @@ CHUNK: Final = 1 << 20
 MAX_INDEX_DEPTH: Final = 4
 MAX_MANIFESTS: Final = 256
 SHORT_ID: Final = 12
+IDLE_CONNECTIONS: Final = 4
 MIN_PREFIX: Final = 4
 # Lock names are digests' hex or "src-<hex>"; nothing else reaches the file system.
 _LOCK_NAME_RE: Final = re.compile(r"[a-z0-9-]{1,140}")
@@ -437,9 +438,8 @@ class Store:
         self.limits = limits or UnpackLimits()
         self.host = host or platform_from_uname(os.uname().machine)
         self._checkpoint = checkpoint or (lambda _phase: None)
-        self._local = threading.local()
-        self._connections: builtins.list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
+        self._pool: builtins.list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
         self.layers_dir = state_dir / "layers"
         self.blobs_dir = state_dir / "blobs"
         self.staging_dir = state_dir / "staging"
@@ -469,10 +469,10 @@ class Store:
         fcntl.flock(self._store_lock, fcntl.LOCK_SH)
 
     def close(self) -> None:
-        with self._connections_lock:
-            for conn in self._connections:
+        with self._pool_lock:
+            for conn in self._pool:
                 conn.close()
-            self._connections.clear()
+            self._pool.clear()
         os.close(self._store_lock)
 
     def __enter__(self) -> Store:
@@ -485,33 +485,40 @@ class Store:
 
     @contextlib.contextmanager
     def _db(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """This thread's connection (the daemon calls in from several worker threads; a
-        connection is made once per thread), inside one transaction when ``write``."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        """A pooled connection (the daemon calls in from several worker threads, which come
+        and go), inside one transaction when ``write``. At most :data:`IDLE_CONNECTIONS` stay
+        open between calls."""
+        with self._pool_lock:
+            conn = self._pool.pop() if self._pool else None
         if conn is None:
             conn = sqlite3.connect(
                 self.state_dir / "meta.db",
                 timeout=30,
                 isolation_level=None,
-                check_same_thread=False,  # only its own thread uses it; close() may be elsewhere
+                check_same_thread=False,  # one thread at a time, handed over by the pool
             )
             conn.execute("PRAGMA foreign_keys = ON")
             # WAL + NORMAL: a commit survives a killed process; after a power loss the last
             # ones may roll back, which leaves only layer directories that reclaim() removes.
             conn.execute("PRAGMA synchronous = NORMAL")
-            self._local.conn = conn
-            with self._connections_lock:
-                self._connections.append(conn)
-        if not write:
-            yield conn
-            return
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            if not write:
+                yield conn
+            else:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+        finally:
+            with self._pool_lock:
+                if len(self._pool) < IDLE_CONNECTIONS:
+                    self._pool.append(conn)
+                    conn = None
+            if conn is not None:
+                conn.close()
 
     def _init_schema(self) -> None:
         with self._db() as conn:

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from runtimed.errors import (
     SnapshotNotFoundError,
     UsageError,
 )
-from sandbox.store import ExportFormat, Store
+from sandbox.store import IDLE_CONNECTIONS, ExportFormat, Store
 from tests.kernel.store_images import (
     LAYERED_TREE,
     busybox_root,
@@ -348,3 +349,33 @@ def test_store_layout_blob_symlink_out_of_the_layout_is_refused(
     with pytest.raises(InvalidArchiveError, match="cannot open blobs/sha256/"):
         store.import_source(hostile)
     assert store.list() == []
+
+
+def test_store_connections_stay_bounded_across_threads(store: Store) -> None:
+    def meta_fds() -> int:
+        fds = os.listdir("/proc/self/fd")
+        return sum(
+            1 for fd in fds if "meta.db" in os.path.basename(_readlink(f"/proc/self/fd/{fd}"))
+        )
+
+    barrier = threading.Barrier(16)
+
+    def call() -> None:
+        barrier.wait()
+        store.list()
+
+    for _ in range(3):  # worker threads come and go, as trio's do
+        threads = [threading.Thread(target=call) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    # db, -wal and -shm per idle connection at most
+    assert meta_fds() <= 3 * IDLE_CONNECTIONS
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
