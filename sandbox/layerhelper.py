@@ -73,7 +73,7 @@ from typing import Final
 from runtimed.errors import InternalError, InvalidParamsError, Json, RuntimedError
 from sandbox import syscalls
 from sandbox.archive import LayerResult, UnpackPlan
-from sandbox.unpack import unpack_stream
+from sandbox.unpack import unpack_stream, walk_tree
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +184,20 @@ def unmount(plan: Plan, merged: Path) -> None:
 
 def strip_bookkeeping(dest: Path) -> None:
     """Step 6, second half: keep only the overlay xattrs that describe the layer itself."""
-    for dirpath, dirnames, filenames, dir_fd in os.fwalk(dest):
-        del dirpath
-        for name in [".", *dirnames, *filenames]:
-            path = f"/proc/self/fd/{dir_fd}/{name}"
-            for key in os.listxattr(path, follow_symlinks=False):
-                if key.startswith(OVERLAY_XATTR_PREFIX) and key not in KEPT_OVERLAY_XATTRS:
-                    os.removexattr(path, key, follow_symlinks=False)
+    top = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _strip(top, follow=True)
+        for dir_fd, _, name, _ in walk_tree(top):
+            # The magic link names the directory; the last component is not followed.
+            _strip(f"/proc/self/fd/{dir_fd}/{name}", follow=False)
+    finally:
+        os.close(top)
+
+
+def _strip(target: int | str, *, follow: bool) -> None:
+    for key in os.listxattr(target, follow_symlinks=follow):
+        if key.startswith(OVERLAY_XATTR_PREFIX) and key not in KEPT_OVERLAY_XATTRS:
+            os.removexattr(target, key, follow_symlinks=follow)
 
 
 def run(plan_text: bytes) -> LayerResult:

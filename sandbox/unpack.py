@@ -51,7 +51,6 @@ import logging
 import lzma
 import os
 import queue
-import shutil
 import stat
 import subprocess
 import sys
@@ -426,18 +425,86 @@ class _Slice:
 
 
 def _clear(parent: int, name: str) -> None:
-    """Remove ``name`` in ``parent`` (a whole tree for a directory), never following it.
-
-    ``shutil.rmtree`` with ``dir_fd`` walks by descriptor and never follows symlinks.
-    """
+    """Remove ``name`` in ``parent`` (a whole tree for a directory), never following it."""
     try:
         st = os.stat(name, dir_fd=parent, follow_symlinks=False)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=parent)
+        remove_tree(parent, name)
     else:
         os.unlink(name, dir_fd=parent)
+
+
+def _down(fd: int, name: str) -> int:
+    """Swap ``fd`` for its subdirectory ``name`` (never a symlink); ``..`` goes back up."""
+    child = os.open(name, _DIR_READ | os.O_NOFOLLOW, dir_fd=fd)
+    os.close(fd)
+    return child
+
+
+def remove_tree(parent: int, name: str) -> None:
+    """Remove the directory ``name`` in ``parent`` and everything below it, at any depth.
+
+    ``shutil.rmtree`` recurses in Python and keeps a descriptor per level, so a hostile tree a
+    few thousand levels deep (PATH_MAX allows 2048 in one name, symlinks chain further) ends in
+    RecursionError or EMFILE and leaves the staging directory behind. This walk holds one
+    descriptor, goes down by ``O_NOFOLLOW`` opens and back up by ``..`` (nothing else writes
+    here), and never follows a symlink.
+    """
+    fd = os.open(name, _DIR_READ | os.O_NOFOLLOW, dir_fd=parent)
+    below: list[str] = []  # the path from ``name`` down to where fd is
+    try:
+        while True:
+            sub = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        sub = entry.name
+                        break
+                    os.unlink(entry.name, dir_fd=fd)
+            if sub is not None:
+                fd = _down(fd, sub)
+                below.append(sub)
+                continue
+            if not below:
+                break
+            fd = _down(fd, "..")
+            try:
+                os.rmdir(below[-1], dir_fd=fd)
+                below.pop()
+            except OSError as exc:
+                if exc.errno != errno.ENOTEMPTY:
+                    raise
+                fd = _down(fd, below[-1])  # entries missed by a scan that was unlinking
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent)
+
+
+def walk_tree(dir_fd: int) -> Iterator[tuple[int, str, str, os.stat_result]]:
+    """Every entry below ``dir_fd`` in pre-order, names sorted bytewise: (fd of its directory,
+    path relative to ``dir_fd``, name, lstat). Like :func:`remove_tree`, it holds a single
+    descriptor at any depth and never follows a symlink; the fd is valid until the next item.
+    """
+    fd = os.open(".", _DIR_READ, dir_fd=dir_fd)
+    levels = [("", iter(sorted(os.listdir(fd), key=os.fsencode)))]
+    try:
+        while levels:
+            prefix, names = levels[-1]
+            name = next(names, None)
+            if name is None:
+                levels.pop()
+                if levels:
+                    fd = _down(fd, "..")
+                continue
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            yield fd, prefix + name, name, st
+            if stat.S_ISDIR(st.st_mode):
+                fd = _down(fd, name)
+                levels.append((f"{prefix}{name}/", iter(sorted(os.listdir(fd), key=os.fsencode))))
+    finally:
+        os.close(fd)
 
 
 class Readable(Protocol):
@@ -1125,41 +1192,22 @@ def write_directory_tar(dir_fd: int, out: BinaryIO, warn: Callable[[str], None])
     seen: dict[tuple[int, int], str] = {}
     root = os.stat(".", dir_fd=dir_fd)
     tar.addfile(_tarinfo(".", root, dir_fd, "."))
-    stack: list[tuple[int, str, Iterator[str]]] = []
-    top = os.open(".", _DIR_READ, dir_fd=dir_fd)
-    stack.append((top, "", iter(sorted(os.listdir(top), key=os.fsencode))))
-    try:
-        while stack:
-            fd, prefix, names = stack[-1]
-            name = next(names, None)
-            if name is None:
-                os.close(fd)
-                stack.pop()
-                continue
-            path = prefix + name
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            kind = stat.S_IFMT(st.st_mode)
-            if kind not in _TAR_TYPES:
-                warn(f"{path}: skipped (socket or unknown file type)")
-                continue
-            info = _tarinfo(path, st, fd, name)
-            if kind == stat.S_IFREG and st.st_nlink > 1:
-                first = seen.setdefault((st.st_dev, st.st_ino), path)
-                if first != path:
-                    info.type, info.linkname, info.size = tarfile.LNKTYPE, first, 0
-            if info.type == tarfile.REGTYPE:
-                file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                with os.fdopen(file_fd, "rb") as data:
-                    tar.addfile(info, data)
-            else:
-                tar.addfile(info)
-            if kind == stat.S_IFDIR:
-                child = os.open(name, _DIR_READ | os.O_NOFOLLOW, dir_fd=fd)
-                names_below = iter(sorted(os.listdir(child), key=os.fsencode))
-                stack.append((child, path + "/", names_below))
-    finally:
-        for fd, _, _ in stack:
-            os.close(fd)
+    for fd, path, name, st in walk_tree(dir_fd):
+        kind = stat.S_IFMT(st.st_mode)
+        if kind not in _TAR_TYPES:
+            warn(f"{path}: skipped (socket or unknown file type)")
+            continue
+        info = _tarinfo(path, st, fd, name)
+        if kind == stat.S_IFREG and st.st_nlink > 1:
+            first = seen.setdefault((st.st_dev, st.st_ino), path)
+            if first != path:
+                info.type, info.linkname, info.size = tarfile.LNKTYPE, first, 0
+        if info.type == tarfile.REGTYPE:
+            file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            with os.fdopen(file_fd, "rb") as data:
+                tar.addfile(info, data)
+        else:
+            tar.addfile(info)
     tar.close()
 
 
