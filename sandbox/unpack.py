@@ -482,6 +482,19 @@ def remove_tree(parent: int, name: str) -> None:
     os.rmdir(name, dir_fd=parent)
 
 
+def remove_path(path: Path) -> None:
+    """Remove ``path`` (a tree, a file or a symlink, never followed) if it exists, at any depth.
+
+    For the store's staging and garbage: ``shutil.rmtree`` fails on trees a hostile layer can
+    build (see :func:`remove_tree`).
+    """
+    parent = os.open(path.parent, _DIR_READ)
+    try:
+        _clear(parent, path.name)
+    finally:
+        os.close(parent)
+
+
 def walk_tree(dir_fd: int) -> Iterator[tuple[int, str, str, os.stat_result]]:
     """Every entry below ``dir_fd`` in pre-order, names sorted bytewise: (fd of its directory,
     path relative to ``dir_fd``, name, lstat). Like :func:`remove_tree`, it holds a single

@@ -16,7 +16,7 @@ import pytest
 from backports import zstd
 
 from sandbox.archive import Compression, UnpackLimits
-from sandbox.unpack import CHUNK, LayerStream
+from sandbox.unpack import CHUNK, LayerStream, remove_path
 
 pytestmark = pytest.mark.kernel
 
@@ -68,3 +68,25 @@ def test_layer_stream_concatenated_members_are_one_stream(
     finally:
         stream.close()
         os.close(fd)
+
+
+@pytest.mark.slow
+def test_remove_path_removes_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+    top = tmp_path / "deep"
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        os.mkdir("deep", dir_fd=fd)
+        here = os.open("deep", os.O_RDONLY, dir_fd=fd)
+        for i in range(1100):
+            os.mkdir("d", dir_fd=here)
+            os.symlink("/etc", f"s{i}", dir_fd=here)
+            nxt = os.open("d", os.O_RDONLY, dir_fd=here)
+            os.close(here)
+            here = nxt
+        os.close(here)
+    finally:
+        os.close(fd)
+    (tmp_path / "keep").write_text("x")
+    remove_path(top)
+    remove_path(top)  # already gone: nothing to do
+    assert os.listdir(tmp_path) == ["keep"]
