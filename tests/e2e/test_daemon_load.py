@@ -18,7 +18,7 @@ from tests.e2e.test_daemon_exec import busybox_spec, import_tar, rootfs_tar
 pytestmark = pytest.mark.slow
 
 CONCURRENT: Final = 50
-LOAD_TIMEOUT: Final = 180.0
+LOAD_TIMEOUT: Final = 90.0
 SETTLE_STEPS: Final = 100
 SETTLE_STEP: Final = 0.05
 RSS_SLACK: Final = 16 * 1024 * 1024
@@ -31,9 +31,8 @@ def idle_level(proc: psutil.Process) -> tuple[list[str], int, int]:
 
 
 def store_connection(target: str) -> bool:
-    # sandbox.store keeps one SQLite connection per worker thread that ever called it and
-    # closes them only with the store (reported to its owner); those are the only descriptors
-    # allowed to stay.
+    # sandbox.store keeps a few idle SQLite connections pooled for the next calls; those are
+    # the only descriptors allowed to stay.
     return Path(target).name in ("meta.db", "meta.db-wal", "meta.db-shm")
 
 
