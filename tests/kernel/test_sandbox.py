@@ -7,6 +7,7 @@ namespace work happens inside pytest).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import uuid
@@ -19,8 +20,18 @@ import trio
 
 from binfmt.platform import Platform
 from binfmt.report import PlatformReport
-from runtimed.errors import Json, KernelError
-from sandbox.launch import OutputChunk, RunResult, Stream, open_forkserver, open_run
+from runtimed.errors import Json, KernelError, SandboxError
+from sandbox.launch import (
+    ForkServer,
+    OutputChunk,
+    PreparedRun,
+    RunResult,
+    Stream,
+    open_execution,
+    open_forkserver,
+    open_run,
+    prepare_run,
+)
 from sandbox.spec import ExecSpec
 from tests.support import busybox, require, require_root
 
@@ -419,3 +430,28 @@ async def test_sandbox_caller_cancellation_leaves_nothing_behind(
     assert scope.cancelled_caught
     assert _processes_with("98765") == []
     assert not any(d.exists() for d in dirs)
+
+
+async def _drain(prepared: PreparedRun, server: ForkServer) -> RunResult:
+    async with open_execution(prepared, server) as execution:
+        async for _ in execution.output:
+            pass
+        return await execution.wait()
+
+
+async def test_sandbox_helper_errors_come_back_as_our_errors(source: DirectorySource) -> None:
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
+    prepared = await trio.to_thread.run_sync(prepare_run, spec, source, NATIVE_REPORT)
+    bogus = dataclasses.replace(
+        prepared, plan=dataclasses.replace(prepared.plan, capabilities=("CAP_BOGUS",))
+    )
+    try:
+        async with open_forkserver() as server:
+            with pytest.raises(SandboxError, match="unknown capabilities"):
+                await _drain(bogus, server)
+            # the server refuses a request without its four fds, and keeps serving
+            with pytest.raises(SandboxError, match="expected 4 fds"):
+                await server.spawn(b"{}", [])
+            assert (await _drain(prepared, server)).exit_code == 0
+    finally:
+        source.remove_run_dir(prepared.run_dir)
