@@ -63,6 +63,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -107,8 +108,11 @@ def read_plan(text: bytes) -> Plan:
 
 
 def die_with_parent() -> None:
-    """Step 2."""
+    """Step 2, with the descriptor limit raised to its hard limit: walking a deep layer (for
+    ``strip_bookkeeping``) holds one descriptor per level."""
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def enter_mount_namespace() -> None:
@@ -190,6 +194,8 @@ def strip_bookkeeping(dest: Path) -> None:
         for dir_fd, _, name, _ in walk_tree(top):
             # The magic link names the directory; the last component is not followed.
             _strip(f"/proc/self/fd/{dir_fd}/{name}", follow=False)
+    except OSError as exc:
+        raise syscalls.oserror(exc, syscall="strip overlay xattrs") from exc
     finally:
         os.close(top)
 

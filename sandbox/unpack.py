@@ -497,27 +497,33 @@ def remove_path(path: Path) -> None:
 
 def walk_tree(dir_fd: int) -> Iterator[tuple[int, str, str, os.stat_result]]:
     """Every entry below ``dir_fd`` in pre-order, names sorted bytewise: (fd of its directory,
-    path relative to ``dir_fd``, name, lstat). Like :func:`remove_tree`, it holds a single
-    descriptor at any depth and never follows a symlink; the fd is valid until the next item.
+    path relative to ``dir_fd``, name, lstat). Never follows a symlink; the fd is valid until
+    the next item.
+
+    Unlike :func:`remove_tree` it keeps a descriptor per level (depth is bounded by
+    RLIMIT_NOFILE): the tree may be a user's source directory that is renamed under us while
+    we read it as root, and a walk back up by ``..`` could then leave it.
     """
-    fd = os.open(".", _DIR_READ, dir_fd=dir_fd)
-    levels = [("", iter(sorted(os.listdir(fd), key=os.fsencode)))]
+    fds = [os.open(".", _DIR_READ, dir_fd=dir_fd)]
+    levels = [("", iter(sorted(os.listdir(fds[0]), key=os.fsencode)))]
     try:
         while levels:
             prefix, names = levels[-1]
             name = next(names, None)
             if name is None:
                 levels.pop()
-                if levels:
-                    fd = _down(fd, "..")
+                os.close(fds.pop())
                 continue
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            yield fd, prefix + name, name, st
+            st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+            yield fds[-1], prefix + name, name, st
             if stat.S_ISDIR(st.st_mode):
-                fd = _down(fd, name)
-                levels.append((f"{prefix}{name}/", iter(sorted(os.listdir(fd), key=os.fsencode))))
+                fds.append(os.open(name, _DIR_READ | os.O_NOFOLLOW, dir_fd=fds[-1]))
+                levels.append(
+                    (f"{prefix}{name}/", iter(sorted(os.listdir(fds[-1]), key=os.fsencode)))
+                )
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
 
 class Readable(Protocol):
