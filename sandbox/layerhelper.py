@@ -88,23 +88,13 @@ _MAX_OPTIONS: Final = 4000
 _FORBIDDEN_IN_PATHS: Final = (",", ":", "\\")
 
 
-class Plan:
-    """The validated plan, with paths as ``Path`` (built only by :func:`read_plan`)."""
-
-    def __init__(self, plan: UnpackPlan) -> None:
-        self.wire = plan
-        self.parents = [Path(p) for p in plan.parents]
-        self.dest = Path(plan.dest)
-        self.work = None if plan.work is None else Path(plan.work)
-
-
-def read_plan(text: bytes) -> Plan:
+def read_plan(text: bytes) -> UnpackPlan:
     """Step 1. Raises InvalidParamsError naming the bad field."""
     try:
         obj = json.loads(text)
     except ValueError as exc:
         raise InvalidParamsError(f"plan: not JSON: {exc}", details={"parameter": "."}) from exc
-    return Plan(UnpackPlan.from_json(obj))
+    return UnpackPlan.from_json(obj)
 
 
 def die_with_parent() -> None:
@@ -121,8 +111,8 @@ def enter_mount_namespace() -> None:
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
 
 
-def overlay_options(parents: list[Path], upper: Path, work: Path) -> str:
-    """The overlay mount data, paths relative to the current directory (the common parent).
+def overlay_options(parents: list[Path], upper: Path, work: Path) -> tuple[Path, str]:
+    """The directory to mount from and the overlay mount data, paths relative to it.
 
     Raises:
         InvalidParamsError: a path holds a character the option syntax cannot carry, or the
@@ -145,44 +135,41 @@ def overlay_options(parents: list[Path], upper: Path, work: Path) -> str:
             f"overlay options for {len(parents)} layers exceed one page",
             details={"parameter": "parents"},
         )
-    os.chdir(base)
-    return data
+    return base, data
 
 
-def mount_merged(plan: Plan) -> Path:
+def mount_merged(parents: list[Path], dest: Path, work: Path) -> Path:
     """Step 4: the merged view of the parents with DEST as its upper directory."""
-    assert plan.work is not None
-    merged, ovl = plan.work / "merged", plan.work / "ovl"
+    merged, ovl = work / "merged", work / "ovl"
     merged.mkdir(mode=0o700)
     ovl.mkdir(mode=0o700)
-    data = overlay_options(plan.parents, plan.dest, ovl)
+    base, data = overlay_options(parents, dest, ovl)
+    os.chdir(base)  # overlayfs resolves the relative lowerdir/upperdir/workdir from here
     syscalls.mount("overlay", merged, "overlay", 0, data)
     return merged
 
 
-def unpack(plan: Plan, root: Path) -> LayerResult:
+def unpack(plan: UnpackPlan, root: Path) -> LayerResult:
     """Step 5."""
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        wire = plan.wire
         return unpack_stream(
-            wire.source_fd,
+            plan.source_fd,
             root_fd,
-            wire.limits,
-            name=wire.name,
-            expected_diff_id=wire.expected_diff_id,
-            expected_digest=wire.expected_digest,
+            plan.limits,
+            name=plan.name,
+            expected_diff_id=plan.expected_diff_id,
+            expected_digest=plan.expected_digest,
         )
     finally:
         os.close(root_fd)
 
 
-def unmount(plan: Plan, merged: Path) -> None:
+def unmount(merged: Path, work: Path) -> None:
     """Step 6: detach the overlay and leave WORK empty."""
     syscalls.umount2(merged)
-    assert plan.work is not None
     # overlayfs leaves WORK/ovl/work (mode 000, maybe holding leftovers) behind.
-    shutil.rmtree(plan.work / "ovl")
+    shutil.rmtree(work / "ovl")
     merged.rmdir()
 
 
@@ -210,13 +197,16 @@ def run(plan_text: bytes) -> LayerResult:
     """Steps 1-6."""
     plan = read_plan(plan_text)
     die_with_parent()
+    dest = Path(plan.dest)
     if not plan.parents:
-        return unpack(plan, plan.dest)
+        return unpack(plan, dest)
+    assert plan.work is not None  # UnpackPlan.from_json requires it with parents
+    work = Path(plan.work)
     enter_mount_namespace()
-    merged = mount_merged(plan)
+    merged = mount_merged([Path(p) for p in plan.parents], dest, work)
     result = unpack(plan, merged)
-    unmount(plan, merged)
-    strip_bookkeeping(plan.dest)
+    unmount(merged, work)
+    strip_bookkeeping(dest)
     return result
 
 
