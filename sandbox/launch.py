@@ -1,8 +1,7 @@
 """IO (trio): run one exec request in the sandbox and say truthfully how it ran.
 
-Two halves:
+:func:`open_run` does both halves below and removes the run directory at the end:
 
-- :func:`open_run` does both halves and removes the run directory at the end.
 - :func:`prepare_run` (blocking; the daemon calls it through ``trio.to_thread``): snapshot →
   requested platform → mode decision (:mod:`sandbox.mode`, refusals before anything is
   created) → user and environment from the image and the rootfs → run directory → plan.
@@ -16,7 +15,8 @@ Two halves:
 The execution report is checked on the running processes, not inferred: every
 :data:`SAMPLE_INTERVAL` the run's ``cgroup.procs`` is read and each process's ``/proc/PID/exe``
 classified (an emulator's interpreter path means emulated by it, anything else native) with
-its CPU time; the command itself is also identified by PID 1 right after its exec. Processes
+its CPU time; the command itself stops once after its execve so that PID 1 reads its
+``/proc/PID/exe`` (``confirmed`` in the report), however short-lived it is. Processes
 too short-lived to be sampled show up only in ``unobserved_cpu_seconds`` (cgroup total minus
 what was attributed, sandbox set-up included).
 
