@@ -15,7 +15,8 @@ Steps, in order, each its own function:
 3. ``enter_mount_namespace`` (only with parents): unshare(CLONE_NEWNS), then make ``/``
    recursively private so nothing we mount propagates to the host.
 4. ``mount_merged`` (only with parents): overlay on ``WORK/merged`` with
-   ``lowerdir=<parents, top first>,upperdir=DEST,workdir=WORK/ovl`` and
+   ``lowerdir=l/N:..:l/0,upperdir=DEST,workdir=ovl`` (relative to WORK; ``WORK/l/<i>`` are
+   short symlinks to the parents, lowest first) and
    ``userxattr,index=off,metacopy=off,redirect_dir=nofollow``. ``userxattr`` (kernel commit
    2d2f2d7322ff, Documentation/filesystems/overlayfs.rst "Non-standard behavior"/"userxattr")
    keeps overlay metadata in ``user.overlay.*`` so the same layer directories work under a
@@ -24,8 +25,6 @@ Steps, in order, each its own function:
    ``userxattr`` with ``redirect_dir=off`` ("conflicting options: userxattr,redirect_dir=
    follow", as ``off`` still follows), so it is ``nofollow``: none created, none followed.
    ``index=off`` keeps the upper directory free of an index tied to this particular mount.
-   Paths are passed relative to their common parent (we chdir there) to stay within the one
-   page the mount options may take.
 5. ``unpack``: :func:`sandbox.unpack.unpack_stream` from the source fd into the merged root
    (or straight into DEST for a layer without parents).
 6. ``unmount``: the overlay is unmounted and WORK emptied before success is reported.
@@ -83,6 +82,8 @@ log = logging.getLogger(__name__)
 OVERLAY_OPTIONS: Final = "userxattr,index=off,metacopy=off,redirect_dir=nofollow"
 OVERLAY_XATTR_PREFIX: Final = "user.overlay."
 KEPT_OVERLAY_XATTRS: Final = frozenset({"user.overlay.opaque"})
+LINKS: Final = "l"  # WORK/l/<i>: short symlinks to the parent layers
+OVERLAY_WORK: Final = "ovl"  # WORK/ovl: overlayfs's own workdir
 # The mount(2) data argument is one page; keep a margin.
 _MAX_OPTIONS: Final = 4000
 _FORBIDDEN_IN_PATHS: Final = (",", ":", "\\")
@@ -111,40 +112,41 @@ def enter_mount_namespace() -> None:
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
 
 
-def overlay_options(parents: list[Path], upper: Path, work: Path) -> tuple[Path, str]:
-    """The directory to mount from and the overlay mount data, paths relative to it.
+def overlay_options(layers: int, upper: str) -> str:
+    """The overlay mount data, relative to WORK: ``layers`` lower dirs named by the symlinks
+    ``l/0`` (lowest) .. ``l/N``, listed top first; ``upper`` is DEST relative to WORK.
+
+    Short symlinks, as Docker's overlay2 driver uses, keep 127 layers (OCI's usual maximum)
+    far inside the single page that mount(2) takes for its data, whatever the store's paths.
 
     Raises:
-        InvalidParamsError: a path holds a character the option syntax cannot carry, or the
+        InvalidParamsError: DEST holds a character the option syntax cannot carry, or the
             options do not fit in a page.
     """
-    base = Path(os.path.commonpath([*parents, upper, work]))
-    for path in (*parents, upper, work):
-        if any(c in os.fspath(path) for c in _FORBIDDEN_IN_PATHS):
-            raise InvalidParamsError(
-                f"overlay path {path}: ',', ':' and '\\' cannot be passed to overlayfs",
-                details={"parameter": "parents"},
-            )
-    lower = ":".join(os.path.relpath(p, base) for p in reversed(parents))
-    data = (
-        f"lowerdir={lower},upperdir={os.path.relpath(upper, base)},"
-        f"workdir={os.path.relpath(work, base)},{OVERLAY_OPTIONS}"
-    )
+    if any(c in upper for c in _FORBIDDEN_IN_PATHS):
+        raise InvalidParamsError(
+            f"overlay upper dir {upper}: ',', ':' and '\\' cannot be passed to overlayfs",
+            details={"parameter": "dest"},
+        )
+    lower = ":".join(f"{LINKS}/{i}" for i in reversed(range(layers)))
+    data = f"lowerdir={lower},upperdir={upper},workdir={OVERLAY_WORK},{OVERLAY_OPTIONS}"
     if len(data.encode()) > _MAX_OPTIONS:
         raise InvalidParamsError(
-            f"overlay options for {len(parents)} layers exceed one page",
+            f"overlay options for {layers} layers exceed one page",
             details={"parameter": "parents"},
         )
-    return base, data
+    return data
 
 
 def mount_merged(parents: list[Path], dest: Path, work: Path) -> Path:
     """Step 4: the merged view of the parents with DEST as its upper directory."""
-    merged, ovl = work / "merged", work / "ovl"
-    merged.mkdir(mode=0o700)
-    ovl.mkdir(mode=0o700)
-    base, data = overlay_options(parents, dest, ovl)
-    os.chdir(base)  # overlayfs resolves the relative lowerdir/upperdir/workdir from here
+    merged = work / "merged"
+    for sub in (merged, work / OVERLAY_WORK, work / LINKS):
+        sub.mkdir(mode=0o700)
+    for i, parent in enumerate(parents):
+        (work / LINKS / str(i)).symlink_to(parent.resolve())
+    data = overlay_options(len(parents), os.path.relpath(dest.resolve(), work.resolve()))
+    os.chdir(work)  # overlayfs resolves the relative lowerdir/upperdir/workdir from here
     syscalls.mount("overlay", merged, "overlay", 0, data)
     return merged
 
@@ -169,7 +171,8 @@ def unmount(merged: Path, work: Path) -> None:
     """Step 6: detach the overlay and leave WORK empty."""
     syscalls.umount2(merged)
     # overlayfs leaves WORK/ovl/work (mode 000, maybe holding leftovers) behind.
-    shutil.rmtree(work / "ovl")
+    shutil.rmtree(work / OVERLAY_WORK)
+    shutil.rmtree(work / LINKS)
     merged.rmdir()
 
 

@@ -283,3 +283,25 @@ def test_copy_directory_layer_filters_devices_and_keeps_links_and_capabilities(
     assert stat.S_IMODE(ping.st_mode) == 0o4755
     assert ping.st_ino == (dest / "ping6").lstat().st_ino
     assert os.getxattr(dest / "ping", "security.capability") == CAP_NET_RAW
+
+
+def test_unpack_over_127_parents_with_long_store_paths(tmp_path: Path) -> None:
+    require_root()
+    parents = []
+    for i in range(127):
+        parent = tmp_path / "layers" / f"{i:064x}"
+        parent.mkdir(parents=True)
+        (parent / f"f{i}").write_text(str(i))
+        parents.append(parent)
+    blob = tmp_path / "top.tar"
+    blob.write_bytes(tar_bytes([member(".wh.f5", data=b""), member("new", data=b"n")]))
+    dest, work = tmp_path / "layers" / "top", tmp_path / "work"
+    dest.mkdir()
+    work.mkdir()
+    apply(blob, dest, parents, work)
+    whiteout = (dest / "f5").lstat()
+    assert stat.S_ISCHR(whiteout.st_mode)
+    assert whiteout.st_rdev == 0
+    assert (dest / "new").read_text() == "n"
+    assert sorted(os.listdir(dest)) == ["f5", "new"]
+    assert os.listdir(work) == []
