@@ -15,6 +15,7 @@ with root's rights would open whatever its symlinks point to.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -44,7 +45,13 @@ from binfmt.platform import normalize, parse_platform
 from binfmt.qemu import QEMU_TARGETS, target_for_platform
 from binfmt.report import PlatformReport
 from runtimed.config import Config
-from runtimed.errors import InterpreterNotFoundError, InvalidParamsError, Json, RuntimedError
+from runtimed.errors import (
+    InterpreterNotFoundError,
+    InvalidParamsError,
+    Json,
+    RuntimedError,
+    SnapshotError,
+)
 from runtimed.handlers import OutputSink, ProgressSink
 from sandbox.launch import open_run
 from sandbox.spec import ExecSpec
@@ -261,8 +268,11 @@ def readable_source(fd: int, spool_dir: Path) -> Iterator[Path]:
     Raises:
         InvalidParamsError: the descriptor is a directory or a device.
     """
+    require_access(fd, readable=True)
     mode = os.fstat(fd).st_mode
     if stat.S_ISREG(mode):
+        # The client opened this file for reading, so reopening the same inode through /proc
+        # gives the daemon no access the client did not have.
         yield Path(f"/proc/self/fd/{fd}")
         return
     if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
@@ -274,11 +284,35 @@ def readable_source(fd: int, spool_dir: Path) -> Iterator[Path]:
     out, name = tempfile.mkstemp(dir=spool_dir, prefix="spool-")
     try:
         with os.fdopen(out, "wb") as spool:
-            while chunk := os.read(fd, COPY_CHUNK):
-                spool.write(chunk)
+            try:
+                while chunk := os.read(fd, COPY_CHUNK):
+                    spool.write(chunk)
+            except OSError as exc:
+                raise SnapshotError(
+                    f"import: reading the client's descriptor failed: {exc.strerror}"
+                ) from exc
         yield Path(name)
     finally:
         os.unlink(name)
+
+
+def require_access(fd: int, *, readable: bool) -> None:
+    """Refuse a descriptor the client could not read (or write) through itself.
+
+    An O_PATH descriptor names a file without granting access to it: reopened or used with
+    root's rights it would hand the client any file on the host.
+
+    Raises:
+        InvalidParamsError: the descriptor is O_PATH or opened in the wrong direction.
+    """
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    mode = flags & os.O_ACCMODE
+    allowed = (os.O_RDONLY, os.O_RDWR) if readable else (os.O_WRONLY, os.O_RDWR)
+    if flags & os.O_PATH or mode not in allowed:
+        raise InvalidParamsError(
+            f"fileDescriptor must be opened for {'reading' if readable else 'writing'}",
+            details={"parameter": "fileDescriptor"},
+        )
 
 
 def write_to_fd(dest: Path, fd: int) -> int:
@@ -293,12 +327,19 @@ def write_to_fd(dest: Path, fd: int) -> int:
             for path in sorted(dest.rglob("*")):
                 tar.add(path, arcname=str(path.relative_to(dest)), recursive=False)
         dest = archive
+    require_access(fd, readable=False)
     written = 0
     with dest.open("rb") as src:
         while chunk := src.read(COPY_CHUNK):
             view = memoryview(chunk)
             while view:
-                done = os.write(fd, view)
+                try:
+                    done = os.write(fd, view)
+                except OSError as exc:
+                    raise SnapshotError(
+                        f"export: writing to the client's descriptor failed: {exc.strerror}",
+                        details={"written": written},
+                    ) from exc
                 written += done
                 view = view[done:]
     return written

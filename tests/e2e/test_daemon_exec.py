@@ -101,13 +101,37 @@ def test_daemon_exec_import_from_a_pipe(served: tuple[Daemon, dict[str, str]]) -
         os.close(read)
 
 
-def test_daemon_exec_import_refuses_a_directory(served: tuple[Daemon, dict[str, str]]) -> None:
+@pytest.mark.parametrize(
+    ("path", "flags"),
+    [
+        ("/", os.O_RDONLY | os.O_DIRECTORY),  # a tree the daemon would walk with root's rights
+        ("/etc/shadow", os.O_PATH),  # names a file without granting read access
+        ("/dev/null", os.O_WRONLY),
+    ],
+)
+def test_daemon_exec_import_refuses_descriptors_it_must_not_read(
+    served: tuple[Daemon, dict[str, str]], path: str, flags: int
+) -> None:
     daemon, _ = served
-    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, flags)
     try:
         with pytest.raises(InvalidParamsError) as info:
             daemon.client().import_snapshot(fd)
         assert info.value.details["parameter"] == "fileDescriptor"
+    finally:
+        os.close(fd)
+
+
+def test_daemon_exec_export_refuses_a_read_only_descriptor(
+    served: tuple[Daemon, dict[str, str]], tmp_path: Path
+) -> None:
+    daemon, snapshots = served
+    target = tmp_path / "ro.tar"
+    target.write_bytes(b"")
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        with pytest.raises(InvalidParamsError):
+            daemon.client().export_snapshots([snapshots["amd64"]], fd)
     finally:
         os.close(fd)
 
