@@ -463,6 +463,7 @@ class Execution:
         self._command_exe: str | None = None
         self._exit: dict[str, Json] | None = None
         self._helper_pid = 0
+        self._usage: tuple[cgroups.ResourceUsage, dict[str, int]] | None = None
         self.timed_out = False
         self.cancelled = False
 
@@ -487,7 +488,10 @@ class Execution:
         await self._done.wait()
         if self._error is not None and not self._started:
             raise self._error
-        usage, events = await trio.to_thread.run_sync(self._usage)
+        usage, events = self._usage or (
+            cgroups.ResourceUsage(cpu_seconds=None, peak_memory=None),
+            {},
+        )
         total = usage.cpu_seconds
         report = _account(self._observer, self.prepared, self._command_exe, total)
         code, signum = self._status()
@@ -508,7 +512,8 @@ class Execution:
             result = dataclasses.replace(result, snapshot=info.id)
         return result
 
-    def _usage(self) -> tuple[cgroups.ResourceUsage, dict[str, int]]:
+    def _finish_cgroup(self) -> tuple[cgroups.ResourceUsage, dict[str, int]]:
+        self.group.kill()
         return self.group.usage(), self.group.memory_events()
 
     def _status(self) -> tuple[int, int | None]:
@@ -632,9 +637,9 @@ class Execution:
                 task_status.started()
                 await self._supervise(pidfd)
                 # The helper is gone: whatever is left in the cgroup dies now, so the output
-                # pipes reach EOF.
+                # pipes reach EOF; the accounting is read in the same trip to a thread.
                 self._exited.set()
-                await trio.to_thread.run_sync(self.group.kill)
+                self._usage = await trio.to_thread.run_sync(self._finish_cgroup)
         finally:
             self._exited.set()
             self._done.set()
@@ -772,19 +777,45 @@ async def open_run(
     Raises:
         RuntimedError: every refusal of :func:`prepare_run` and :func:`open_execution`.
     """
-    prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
+    # One trip to a worker thread each for the set-up and the clean-up (they add up: on a
+    # busy host every hand-off to a thread costs milliseconds).
+    prepared, group = await trio.to_thread.run_sync(_prepare_with_cgroups, spec, source, report)
     try:
         async with contextlib.AsyncExitStack() as stack:
             if server is None:
                 server = await stack.enter_async_context(open_forkserver())
             execution = await stack.enter_async_context(
-                open_execution(prepared, server, source=source, debug=debug)
+                open_execution(prepared, server, source=source, group=group, debug=debug)
             )
             yield execution
     finally:
         with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
             cleanup.shield = True
-            await trio.to_thread.run_sync(source.remove_run_dir, prepared.run_dir)
+            await trio.to_thread.run_sync(_clean_up, prepared, source, group)
+
+
+def _create_cgroups(prepared: PreparedRun) -> cgroups.RunCgroup:
+    spec = prepared.spec
+    name = f"{prepared.run_dir.name}-{uuid.uuid4().hex[:8]}"
+    return cgroups.create(name, memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
+
+
+def _prepare_with_cgroups(
+    spec: ExecSpec, source: SnapshotSource, report: PlatformReport
+) -> tuple[PreparedRun, cgroups.RunCgroup]:
+    prepared = prepare_run(spec, source, report)
+    try:
+        return prepared, _create_cgroups(prepared)
+    except BaseException:
+        source.remove_run_dir(prepared.run_dir)
+        raise
+
+
+def _clean_up(prepared: PreparedRun, source: SnapshotSource, group: cgroups.RunCgroup) -> None:
+    try:
+        group.remove()
+    finally:
+        source.remove_run_dir(prepared.run_dir)
 
 
 @contextlib.asynccontextmanager
@@ -793,18 +824,19 @@ async def open_execution(
     server: ForkServer,
     *,
     source: SnapshotSource | None = None,
+    group: cgroups.RunCgroup | None = None,
     debug: bool = False,
 ) -> AsyncIterator[Execution]:
     """Start a prepared run; leaving the block early cancels it (whole tree killed).
 
+    The run's cgroups are created here unless ``group`` is given; then the caller removes it.
+
     Raises:
         SandboxError: the cgroups could not be created or a limit cannot be enforced.
     """
-    spec = prepared.spec
-    name = f"{prepared.run_dir.name}-{uuid.uuid4().hex[:8]}"
-    group = await trio.to_thread.run_sync(
-        partial(cgroups.create, name, memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
-    )
+    owned = group is None
+    if group is None:
+        group = await trio.to_thread.run_sync(_create_cgroups, prepared)
     try:
         async with _single_errors(), trio.open_nursery() as nursery:
             execution = Execution(prepared, group, source)
@@ -814,6 +846,7 @@ async def open_execution(
             finally:
                 execution.cancel()
     finally:
-        with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
-            cleanup.shield = True
-            await trio.to_thread.run_sync(group.remove)
+        if owned:
+            with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
+                cleanup.shield = True
+                await trio.to_thread.run_sync(group.remove)
