@@ -21,7 +21,7 @@ import pytest
 import varlink
 
 from runtimed.client import SyncClient
-from runtimed.errors import DaemonUnavailableError
+from runtimed.errors import DaemonUnavailableError, Json, NativePlatformError
 from tests.support import require, require_private_binfmt, run_private_binfmt, tool
 
 pytestmark = pytest.mark.slow
@@ -385,3 +385,24 @@ def test_daemon_e2e_embedded_daemon_serves_one_command(tmp_path: Path) -> None:
     product, host, snapshots = out.stdout.split()
     assert (product, snapshots) == ("runtimed", "0")
     assert host.startswith("linux/amd64")
+
+
+def test_daemon_e2e_install_and_uninstall_emulators(daemon: Daemon) -> None:
+    client = daemon.client()
+
+    def emulated(report: Json) -> list[str]:
+        assert isinstance(report, dict)
+        assert isinstance(report["emulated"], dict)
+        return list(report["emulated"])
+
+    installed = client.install_emulators(["linux/s390x"])
+    assert "linux/s390x" in str(installed["changes"])
+    assert "linux/s390x" in emulated(installed["report"])
+    assert "linux/s390x" in emulated(client.get_platforms())
+    removed = client.uninstall_emulators(["linux/s390x"])
+    assert "linux/s390x" not in emulated(removed["report"])
+    with pytest.raises(NativePlatformError):
+        client.install_emulators(["linux/amd64"])
+    diagnosis = client.check_binfmt()
+    assert isinstance(diagnosis["ok"], bool)
+    assert isinstance(diagnosis["findings"], list)
