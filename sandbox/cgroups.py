@@ -2,11 +2,12 @@
 
 Each controller is taken from cgroup v2 when the unified hierarchy offers it below our own
 cgroup, else from its v1 hierarchy (this machine: v1 memory/pids/cpu/cpuacct plus a cgroup2
-mount at /sys/fs/cgroup/unified with only hugetlb). A run's cgroups are siblings named
+mount at /sys/fs/cgroup/unified with only hugetlb). A run's cgroups are named
 ``runtimed-<run>`` under the cgroup the caller is in, in every hierarchy used, so the caller's
-own limits still apply. The v2 group, when there is one, is created even without controllers:
-it gives ``cgroup.kill`` (Linux 5.14) and a reliable process list. A limit no hierarchy can
-enforce is an error, never silently dropped.
+own limits still apply (on a pure v2 host whose cgroup cannot hand controllers down, under
+``runtimed/`` at the root instead, see :func:`v2_parent`). The v2 group, when there is one,
+is created even without controllers: it gives ``cgroup.kill`` (Linux 5.14) and a reliable
+process list. A limit no hierarchy can enforce is an error, never silently dropped.
 
 Kill: v2 ``cgroup.kill`` when available (it kills every process including new forks);
 otherwise the v1 freezer (freeze, SIGKILL everything, thaw), otherwise SIGKILL in rounds until
@@ -16,6 +17,7 @@ otherwise the v1 freezer (freeze, SIGKILL everything, thaw), otherwise SIGKILL i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -43,6 +45,7 @@ class Hierarchies:
     unified_controllers: frozenset[str]
     v1: Mapping[str, Path]
     pure_v2: bool
+    unified_root: Path | None = None  # the cgroup2 mount point
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,6 +68,7 @@ def detect() -> Hierarchies:
     """Read the mounts and our own cgroups; which controller comes from where."""
     own = _own_cgroups()
     unified: Path | None = None
+    unified_root: Path | None = None
     v1: dict[str, Path] = {}
     pure_v2 = False
     for line in Path("/proc/self/mounts").read_text().splitlines():
@@ -72,6 +76,7 @@ def detect() -> Hierarchies:
         point = Path(mountpoint)
         if fstype == "cgroup2" and "" in own and unified is None:
             unified = point / own[""].lstrip("/")
+            unified_root = point
             pure_v2 = point == CGROUP_ROOT
         elif fstype == "cgroup":
             for name in ("memory", "pids", "cpu", "cpuacct", "freezer"):
@@ -81,7 +86,50 @@ def detect() -> Hierarchies:
     if unified is not None:
         with contextlib.suppress(OSError):
             controllers = frozenset((unified / "cgroup.controllers").read_text().split())
-    return Hierarchies(unified=unified, unified_controllers=controllers, v1=v1, pure_v2=pure_v2)
+    return Hierarchies(
+        unified=unified,
+        unified_controllers=controllers,
+        v1=v1,
+        pure_v2=pure_v2,
+        unified_root=unified_root,
+    )
+
+
+def _enable_controllers(group: Path, names: frozenset[str]) -> bool:
+    """Enable ``names`` for the children of ``group``; whether the kernel took them all."""
+    try:
+        for name in sorted(names):
+            (group / "cgroup.subtree_control").write_text(f"+{name}")
+    except OSError:
+        return False
+    return True
+
+
+def v2_parent(h: Hierarchies) -> Path:
+    """Where a run's v2 cgroup goes: below our own cgroup when it can hand the controllers
+    down, else below ``runtimed/`` at the root of the hierarchy.
+
+    cgroup v2 lets no cgroup with processes enable controllers for its children ("no
+    internal processes", cgroup-v2.rst), and the launcher's own cgroup has the launcher in
+    it; on a pure v2 host without delegation the runs then go where Docker's cgroupfs driver
+    puts containers, in a shared parent of ours at the root (kept between runs).
+    """
+    assert h.unified is not None
+    wanted = frozenset({"memory", "pids", "cpu"} & h.unified_controllers)
+    if not wanted or _enable_controllers(h.unified, wanted):
+        return h.unified
+    if h.unified_root is None or h.unified_root == h.unified:
+        return h.unified  # the root itself: nothing better exists
+    shared = h.unified_root / "runtimed"
+    try:
+        shared.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise SandboxError(
+            f"create cgroup {shared}: {exc.strerror}", details={"path": str(shared)}
+        ) from exc
+    _enable_controllers(h.unified_root, wanted)
+    _enable_controllers(shared, wanted)
+    return shared
 
 
 class RunCgroup:
@@ -127,19 +175,11 @@ class RunCgroup:
     def setup(self, *, memory: int | None, pids: int | None, cpus: float | None) -> None:
         h = self.hierarchies
         if h.unified is not None:
-            self._v2 = self._make(h.unified)
-            # Controllers must be enabled in the parent's subtree_control to appear in ours.
-            wanted = {"memory", "pids", "cpu"} & h.unified_controllers
-            for name in wanted:
-                with contextlib.suppress(OSError):
-                    (h.unified / "cgroup.subtree_control").write_text(f"+{name}")
-            enabled = set((self._v2 / "cgroup.controllers").read_text().split())
-            self.hierarchies = Hierarchies(
-                unified=h.unified,
-                unified_controllers=frozenset(enabled),
-                v1=h.v1,
-                pure_v2=h.pure_v2,
-            )
+            self._v2 = self._make(v2_parent(h))
+            enabled: frozenset[str] = frozenset()
+            with contextlib.suppress(OSError):
+                enabled = frozenset((self._v2 / "cgroup.controllers").read_text().split())
+            self.hierarchies = dataclasses.replace(h, unified_controllers=enabled)
         if memory is not None:
             path = self._require("memory", "memory")
             if path == self._v2:

@@ -7,6 +7,7 @@ import dataclasses
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,34 @@ def test_cgroups_refuse_a_limit_nothing_can_enforce() -> None:
     with pytest.raises(SandboxError, match="no cgroup memory controller"):
         group.setup(memory=1 << 20, pids=None, cpus=None)
     group.remove()
+
+
+def _fake_v2(tmp_path: Path, *, own_can_delegate: bool) -> cgroups.Hierarchies:
+    """A cgroup2 tree of plain files: a subtree_control that is a directory refuses writes,
+    as the kernel does for a cgroup with processes in it."""
+    root = tmp_path / "cgroup2"
+    own = root / "system.slice" / "builder.service"
+    own.mkdir(parents=True)
+    if not own_can_delegate:
+        (own / "cgroup.subtree_control").mkdir()
+    return cgroups.Hierarchies(
+        unified=own,
+        unified_controllers=frozenset({"memory", "pids", "cpu", "io"}),
+        v1={},
+        pure_v2=True,
+        unified_root=root,
+    )
+
+
+def test_cgroups_v2_runs_below_our_cgroup_when_it_delegates(tmp_path: Path) -> None:
+    h = _fake_v2(tmp_path, own_can_delegate=True)
+    assert cgroups.v2_parent(h) == h.unified
+
+
+def test_cgroups_v2_runs_go_to_a_shared_parent_without_delegation(tmp_path: Path) -> None:
+    h = _fake_v2(tmp_path, own_can_delegate=False)
+    assert h.unified_root is not None
+    parent = cgroups.v2_parent(h)
+    assert parent == h.unified_root / "runtimed"
+    # the last controller enabled there (plain files keep only the last write)
+    assert (parent / "cgroup.subtree_control").read_text() == "+pids"
