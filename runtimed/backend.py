@@ -31,22 +31,12 @@ import trio
 
 from binfmt import detect, installer, kernel
 from binfmt.diagnose import diagnose
-from binfmt.install import (
-    ActionKind,
-    Plan,
-    desired_entry,
-    desired_flags,
-    native_refusal,
-    plan_install,
-    plan_toggle,
-    require_foreign,
-)
+from binfmt.install import ActionKind, Plan
 from binfmt.platform import normalize, parse_platform
-from binfmt.qemu import QEMU_TARGETS, target_for_platform
+from binfmt.qemu import target_for_platform
 from binfmt.report import PlatformReport
 from runtimed.config import Config
 from runtimed.errors import (
-    InterpreterNotFoundError,
     InvalidParamsError,
     Json,
     RuntimedError,
@@ -114,10 +104,10 @@ class DaemonBackend:
         self, platforms: list[str] | None, *, force: bool
     ) -> dict[str, Json]:
         path = self.config().binfmt_misc
-        plan, skipped = await trio.to_thread.run_sync(
+        result = await trio.to_thread.run_sync(
             lambda: install_handlers(path, platforms, force=force)
         )
-        return self._changed(plan, skipped, await self.refresh_platforms())
+        return self._changed(result.plan, result.skipped, await self.refresh_platforms())
 
     async def uninstall_emulators(self, platforms: list[str] | None) -> dict[str, Json]:
         path = self.config().binfmt_misc
@@ -129,11 +119,7 @@ class DaemonBackend:
                 if platforms is None
                 else [normalize(parse_platform(p, host=host)) for p in platforms]
             )
-            plan = plan_toggle(
-                ActionKind.REMOVE, chosen, kernel.read_state(path).entries, force=False
-            )
-            installer.apply_plan(path, plan)
-            return plan
+            return installer.toggle(path, ActionKind.REMOVE, chosen, force=False)
 
         plan = await trio.to_thread.run_sync(uninstall)
         return self._changed(plan, [], await self.refresh_platforms())
@@ -211,54 +197,26 @@ class DaemonBackend:
 
 def install_handlers(
     path: Path, platforms: Sequence[str] | None, *, force: bool
-) -> tuple[Plan, list[tuple[str, str]]]:
+) -> installer.InstallResult:
     """Register QEMU handlers for ``platforms`` (None: every foreign one QEMU is installed
-    for, skipping the rest with the reason). Mounts binfmt_misc at ``path`` if needed.
+    for; the rest are skipped with the reason). Mounts binfmt_misc at ``path`` if needed.
 
     Raises:
         PlatformError: a platform does not parse.
         UnsupportedPlatformError: QEMU cannot emulate a named platform.
         NativePlatformError: a named platform runs natively here.
         InterpreterNotFoundError: no QEMU for a named platform.
-        BinfmtError: binfmt_misc refused a write.
+        HandlerConflictError: another tool's handler is in the way and ``force`` is not set.
+        KernelError: binfmt_misc refused a write.
     """
     kernel.ensure_mounted(path)
     host = detect.host_platform()
-    native = detect.native_platforms(host)
-    named = None if platforms is None else [parse_platform(p, host=host) for p in platforms]
-    targets = QEMU_TARGETS if named is None else [target_for_platform(p) for p in named]
-    skipped: list[tuple[str, str]] = []
-    wanted = []
-    for target in targets:
-        platform = normalize(target.platform)
-        if named is not None:
-            require_foreign(
-                platform, host=host, native=native.platforms, native_source=native.source
-            )
-            interpreter = detect.find_interpreter(target)
-        else:
-            why = native_refusal(
-                platform, host=host, native=native.platforms, native_source=native.source
-            )
-            if why is not None:
-                skipped.append((str(platform), why))
-                continue
-            try:
-                interpreter = detect.find_interpreter(target)
-            except InterpreterNotFoundError as exc:
-                skipped.append((str(platform), exc.message))
-                continue
-        flags = desired_flags(preserve_argv0=interpreter.preserve_argv0, credential=False)
-        wanted.append((target, desired_entry(target, str(interpreter.path), flags)))
-    existing = kernel.read_state(path).entries
-    broken = {
-        facts.entry.name: f"interpreter {facts.entry.interpreter} is missing"
-        for facts in map(detect.entry_facts, existing)
-        if not facts.interpreter_exists
-    }
-    plan = plan_install(wanted, existing, broken=broken, force=force)
-    installer.apply_plan(path, plan)
-    return plan, skipped
+    targets = (
+        None
+        if platforms is None
+        else [target_for_platform(parse_platform(p, host=host)) for p in platforms]
+    )
+    return installer.install(path, targets, force=force, credential=False)
 
 
 @contextmanager

@@ -283,7 +283,7 @@ class Daemon:
             return
         path = self.config.binfmt_misc
         try:
-            plan, skipped = await trio.to_thread.run_sync(
+            result = await trio.to_thread.run_sync(
                 lambda: install_handlers(
                     path, None if wanted is None else list(wanted), force=False
                 )
@@ -291,9 +291,9 @@ class Daemon:
         except RuntimedError as exc:
             log.warning("emulators not installed: %s", exc)
             return
-        for change in plan.changes:
+        for change in result.plan.changes:
             log.debug("emulator %s: %s (%s)", change.platform, change.outcome, change.entry)
-        for platform, why in skipped:
+        for platform, why in result.skipped:
             log.debug("emulator %s skipped: %s", platform, why)
 
     async def reload(self) -> None:
