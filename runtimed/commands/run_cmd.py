@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import trio
 
@@ -159,11 +160,32 @@ def _summary(result: RunResult) -> str:
     return f"{ended}; {result.report.summary()}{used}"
 
 
+def _relay(out: BinaryIO, data: bytes) -> bool:
+    """Write a chunk through; False once the reader went away (``runtimectl run … | head``).
+
+    The dead fd is then pointed at /dev/null so that nothing (not even the interpreter's
+    flush at exit) writes to the broken pipe again (Python docs, "Note on SIGPIPE").
+    """
+    try:
+        out.write(data)
+        out.flush()
+    except BrokenPipeError:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, out.fileno())
+        os.close(null)
+        return False
+    return True
+
+
 async def _execute(spec: ExecSpec, store: Store, report: PlatformReport) -> RunResult:
     outputs = {Stream.STDOUT: sys.stdout.buffer, Stream.STDERR: sys.stderr.buffer}
+    broken: set[Stream] = set()
     async with open_run(spec, store, report) as execution:
         async for chunk in execution.output:
-            out = outputs[chunk.stream]
-            await trio.to_thread.run_sync(out.write, chunk.data)
-            await trio.to_thread.run_sync(out.flush)
+            if chunk.stream in broken:
+                continue
+            if not await trio.to_thread.run_sync(_relay, outputs[chunk.stream], chunk.data):
+                # As a pipeline would with SIGPIPE: the command stops when its reader left.
+                broken.add(chunk.stream)
+                execution.cancel()
         return await execution.wait()

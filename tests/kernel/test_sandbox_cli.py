@@ -55,6 +55,28 @@ def test_sandbox_cli_run_streams_exits_reports_and_commits(tmp_path: Path) -> No
     assert check.returncode == 0, check.stderr
     assert not list((state / "runs").iterdir())
 
+    # The reader of runtimectl's stdout goes away: the command is stopped, no traceback.
+    piped = subprocess.run(
+        [
+            "sh",
+            "-c",
+            '"$0" "$@" | head -n 2',
+            str(tool("runtimectl")),
+            "run",
+            *map(str, common),
+            "--",
+            "sh",
+            "-c",
+            "while :; do echo y; done",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert piped.stdout == "y\ny\n"
+    assert "Traceback" not in piped.stderr
+
     refused = _runtimectl("run", *common, "--platform", "windows/amd64", "--", "true")
     assert refused.returncode == 6
     assert "only Linux" in refused.stderr
