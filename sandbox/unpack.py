@@ -900,6 +900,14 @@ def _tar_members(stream: LayerStream) -> Iterator[tuple[tarfile.TarFile, tarfile
         if head == bytes(BLOCK):
             _check_end(stream)
             return
+        # Global PAX headers ("g") patch every later member: only tarfile applies them.
+        simple = None if tar.pax_headers else simple_tarinfo(head, tar.offset)
+        if simple is not None:
+            tar.offset = simple.offset_data + (
+                _round_up(simple.size) if simple.type in _DATA_TYPES else 0
+            )
+            info = simple
+            continue
         try:
             info = tarfile.TarInfo.fromtarfile(tar)
         except tarfile.TarError as exc:
@@ -907,6 +915,73 @@ def _tar_members(stream: LayerStream) -> Iterator[tuple[tarfile.TarFile, tarfile
                 f"{stream.name}: bad tar header after {info.name!r}: {exc}",
                 details={"blob": stream.name, "entry": info.name},
             ) from exc
+
+
+# Header types that simple_tarinfo parses; their data follows for the regular ones only, as
+# in tarfile's _proc_builtin (links, devices, directories and FIFOs carry none, whatever
+# their size field says).
+_SIMPLE_TYPES: Final = frozenset(b"01234567\0")
+_DATA_TYPES: Final = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
+_BASE256: Final = (0o200, 0o377)
+_CHKSUM_BLANKS: Final = 8 * ord(" ")
+
+
+def simple_tarinfo(block: bytes, offset: int) -> tarfile.TarInfo | None:
+    """The member a plain ustar/GNU header block at ``offset`` describes, or None.
+
+    A fast path for the common header (no PAX or GNU long-name record before it, octal
+    numbers, a plain type, an unsigned checksum that matches), built exactly as tarfile's
+    ``frombuf`` and ``_proc_builtin`` would build it; every other header goes to tarfile,
+    which also owns all error reporting. Parsing headers was 40% of an import's CPU time.
+    """
+    if block[156] not in _SIMPLE_TYPES:
+        return None
+    numbers = []
+    for start, end in (
+        (100, 108),
+        (108, 116),
+        (116, 124),
+        (124, 136),
+        (136, 148),
+        (148, 156),
+        (329, 337),
+        (337, 345),
+    ):
+        field = block[start:end]
+        if field[0] in _BASE256:
+            return None
+        try:
+            numbers.append(int(field.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8))
+        except ValueError:
+            return None
+    mode, uid, gid, size, mtime, chksum, devmajor, devminor = numbers
+    if chksum != sum(block) - sum(block[148:156]) + _CHKSUM_BLANKS:
+        return None
+    info = tarfile.TarInfo(_text(block[0:100]))
+    info.mode, info.uid, info.gid, info.size, info.mtime = mode, uid, gid, size, mtime
+    info.chksum = chksum
+    info.type = block[156:157]
+    info.linkname = _text(block[157:257])
+    info.uname, info.gname = _text(block[265:297]), _text(block[297:329])
+    info.devmajor, info.devminor = devmajor, devminor
+    if info.type == tarfile.AREGTYPE and info.name.endswith("/"):
+        info.type = tarfile.DIRTYPE  # old V7 directories
+    if info.type == tarfile.DIRTYPE:
+        info.name = info.name.rstrip("/")
+    prefix = _text(block[345:500])
+    if prefix:
+        info.name = f"{prefix}/{info.name}"
+    info.offset, info.offset_data = offset, offset + BLOCK
+    return info
+
+
+def _text(field: bytes) -> str:
+    # tarfile.nts with the archive's default encoding (UTF-8, surrogateescape).
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _round_up(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
 
 
 def _check_end(stream: LayerStream) -> None:

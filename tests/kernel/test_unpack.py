@@ -24,6 +24,7 @@ from runtimed.errors import InvalidArchiveError, LimitExceededError
 from sandbox.archive import Compression, LayerResult, UnpackLimits
 from sandbox.unpack import apply_layer, copy_directory_layer
 from tests.support import busybox, require
+from tests.unit.sandbox.test_archive_headers import check_against_tarfile
 
 pytestmark = pytest.mark.kernel
 
@@ -136,6 +137,10 @@ def test_unpack_busybox_root_made_by_gnu_tar(
         ).returncode
         == 0
     )
+
+
+def test_simple_headers_match_tarfile_on_gnu_tar_output(busybox_tar: bytes) -> None:
+    assert check_against_tarfile(busybox_tar) > 100
 
 
 def _tar(members: dict[str, bytes]) -> bytes:

@@ -1,0 +1,98 @@
+"""The fast header path against tarfile itself: for every member of archives in each tar
+format, ``simple_tarinfo`` either declines or builds exactly the member tarfile builds
+(``tests/kernel/test_unpack.py`` does the same on GNU tar's output)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from sandbox.unpack import simple_tarinfo
+
+FIELDS = (
+    "name",
+    "mode",
+    "uid",
+    "gid",
+    "size",
+    "mtime",
+    "type",
+    "linkname",
+    "uname",
+    "gname",
+    "devmajor",
+    "devminor",
+    "offset",
+    "offset_data",
+)
+
+
+def _archive(fmt: int) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+
+        def add(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **kw: object) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.mtime, info.mode = kind, len(data), 1_700_000_000, 0o4755
+            info.uid, info.gid, info.uname, info.gname = 1000, 100, "user", "group"
+            for key, value in kw.items():
+                setattr(info, key, value)
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+        add("dir/", tarfile.DIRTYPE)
+        add("dir/file", data=b"x" * 700)
+        add("dir/empty")
+        add("link", tarfile.SYMTYPE, linkname="/etc/passwd")
+        add("hard", tarfile.LNKTYPE, linkname="dir/file")
+        add("null", tarfile.CHRTYPE, devmajor=1, devminor=3)
+        add("sda", tarfile.BLKTYPE, devmajor=8, devminor=0)
+        add("fifo", tarfile.FIFOTYPE)
+        add("a" * 90 + "/" + "b" * 90)  # ustar splits it into prefix + name
+        add("d/" * 60 + "e")
+        add("caf\u00e9")
+        if fmt != tarfile.USTAR_FORMAT:
+            add("c" * 150)  # GNU long name or PAX path
+            add("big-uid", uid=2**40)  # base-256 in GNU, PAX record in PAX
+    return out.getvalue()
+
+
+def check_against_tarfile(data: bytes) -> int:
+    """Compare every member; the number the fast path handled."""
+    handled = 0
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar.getmembers():
+            fast = simple_tarinfo(data[member.offset : member.offset + 512], member.offset)
+            if fast is None:
+                continue
+            handled += 1
+            for field in FIELDS:
+                assert getattr(fast, field) == getattr(member, field), (member.name, field)
+    return handled
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_simple_tarinfo_matches_tarfile(fmt: int) -> None:
+    assert check_against_tarfile(_archive(fmt)) >= 8
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        bytes(512),
+        b"x" * 512,
+        # A valid header with one byte of its name changed: the checksum no longer matches.
+        bytes([0x41]) + _archive(tarfile.USTAR_FORMAT)[1:512],
+    ],
+)
+def test_simple_tarinfo_declines_what_tarfile_must_judge(block: bytes) -> None:
+    assert simple_tarinfo(block, 0) is None
+
+
+def test_simple_tarinfo_declines_extended_headers() -> None:
+    data = _archive(tarfile.PAX_FORMAT)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        long = next(m for m in tar.getmembers() if m.name == "c" * 150)
+    assert data[long.offset + 156 : long.offset + 157] == tarfile.XHDTYPE
+    assert simple_tarinfo(data[long.offset : long.offset + 512], long.offset) is None
