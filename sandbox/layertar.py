@@ -41,7 +41,6 @@ WHITEOUT_PREFIX: Final = ".wh."
 OPAQUE_MARKER: Final = ".wh..wh..opq"
 # Kept from the layer, as the unpacker keeps them; trusted.* never reaches a stored layer.
 _KEPT_XATTR_PREFIXES: Final = ("security.capability", "user.")
-_CHUNK: Final = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -292,15 +292,6 @@ class _Archive:
     def close(self) -> None:
         os.close(self._fd)
 
-    def has(self, name: str) -> bool:
-        if self._members is not None:
-            return name in self._members
-        try:
-            os.close(self._open(name))
-        except (KernelError, OSError):
-            return False
-        return True
-
     def _open(self, name: str) -> int:
         # A layout directory is untrusted input too: never follow a symlink out of it.
         return syscalls.openat2(
