@@ -14,9 +14,12 @@ The building blocks the helper uses live here too:
   member by member (concatenated gzip members, zstd frames, xz and bzip2 streams are legal;
   anything else after the last one is garbage), hashes both the compressed and the
   uncompressed bytes in the same pass and enforces :class:`~sandbox.archive.UnpackLimits`.
-- :func:`unpack_stream` parses tar headers with ``tarfile`` (parsing only, strictly: a bad
-  header anywhere or a missing end-of-archive marker rejects the archive) and hands each
-  planned :class:`~sandbox.archive.Entry` to :class:`LayerWriter`.
+  Decoding and hashing run in two threads of a bounded pipeline (the C code releases the
+  GIL), so they overlap with parsing and writing as GNU tar's separate gzip process does.
+- :func:`unpack_stream` parses tar headers (plain ones in :func:`simple_tarinfo`, the rest
+  with ``tarfile``; parsing only, strictly: a bad header anywhere or a missing end-of-archive
+  marker rejects the archive) and hands each planned :class:`~sandbox.archive.Entry` to
+  :class:`LayerWriter`.
 - :class:`LayerWriter` performs every write relative to a root directory fd: parent directories
   are resolved with ``openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`` (symlinks met on the way
   are followed but can never leave the root), the final component is created with ``*at()``
