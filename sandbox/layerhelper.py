@@ -73,7 +73,8 @@ from typing import Final
 from runtimed.errors import InternalError, InvalidParamsError, Json, RuntimedError
 from sandbox import syscalls
 from sandbox.archive import LayerResult, UnpackPlan
-from sandbox.unpack import unpack_stream, walk_tree
+from sandbox.fstree import walk_tree
+from sandbox.unpack import unpack_stream
 
 log = logging.getLogger(__name__)
 

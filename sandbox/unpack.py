@@ -8,14 +8,9 @@ Public API (sync; the daemon calls it through ``trio.to_thread``):
 - :func:`copy_directory_layer` streams a source directory (given as an fd) as a canonical tar
   through the very same helper, so both sources share one filter and one writer.
 
-The building blocks the helper uses live here too:
+The building blocks the helper uses live here too (the stream it reads from is
+:class:`sandbox.layerstream.LayerStream`; trees are removed and walked by ``sandbox.fstree``):
 
-- :class:`LayerStream` reads the raw fd to its end, sniffs the compression, decompresses
-  member by member (concatenated gzip members, zstd frames, xz and bzip2 streams are legal;
-  anything else after the last one is garbage), hashes both the compressed and the
-  uncompressed bytes in the same pass and enforces :class:`~sandbox.archive.UnpackLimits`.
-  Decoding and hashing run in two threads of a bounded pipeline (the C code releases the
-  GIL), so they overlap with parsing and writing as GNU tar's separate gzip process does.
 - :func:`unpack_stream` parses tar headers (plain ones in :func:`simple_tarinfo`, the rest
   with ``tarfile``; parsing only, strictly: a bad header anywhere or a missing end-of-archive
   marker rejects the archive) and hands each planned :class:`~sandbox.archive.Entry` to
@@ -30,9 +25,8 @@ The building blocks the helper uses live here too:
 
 Decisions beyond the per-member table in ``sandbox.archive``:
 
-- Stream ends: concatenated members are legal (RFC 1952 2.2, RFC 8878 3, xz 2.2, bzip2);
-  anything else after the last one is garbage, NUL padding and zstd skippable frames included.
-  A plain tar must end with its two zero blocks; bytes after them count toward the diff_id.
+- A plain tar must end with its two zero blocks; bytes after them count toward the diff_id
+  (compressed streams: see ``sandbox.layerstream``).
 - A later entry replaces what a path holds (tar semantics), a directory by removing its tree;
   a ``DIRECTORY`` entry over a symlink that resolves to a directory inside the root keeps the
   symlink (GNU tar ``--keep-directory-symlink``), so usrmerge's ``lib -> usr/lib`` survives.
@@ -45,29 +39,19 @@ Decisions beyond the per-member table in ``sandbox.archive``:
 
 from __future__ import annotations
 
-import bz2
 import dataclasses
 import errno
-import hashlib
 import json
 import logging
-import lzma
 import os
-import queue
 import stat
 import subprocess
 import sys
 import tarfile
 import threading
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Final, Protocol, TypeVar
-
-if sys.version_info >= (3, 14):
-    from compression import zstd
-else:
-    from backports import zstd
+from typing import BinaryIO, Final, Protocol
 
 from runtimed.errors import (
     InternalError,
@@ -81,10 +65,7 @@ from runtimed.errors import (
 )
 from sandbox import syscalls
 from sandbox.archive import (
-    MAGIC,
     PAX_XATTR_PREFIX,
-    SNIFF_BYTES,
-    Compression,
     Entry,
     EntryKind,
     LayerResult,
@@ -93,12 +74,12 @@ from sandbox.archive import (
     UnpackPlan,
     pax_xattrs,
     plan_entry,
-    sniff_compression,
 )
+from sandbox.fstree import clear, walk_tree
+from sandbox.layerstream import CHUNK, LayerStream
 
 log = logging.getLogger(__name__)
 
-CHUNK: Final = 1024 * 1024
 BLOCK: Final = tarfile.BLOCKSIZE
 _RESOLVE: Final = syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS
 _ONE_COMPONENT: Final = (
@@ -112,306 +93,6 @@ _HOST_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ER
 _WARNING_CHARS: Final = 300
 HELPER_MODULE: Final = "sandbox.layerhelper"
 DEFAULT_LIMITS: Final = UnpackLimits()
-_QUEUE_CHUNKS: Final = 8
-_STOP_POLL: Final = 0.1  # seconds between checks of the stop flag while the queue is full
-
-
-def _digest(h: hashlib._Hash) -> str:
-    return f"sha256:{h.hexdigest()}"
-
-
-class _Decompressor(Protocol):
-    """The interface shared by lzma, bz2 and zstd decompressors (and our zlib adapter)."""
-
-    @property
-    def eof(self) -> bool: ...
-    @property
-    def needs_input(self) -> bool: ...
-    @property
-    def unused_data(self) -> bytes: ...
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
-
-
-class _GzipMember:
-    """zlib's gzip decoder with the needs_input/max_length interface of lzma and bz2.
-
-    zlib checks the member's CRC-32 and length trailer (RFC 1952 2.3.1) when it reaches eof.
-    """
-
-    def __init__(self) -> None:
-        self._zlib = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        self._tail = b""
-
-    @property
-    def eof(self) -> bool:
-        return self._zlib.eof
-
-    @property
-    def needs_input(self) -> bool:
-        return not self._tail
-
-    @property
-    def unused_data(self) -> bytes:
-        return self._zlib.unused_data
-
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
-        out = self._zlib.decompress(self._tail + data, max(max_length, 0))
-        self._tail = self._zlib.unconsumed_tail
-        return out
-
-
-_DECOMPRESSORS: Final[dict[Compression, Callable[[], _Decompressor]]] = {
-    Compression.GZIP: _GzipMember,
-    Compression.ZSTD: zstd.ZstdDecompressor,
-    Compression.XZ: lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ),
-    Compression.BZIP2: bz2.BZ2Decompressor,
-}
-_DECOMPRESS_ERRORS: Final = (zlib.error, lzma.LZMAError, OSError, EOFError, zstd.ZstdError)
-
-
-_Item = bytes | BaseException | None
-_T = TypeVar("_T")
-
-
-class _Decoder:
-    """The producer half of :class:`LayerStream`: raw reads, decompression and both digests.
-
-    Runs in its own thread (zlib, lzma, bz2, zstd and hashlib release the GIL), so that
-    decompressing and hashing overlap with parsing and writing, as GNU tar's separate
-    decompressor process does. Hands over at most ``_QUEUE_CHUNKS`` chunks of at most
-    :data:`CHUNK` bytes: a decompression bomb never sits in memory.
-    """
-
-    def __init__(self, fd: int, limits: UnpackLimits, name: str) -> None:
-        self._fd = fd
-        self._limits = limits
-        self.name = name
-        self.raw_hash = hashlib.sha256()
-        self.hash = hashlib.sha256()
-        self.total = 0
-        self._raw_eof = False
-        self._input = b""
-        while len(self._input) < SNIFF_BYTES and not self._raw_eof:
-            self._input += self._read_raw()
-        self.compression = sniff_compression(self._input)
-        if self.compression is not Compression.NONE:
-            self.raw_hash.update(self._input)
-        self._decoder: _Decompressor | None = None
-        self.queue: queue.Queue[_Item] = queue.Queue(_QUEUE_CHUNKS)
-        self.hash_queue: queue.Queue[bytes | None] = queue.Queue(_QUEUE_CHUNKS)
-        self.stopped = threading.Event()
-
-    @property
-    def compressed_digest(self) -> str:
-        # An uncompressed stream is hashed once: its digest is its diff_id.
-        return _digest(self.hash if self.compression is Compression.NONE else self.raw_hash)
-
-    def _read_raw(self) -> bytes:
-        try:
-            data = os.read(self._fd, CHUNK)
-        except OSError as exc:
-            raise syscalls.oserror(exc, syscall="read") from exc
-        self._raw_eof = not data
-        return data
-
-    def _read_compressed(self) -> bytes:
-        data = self._read_raw()
-        self.raw_hash.update(data)
-        return data
-
-    def invalid(self, why: str) -> InvalidArchiveError:
-        return InvalidArchiveError(
-            f"{self.name} ({self.compression}): {why}",
-            details={"blob": self.name, "compression": str(self.compression), "reason": why},
-        )
-
-    def _start_member(self) -> bool:
-        """Begin the next compressed member; False at a clean end of the stream."""
-        magic = MAGIC[self.compression]
-        while len(self._input) < len(magic) and not self._raw_eof:
-            self._input += self._read_compressed()
-        if not self._input:
-            return False
-        if not self._input.startswith(magic):
-            raise self.invalid(f"trailing garbage after the last member ({self._input[:8]!r})")
-        self._decoder = _DECOMPRESSORS[self.compression]()
-        return True
-
-    def _produce(self) -> bytes:
-        """Up to CHUNK new uncompressed bytes; b"" only at the end of the stream."""
-        if self.compression is Compression.NONE:
-            data, self._input = self._input or self._read_raw(), b""
-            return data
-        while True:
-            if self._decoder is None and not self._start_member():
-                return b""
-            decoder = self._decoder
-            assert decoder is not None
-            data, at_end = b"", False
-            if decoder.needs_input:
-                data, self._input = self._input or self._read_compressed(), b""
-                at_end = not data
-            try:
-                out = decoder.decompress(data, CHUNK)
-            except _DECOMPRESS_ERRORS as exc:
-                raise self.invalid(f"corrupt data: {exc}") from exc
-            if decoder.eof:
-                self._input = decoder.unused_data
-                self._decoder = None
-            if out:
-                return out
-            # Only when no input is left *and* the decoder had nothing more to give (zlib may
-            # still hold output with its input all consumed) is the member cut short.
-            if at_end and self._decoder is not None:
-                raise self.invalid("truncated: the stream ends inside a member")
-
-    def run(self) -> None:
-        """Decoder thread: every chunk, then None; or the exception that stopped it."""
-        item: bytes | BaseException | None
-        try:
-            while True:
-                item = self._produce()
-                if not item:
-                    item = None
-                    break
-                self.total += len(item)
-                if self.total > self._limits.max_bytes:
-                    raise LimitExceededError(
-                        f"{self.name}: more than {self._limits.max_bytes} uncompressed bytes",
-                        details={"blob": self.name, "limit": "max_bytes"},
-                    )
-                self._put(self.hash_queue, item)
-                self._put(self.queue, item)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            item = exc
-        self._put(self.hash_queue, None)
-        self._put(self.queue, item)
-
-    def hash_all(self) -> None:
-        """Hasher thread: sha256 runs beside decompression, as a third stage of the pipe."""
-        while (chunk := self.hash_queue.get()) is not None:
-            self.hash.update(chunk)
-
-    def _put(self, into: queue.Queue[_T], item: _T) -> None:
-        while not self.stopped.is_set():
-            try:
-                into.put(item, timeout=_STOP_POLL)
-                return
-            except queue.Full:
-                continue
-
-
-class LayerStream:
-    """Forward-only, seekable file object over an fd holding a possibly compressed tar stream.
-
-    Reads the fd to its end, hashes what it reads (compressed digest) and what it returns
-    (diff_id), and raises once the uncompressed stream grows beyond ``limits.max_bytes``.
-    ``seek`` only moves forward (reading and hashing what it skips), which is all ``tarfile``
-    needs in mode ``"r"``. The decoding runs in a thread (:class:`_Decoder`); call
-    :meth:`close` when done. Start it only after any ``unshare``: it makes the process
-    multi-threaded.
-
-    Raises (from read/peek/seek/finish):
-        InvalidArchiveError: truncated or corrupt compressed data, trailing garbage.
-        LimitExceededError: more than ``limits.max_bytes`` uncompressed bytes.
-    """
-
-    def __init__(self, fd: int, limits: UnpackLimits, *, name: str = "layer") -> None:
-        self.name = name
-        self._decoder = _Decoder(fd, limits, name)
-        self.compression = self._decoder.compression
-        self._threads = [
-            threading.Thread(target=self._decoder.run, name="layer-decoder", daemon=True),
-            threading.Thread(target=self._decoder.hash_all, name="layer-hasher", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-        self._done = False
-        self._buf = b""
-        self._off = 0
-        self._pos = 0
-
-    @property
-    def diff_id(self) -> str:
-        return _digest(self._decoder.hash)
-
-    @property
-    def compressed_digest(self) -> str:
-        return self._decoder.compressed_digest
-
-    def _next_chunk(self) -> bytes:
-        if self._done:
-            return b""
-        item = self._decoder.queue.get()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        if item is None:
-            self._done = True
-            return b""
-        return item
-
-    def _fill(self, size: int) -> None:
-        while len(self._buf) - self._off < size:
-            data = self._next_chunk()
-            if not data:
-                break
-            self._buf = self._buf[self._off :] + data if self._off < len(self._buf) else data
-            self._off = 0
-
-    def peek(self, size: int) -> bytes:
-        """The next ``size`` bytes (fewer at the end) without consuming them."""
-        self._fill(size)
-        return self._buf[self._off : self._off + size]
-
-    def read(self, size: int = -1) -> bytes:
-        """The next ``size`` bytes; fewer only at the end of the stream."""
-        if size < 0:
-            chunks = []
-            while chunk := self.read(CHUNK):
-                chunks.append(chunk)
-            return b"".join(chunks)
-        self._fill(size)
-        out = self._buf[self._off : self._off + size]
-        self._off += len(out)
-        self._pos += len(out)
-        return out
-
-    def read_some(self, size: int) -> bytes:
-        """Between 1 and ``size`` bytes without joining chunks (b"" only at the end)."""
-        if self._off >= len(self._buf):
-            self._buf, self._off = self._next_chunk(), 0
-        out = self._buf[self._off : self._off + size]
-        self._off += len(out)
-        self._pos += len(out)
-        return out
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        target = offset if whence == os.SEEK_SET else self._pos + offset
-        if whence not in (os.SEEK_SET, os.SEEK_CUR) or target < self._pos:
-            raise InternalError(f"{self.name}: backward seek to {target} from {self._pos}")
-        while self._pos < target:
-            if not self.read_some(target - self._pos):
-                raise self._decoder.invalid("truncated: the stream ends inside a member's data")
-        return self._pos
-
-    def finish(self) -> None:
-        """Read (and hash) the rest of the stream, checking the compression to its end."""
-        while self.read_some(CHUNK):
-            pass
-        for thread in self._threads:
-            thread.join()
-
-    def close(self) -> None:
-        """Tell the decoder thread to stop (idempotent). It is a daemon thread: one blocked in
-        ``read`` on a stalled pipe cannot keep the helper from exiting after an error."""
-        self._decoder.stopped.set()
 
 
 class _Slice:
@@ -425,108 +106,6 @@ class _Slice:
         data = self._stream.read_some(self._left if size < 0 else min(size, self._left))
         self._left -= len(data)
         return data
-
-
-def _clear(parent: int, name: str) -> None:
-    """Remove ``name`` in ``parent`` (a whole tree for a directory), never following it."""
-    try:
-        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        remove_tree(parent, name)
-    else:
-        os.unlink(name, dir_fd=parent)
-
-
-def _down(fd: int, name: str) -> int:
-    """Swap ``fd`` for its subdirectory ``name`` (never a symlink); ``..`` goes back up."""
-    child = os.open(name, _DIR_READ | os.O_NOFOLLOW, dir_fd=fd)
-    os.close(fd)
-    return child
-
-
-def remove_tree(parent: int, name: str) -> None:
-    """Remove the directory ``name`` in ``parent`` and everything below it, at any depth.
-
-    ``shutil.rmtree`` recurses in Python and keeps a descriptor per level, so a hostile tree a
-    few thousand levels deep (PATH_MAX allows 2048 in one name, symlinks chain further) ends in
-    RecursionError or EMFILE and leaves the staging directory behind. This walk holds one
-    descriptor, goes down by ``O_NOFOLLOW`` opens and back up by ``..`` (nothing else writes
-    here), and never follows a symlink.
-    """
-    fd = os.open(name, _DIR_READ | os.O_NOFOLLOW, dir_fd=parent)
-    below: list[str] = []  # the path from ``name`` down to where fd is
-    try:
-        while True:
-            sub = None
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        sub = entry.name
-                        break
-                    os.unlink(entry.name, dir_fd=fd)
-            if sub is not None:
-                fd = _down(fd, sub)
-                below.append(sub)
-                continue
-            if not below:
-                break
-            fd = _down(fd, "..")
-            try:
-                os.rmdir(below[-1], dir_fd=fd)
-                below.pop()
-            except OSError as exc:
-                if exc.errno != errno.ENOTEMPTY:
-                    raise
-                fd = _down(fd, below[-1])  # entries missed by a scan that was unlinking
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=parent)
-
-
-def remove_path(path: Path) -> None:
-    """Remove ``path`` (a tree, a file or a symlink, never followed) if it exists, at any depth.
-
-    For the store's staging and garbage: ``shutil.rmtree`` fails on trees a hostile layer can
-    build (see :func:`remove_tree`).
-    """
-    parent = os.open(path.parent, _DIR_READ)
-    try:
-        _clear(parent, path.name)
-    finally:
-        os.close(parent)
-
-
-def walk_tree(dir_fd: int) -> Iterator[tuple[int, str, str, os.stat_result]]:
-    """Every entry below ``dir_fd`` in pre-order, names sorted bytewise: (fd of its directory,
-    path relative to ``dir_fd``, name, lstat). Never follows a symlink; the fd is valid until
-    the next item.
-
-    Unlike :func:`remove_tree` it keeps a descriptor per level (depth is bounded by
-    RLIMIT_NOFILE): the tree may be a user's source directory that is renamed under us while
-    we read it as root, and a walk back up by ``..`` could then leave it.
-    """
-    fds = [os.open(".", _DIR_READ, dir_fd=dir_fd)]
-    levels = [("", iter(sorted(os.listdir(fds[0]), key=os.fsencode)))]
-    try:
-        while levels:
-            prefix, names = levels[-1]
-            name = next(names, None)
-            if name is None:
-                levels.pop()
-                os.close(fds.pop())
-                continue
-            st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
-            yield fds[-1], prefix + name, name, st
-            if stat.S_ISDIR(st.st_mode):
-                fds.append(os.open(name, _DIR_READ | os.O_NOFOLLOW, dir_fd=fds[-1]))
-                levels.append(
-                    (f"{prefix}{name}/", iter(sorted(os.listdir(fds[-1]), key=os.fsencode)))
-                )
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 class Readable(Protocol):
@@ -675,7 +254,7 @@ class LayerWriter:
         (Replacing a child of the cached parent itself, as ``_create`` does, leaves it valid.)
         """
         self.close()
-        _clear(parent, name)
+        clear(parent, name)
 
     def close(self) -> None:
         """Close the cached parent directory (idempotent)."""
@@ -697,7 +276,7 @@ class LayerWriter:
             except FileExistsError:
                 if attempt == 2:
                     raise
-                _clear(parent, name)
+                clear(parent, name)
 
     def _make(self, parent: int, name: str, entry: Entry, data: Readable | None) -> None:
         if entry.kind is EntryKind.FILE:
@@ -760,7 +339,7 @@ class LayerWriter:
                 log.debug("unpack: kept directory symlink %s", "/".join(entry.path))
                 return
             if not stat.S_ISDIR(st.st_mode):
-                _clear(parent, name)
+                clear(parent, name)
                 os.mkdir(name, 0o700, dir_fd=parent)
         self._directory_metadata(parent, name, entry)
 
@@ -800,7 +379,7 @@ class LayerWriter:
             else:
                 if (existing.st_dev, existing.st_ino) == (source.st_dev, source.st_ino):
                     return
-                _clear(parent, name)
+                clear(parent, name)
             # No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself (linkat(2)).
             os.link(
                 target, name, src_dir_fd=target_parent, dst_dir_fd=parent, follow_symlinks=False
@@ -1207,7 +786,7 @@ def _empty(path: Path) -> None:
         return
     try:
         for name in os.listdir(fd):
-            _clear(fd, name)
+            clear(fd, name)
     finally:
         os.close(fd)
 

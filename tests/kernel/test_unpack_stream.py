@@ -16,7 +16,8 @@ import pytest
 from backports import zstd
 
 from sandbox.archive import Compression, UnpackLimits
-from sandbox.unpack import CHUNK, LayerStream, remove_path
+from sandbox.fstree import remove_path
+from sandbox.layerstream import CHUNK, LayerStream
 
 pytestmark = pytest.mark.kernel
 
