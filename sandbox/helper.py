@@ -523,12 +523,14 @@ def serve(sock: socket.socket) -> None:
     child that runs the sandbox and answer with its pidfd; return at EOF.
 
     Forking a warm, single-threaded interpreter costs about a millisecond, where exec'ing a
-    fresh one costs tens (STYLE §6). Finished children are reaped before each request; the
-    launcher learns their end from the status fd and the pidfd, not from a wait status.
+    fresh one costs tens (STYLE §6). Finished children are reaped as soon as SIGCHLD says so
+    (no zombie outlives its run); the launcher learns their end from the status fd and the
+    pidfd, not from a wait status. SIGCHLD stays blocked from fork to pidfd_open, so a child
+    that ends at once is still there to be opened.
     """
     server = os.getpid()
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: _reap())
     while True:
-        _reap()
         data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, REQUEST_FDS + 1)
         if not data:
             return
@@ -537,16 +539,23 @@ def serve(sock: socket.socket) -> None:
                 os.close(fd)
             sock.send(json.dumps({"error": f"expected {REQUEST_FDS} fds"}).encode())
             continue
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         pid = os.fork()
         if pid == 0:
             code = SETUP_FAILED
             try:
+                # The sandbox's processes wait for their own children: no reaping handler.
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                 code = _serve_one(sock, server, data, fds)
             finally:
                 os._exit(code)
+        try:
+            pidfd = os.pidfd_open(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         for fd in fds:
             os.close(fd)
-        pidfd = os.pidfd_open(pid)
         try:
             socket.send_fds(sock, [json.dumps({"pid": pid}).encode()], [pidfd])
         finally:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 import trio
 
@@ -399,6 +400,13 @@ async def test_sandbox_concurrent_runs_share_one_fork_server(source: DirectorySo
         async with trio.open_nursery() as nursery:
             for n in range(4):
                 nursery.start_soon(one, n)
+        # Every run's helper is reaped by the server when it ends: no zombie stays behind.
+        for _ in range(500):  # a zombie goes once SIGCHLD reaches the server
+            left = psutil.Process().children(recursive=True)
+            if len(left) == 1:
+                break
+            await trio.sleep(0.01)
+        assert ["sandbox.helper" in " ".join(p.cmdline()) for p in left] == [True]
     for n, out in outcomes.items():
         assert (out.stdout, out.stderr, out.result.exit_code) == (f"run{n}\n", f"err{n}\n", n)
 
