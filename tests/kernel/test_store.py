@@ -364,14 +364,19 @@ def test_store_connections_stay_bounded_across_threads(store: Store) -> None:
         barrier.wait()
         store.list()
 
-    for _ in range(3):  # worker threads come and go, as trio's do
+    def wave() -> None:  # worker threads come and go, as trio's do
         threads = [threading.Thread(target=call) for _ in range(16)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    # db, -wal and -shm per idle connection at most
-    assert meta_fds() <= 3 * IDLE_CONNECTIONS
+
+    for _ in range(5):
+        wave()
+    # A connection kept per thread would leave 5 * 16 of them (db, -wal, -shm each). SQLite
+    # may keep a closed connection's descriptors while others lock the same file, so the
+    # bound is one wave's concurrency plus the idle pool, not the pool alone.
+    assert meta_fds() <= 3 * (16 + IDLE_CONNECTIONS)
 
 
 def _readlink(path: str) -> str:
