@@ -43,7 +43,7 @@ from runtimed.errors import (
     SnapshotError,
 )
 from runtimed.handlers import OutputSink, ProgressSink
-from sandbox.launch import open_run
+from sandbox.launch import ForkServer, open_run
 from sandbox.spec import ExecSpec
 from sandbox.store import ExportFormat, Store
 
@@ -63,6 +63,8 @@ class DaemonBackend:
         self.config = config
         self._report: PlatformReport | None = None
         self._store: Store | None = None
+        self.forkserver: ForkServer | None = None
+        """The daemon's warm sandbox helper (without one, each exec starts its own)."""
 
     @contextmanager
     def open_state(self) -> Iterator[Store]:
@@ -187,7 +189,7 @@ class DaemonBackend:
     async def exec(self, spec: Mapping[str, Json], output: OutputSink) -> dict[str, Json]:
         request = ExecSpec.from_json(dict(spec))
         report = self._report or await self.refresh_platforms()
-        async with open_run(request, self.store, report) as execution:
+        async with open_run(request, self.store, report, server=self.forkserver) as execution:
             async for chunk in execution.output:
                 await output(str(chunk.stream), chunk.data)
             result = await execution.wait()

@@ -48,6 +48,7 @@ from runtimed.systemd import (
     notify,
     parse_listen_fds,
 )
+from sandbox.launch import open_forkserver
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +258,12 @@ class Daemon:
         )
         await trio.to_thread.run_sync(self.recover)
         try:
-            await self.listen_and_serve(task_status)
+            # One warm sandbox helper for the daemon's lifetime: no interpreter start per exec.
+            async with open_forkserver() as server:
+                self.backend.forkserver = server
+                await self.listen_and_serve(task_status)
         finally:
+            self.backend.forkserver = None
             self.state.close()
 
     async def listen_and_serve(self, task_status: trio.TaskStatus[None]) -> None:
