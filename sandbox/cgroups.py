@@ -147,8 +147,13 @@ class RunCgroup:
         try:
             path.mkdir()
         except OSError as exc:
+            hint = (
+                "run as root, or delegate a cgroup to runtimed (systemd Delegate=yes)"
+                if isinstance(exc, PermissionError)
+                else None
+            )
             raise SandboxError(
-                f"create cgroup {path}: {exc.strerror}", details={"path": str(path)}
+                f"create cgroup {path}: {exc.strerror}", details={"path": str(path)}, hint=hint
             ) from exc
         self.dirs.append(path)
         return path
