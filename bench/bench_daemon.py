@@ -170,6 +170,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep-log", type=Path, metavar="FILE", help="copy the daemon's log")
     parser.add_argument("--inner-binfmt-misc", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner_binfmt_misc is None:
@@ -190,6 +191,8 @@ def main() -> int:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        if args.keep_log:
+            shutil.copy(work / "daemon.log", args.keep_log)
         shutil.rmtree(work, ignore_errors=True)
 
     results: dict[str, float] = {}

@@ -187,13 +187,19 @@ class DaemonBackend:
     # --- execution ------------------------------------------------------------------------
 
     async def exec(self, spec: Mapping[str, Json], output: OutputSink) -> dict[str, Json]:
+        start = trio.current_time()
         request = ExecSpec.from_json(dict(spec))
         report = self._report or await self.refresh_platforms()
         async with open_run(request, self.store, report, server=self.forkserver) as execution:
             async for chunk in execution.output:
                 await output(str(chunk.stream), chunk.data)
             result = await execution.wait()
-        log.info("exec exited %d: %s", result.exit_code, result.report.summary())
+        log.info(
+            "exec exited %d after %.3f s: %s",
+            result.exit_code,
+            trio.current_time() - start,
+            result.report.summary(),
+        )
         return result.to_json()
 
 
