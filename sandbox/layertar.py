@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
 
+from sandbox import fstree
+
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
@@ -161,19 +163,21 @@ def _sorted_entries(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
 
 
-def _walk_layer(root: Path, rel: str, writer: _Writer) -> None:
-    for name in _sorted_entries(root / rel if rel else root):
-        child_rel = f"{rel}/{name}" if rel else name
-        path = root / child_rel
-        st = os.lstat(path)
-        if is_whiteout(st):
-            writer.add_marker(f"{rel}/{WHITEOUT_PREFIX}{name}" if rel else WHITEOUT_PREFIX + name)
-            continue
-        writer.add(child_rel, path, st)
-        if stat.S_ISDIR(st.st_mode):
-            if is_opaque(path):
-                writer.add_marker(f"{child_rel}/{OPAQUE_MARKER}")
-            _walk_layer(root, child_rel, writer)
+def _walk_layer(root: Path, writer: _Writer) -> None:
+    # Descriptor-based and iterative (sandbox.fstree): a hostile layer can nest deeper than
+    # Python's recursion limit and than PATH_MAX.
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for dir_fd, rel, name, st in fstree.walk_tree(root_fd):
+            if is_whiteout(st):
+                writer.add_marker(rel[: len(rel) - len(name)] + WHITEOUT_PREFIX + name)
+                continue
+            path = Path(f"/proc/self/fd/{dir_fd}/{name}")
+            writer.add(rel, path, st)
+            if stat.S_ISDIR(st.st_mode) and is_opaque(path):
+                writer.add_marker(f"{rel}/{OPAQUE_MARKER}")
+    finally:
+        os.close(root_fd)
 
 
 def write_layer(layer: Path, sink: BinaryIO | None = None) -> TarDigest:
@@ -187,7 +191,7 @@ def write_layer(layer: Path, sink: BinaryIO | None = None) -> TarDigest:
     """
     out = _HashingWriter(sink)
     with _open_tar(out) as tar:
-        _walk_layer(layer, "", _Writer(tar))
+        _walk_layer(layer, _Writer(tar))
     return out.result()
 
 
@@ -236,12 +240,28 @@ def _dir_sources(layers: Sequence[Path], rel: str) -> list[Path]:
     return sources
 
 
-def _walk_merged(layers: Sequence[Path], rel: str, writer: _Writer) -> None:
-    for name, path, st, sources in _merged_children(layers, rel):
+def _walk_merged(layers: Sequence[Path], writer: _Writer) -> None:
+    stack = [iter([("", _merged_children(layers, ""))])]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        rel, children = item
+        stack.append(_merged_level(rel, children, writer))
+
+
+def _merged_level(
+    rel: str,
+    children: Iterator[tuple[str, Path, os.stat_result, list[Path]]],
+    writer: _Writer,
+) -> Iterator[tuple[str, Iterator[tuple[str, Path, os.stat_result, list[Path]]]]]:
+    """Write one directory's entries; yield each sub-directory to descend into, in order."""
+    for name, path, st, sources in children:
         child_rel = f"{rel}/{name}" if rel else name
         writer.add(child_rel, path, st)
         if sources:
-            _walk_merged(sources, child_rel, writer)
+            yield child_rel, _merged_children(sources, child_rel)
 
 
 def write_merged(layers: Sequence[Path], sink: BinaryIO) -> TarDigest:
@@ -252,5 +272,5 @@ def write_merged(layers: Sequence[Path], sink: BinaryIO) -> TarDigest:
     """
     out = _HashingWriter(sink)
     with _open_tar(out) as tar:
-        _walk_merged(_dir_sources(list(reversed(layers)), ""), "", _Writer(tar))
+        _walk_merged(_dir_sources(list(reversed(layers)), ""), _Writer(tar))
     return out.result()

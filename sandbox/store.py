@@ -73,7 +73,7 @@ from runtimed.errors import (
     SnapshotNotFoundError,
     UsageError,
 )
-from sandbox import layertar, oci, rootplatform, syscalls, view
+from sandbox import fstree, layertar, oci, rootplatform, syscalls, view
 from sandbox.archive import Compression, UnpackLimits
 from sandbox.unpack import apply_layer, copy_directory_layer
 
@@ -233,7 +233,13 @@ def _syncfs(fd: int) -> None:
 
 
 def _rmtree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove garbage of any depth (sandbox.fstree; shutil.rmtree recurses and a hostile layer
+    nests deeper than Python's recursion limit). What cannot be removed now is reclaimed by
+    the next store that opens alone."""
+    try:
+        fstree.remove_path(path)
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
 
 
 def _stat_identity(st: os.stat_result) -> str:

@@ -79,3 +79,27 @@ def test_store_layertar_flattens_like_overlayfs(tmp_path: Path) -> None:
         ".wh.gone",
         "b/.wh..wh..opq",
     }
+
+
+def test_store_layertar_walks_trees_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+    require_root()
+    layer = tmp_path / "deep"
+    layer.mkdir()
+    fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(1200):  # a hostile layer may nest this deep
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    finally:
+        os.close(fd)
+    out = io.BytesIO()
+    layertar.write_layer(layer, out)
+    names = list(_members(out.getvalue()))
+    assert len(names) == 1201
+    assert names[-1] == "d/" * 1200 + "leaf"
+    flat = io.BytesIO()
+    layertar.write_merged([layer], flat)
+    assert list(_members(flat.getvalue())) == names
