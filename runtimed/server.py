@@ -118,9 +118,13 @@ class UnixTransport:
     stream: trio.SocketStream
 
     async def receive(self, max_bytes: int) -> tuple[bytes, list[int]]:
-        data, ancdata, flags, _ = await self.stream.socket.recvmsg(
-            max_bytes, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4), socket.MSG_CMSG_CLOEXEC
-        )
+        try:
+            data, ancdata, flags, _ = await self.stream.socket.recvmsg(
+                max_bytes, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4), socket.MSG_CMSG_CLOEXEC
+            )
+        except OSError as exc:
+            # ECONNRESET when the peer closed with our reply unread: the connection is over.
+            raise trio.BrokenResourceError(f"receive: {exc.strerror}") from exc
         fds = array.array("i")
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -137,8 +141,16 @@ class UnixTransport:
         await self.stream.aclose()
 
     def peer(self) -> Peer:
+        """The peer's credentials.
+
+        Raises:
+            trio.BrokenResourceError: the peer is already gone.
+        """
         sock = self.stream.socket
-        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        try:
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"SO_PEERCRED: {exc.strerror}") from exc
         pid, uid, gid = struct.unpack("3i", cred)
         return Peer(pid=pid, uid=uid, gid=gid, groups=_peer_groups(sock))
 
@@ -326,6 +338,9 @@ class Server(Generic[S]):
                 await self._refuse(transport, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             log.debug("connection %d lost", conn_id)
+        except Exception:
+            # A task's top: one connection's failure must never reach the others.
+            log.exception("connection %d failed", conn_id)
         finally:
             self.connections -= 1
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):

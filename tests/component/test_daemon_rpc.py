@@ -401,3 +401,23 @@ async def test_daemon_rpc_drain_gives_running_execs_a_grace_period(
         assert h.backend.exec_cancelled.is_set()
         with pytest.raises(trio.BrokenResourceError):
             await h.connect()  # no longer accepting
+
+
+class ExplodingTransport(StreamTransport):
+    """A transport whose receive fails with an error the server does not expect."""
+
+    async def receive(self, max_bytes: int) -> tuple[bytes, list[int]]:
+        raise RuntimeError("transport bug")
+
+
+async def test_daemon_rpc_one_connection_failing_never_reaches_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with serving() as h:
+        good = await h.connect()
+        client_end, server_end = trio.testing.memory_stream_pair()
+        with caplog.at_level(logging.ERROR, "runtimed.server"):
+            await h.server.serve_connection(ExplodingTransport(server_end, ROOT))
+        assert "failed" in caplog.text
+        assert await good.list_snapshots() == [{"id": "s1"}]
+        await client_end.aclose()

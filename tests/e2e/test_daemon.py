@@ -406,3 +406,14 @@ def test_daemon_e2e_install_and_uninstall_emulators(daemon: Daemon) -> None:
     diagnosis = client.check_binfmt()
     assert isinstance(diagnosis["ok"], bool)
     assert isinstance(diagnosis["findings"], list)
+
+
+def test_daemon_e2e_peer_reset_with_unread_reply_is_survived(daemon: Daemon) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(daemon.path))
+        sock.sendall(b'{"method":"org.varlink.service.GetInfo"}\0')
+        sock.recv(1, socket.MSG_PEEK)  # the reply is there, and stays unread
+    # Closing with unread data makes the daemon's next receive fail with ECONNRESET.
+    assert daemon.client().get_info()["product"] == "runtimed"
+    assert daemon.proc.poll() is None
