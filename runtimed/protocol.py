@@ -275,6 +275,8 @@ class Connection:
             InvalidParamsError: a server sending a call, a client sending a reply, or a
                 message larger than ``max_frame_size`` (``details['parameter']`` is
                 ``parameters``).
+            TypeError, ValueError: a value is not JSON (an object, NaN, infinity): a bug of
+                whoever built the message.
         """
         expected = Reply if self.role is Role.SERVER else Call
         if not isinstance(message, expected):
@@ -282,7 +284,9 @@ class Connection:
                 f"varlink {self.role} cannot send a {type(message).__name__}",
                 details={"parameter": "message"},
             )
-        data = json.dumps(message.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+        data = json.dumps(
+            message.to_json(), separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
         if len(data) > self.max_frame_size:
             raise InvalidParamsError(
                 f"varlink message of {len(data)} bytes exceeds {self.max_frame_size} bytes",

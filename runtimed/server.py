@@ -381,7 +381,7 @@ class Server(Generic[S]):
             async def send(reply: Reply) -> None:
                 try:
                     data = codec.send(reply)
-                except InvalidParamsError as exc:
+                except (InvalidParamsError, TypeError, ValueError) as exc:
                     data = codec.send(reply_for_exception(exc, REQUEST_ID.get()))
                 async with send_lock:
                     try:

@@ -44,6 +44,7 @@ class FakeBackend:
     exec_started: trio.Event = field(default_factory=trio.Event)
     exec_cancelled: trio.Event = field(default_factory=trio.Event)
     fail_with: Exception | None = None
+    bad_json: bool = False
 
     async def get_platforms(self) -> dict[str, Json]:
         if self.fail_with is not None:
@@ -68,6 +69,8 @@ class FakeBackend:
         raise AssertionError("descriptors do not pass over memory streams")
 
     async def list_snapshots(self) -> list[Json]:
+        if self.bad_json:
+            return [{"size": float("nan")}]  # a backend bug: not JSON
         return [{"id": "s1"}]
 
     async def inspect_snapshot(self, snapshot_id: str) -> dict[str, Json]:
@@ -421,3 +424,13 @@ async def test_daemon_rpc_one_connection_failing_never_reaches_the_others(
         assert "failed" in caplog.text
         assert await good.list_snapshots() == [{"id": "s1"}]
         await client_end.aclose()
+
+
+async def test_daemon_rpc_a_reply_that_is_not_json_becomes_an_internal_error() -> None:
+    async with serving() as h:
+        client = await h.connect()
+        h.backend.bad_json = True
+        with pytest.raises(InternalError):
+            await client.list_snapshots()
+        h.backend.bad_json = False
+        assert await client.list_snapshots() == [{"id": "s1"}]

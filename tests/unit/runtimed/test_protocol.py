@@ -183,3 +183,10 @@ def test_protocol_wire_form_is_compact_and_omits_false_flags() -> None:
     assert server.send(Reply(error="a.b.E", continues=True)) == (
         b'{"error":"a.b.E","parameters":{},"continues":true}\0'
     )
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), object()])
+def test_protocol_send_refuses_values_that_are_not_json(value: object) -> None:
+    server = Connection(Role.SERVER)
+    with pytest.raises((TypeError, ValueError)):
+        server.send(Reply(parameters={"x": value}))  # type: ignore[dict-item]
