@@ -3,6 +3,7 @@ binfmt_misc instance, driven by runtimed.client and by the reference varlink cli
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import varlink
 
 from runtimed.client import SyncClient
 from runtimed.errors import DaemonUnavailableError, Json, NativePlatformError
+from runtimed.session import add_session_arguments, run_session
 from tests.support import require, require_private_binfmt, run_private_binfmt, tool
 
 pytestmark = pytest.mark.slow
@@ -417,3 +419,34 @@ def test_daemon_e2e_peer_reset_with_unread_reply_is_survived(daemon: Daemon) -> 
     # Closing with unread data makes the daemon's next receive fail with ECONNRESET.
     assert daemon.client().get_info()["product"] == "runtimed"
     assert daemon.proc.poll() is None
+
+
+def test_daemon_e2e_session_reaches_a_running_daemon(daemon: Daemon) -> None:
+    parser = argparse.ArgumentParser()
+    add_session_arguments(parser)
+    args = parser.parse_args(["--socket", str(daemon.path)])
+    assert run_session(args, lambda client: client.list_snapshots()) == []
+
+
+SESSION_EMBEDDED: Final = """
+import argparse, sys
+from pathlib import Path
+from runtimed.session import add_session_arguments, run_session
+
+parser = argparse.ArgumentParser()
+add_session_arguments(parser)
+parser.add_argument("--state-dir", type=Path)
+parser.add_argument("--binfmt-misc", type=Path)
+args = parser.parse_args(sys.argv[1:])
+print(run_session(args, lambda client: client.get_info())["product"])
+"""
+
+
+def test_daemon_e2e_session_embedded(tmp_path: Path) -> None:
+    out = run_private_binfmt(
+        '"$PY" -c "$1" --embedded --state-dir "$2" --binfmt-misc "$BM"',
+        args=[SESSION_EMBEDDED, str(tmp_path / "state")],
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["runtimed"]

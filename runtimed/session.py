@@ -1,0 +1,85 @@
+"""IO: one client session for a ``runtimectl`` command: the daemon's socket, or ``--embedded``.
+
+A command module adds the options with :func:`add_session_arguments` and runs its work with
+:func:`run_session`, so every command reaches the capabilities through the same protocol path:
+
+    def _ls(args: argparse.Namespace) -> int:
+        snapshots = run_session(args, lambda client: client.list_snapshots())
+        ...
+
+``--socket PATH`` (default: the daemon's default socket) names a running daemon;
+``--embedded`` starts this daemon in-process on a private socket for the one command (as root;
+it registers no emulators at start-up and uses ``--state-dir``/``--binfmt-misc`` when the
+command has them).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from runtimed.client import DEFAULT_SOCKET, Client, open_client
+from runtimed.config import Config
+
+T = TypeVar("T")
+
+
+def add_session_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--socket PATH`` and ``--embedded``."""
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=DEFAULT_SOCKET,
+        metavar="PATH",
+        help="the daemon's socket (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--embedded",
+        action="store_true",
+        help="run the daemon inside this command on a private socket (as root)",
+    )
+
+
+def embedded_config(args: argparse.Namespace) -> Config:
+    """The configuration of an embedded daemon: defaults, the command's paths, no emulators."""
+    defaults = Config()
+    return Config(
+        state_dir=getattr(args, "state_dir", None) or defaults.state_dir,
+        binfmt_misc=getattr(args, "binfmt_misc", None) or defaults.binfmt_misc,
+        emulators=(),
+    )
+
+
+@asynccontextmanager
+async def open_session(args: argparse.Namespace) -> AsyncIterator[Client]:
+    """A client of the daemon at ``args.socket``, or of an embedded one (``args.embedded``).
+
+    Raises:
+        DaemonUnavailableError: nothing listens on the socket.
+        PermissionDeniedError: the socket refuses us.
+    """
+    if args.embedded:
+        # Imported here: the embedded daemon pulls in the binfmt and sandbox packages, which a
+        # client of a running daemon never needs.
+        from runtimed.daemon import open_embedded_client
+
+        async with open_embedded_client(embedded_config(args)) as client:
+            yield client
+    else:
+        async with open_client(args.socket) as client:
+            yield client
+
+
+def run_session(args: argparse.Namespace, use: Callable[[Client], Awaitable[T]]) -> T:
+    """Run ``use(client)`` in a session (blocking; for synchronous command handlers)."""
+
+    async def main() -> T:
+        async with open_session(args) as client:
+            return await use(client)
+
+    return trio.run(main)
