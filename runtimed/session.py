@@ -17,16 +17,26 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import trio
 
 from runtimed.client import DEFAULT_SOCKET, Client, open_client
 from runtimed.config import Config
+from runtimed.errors import DaemonUnavailableError
 
 T = TypeVar("T")
+
+UNAVAILABLE_HINT: Final = (
+    "start the daemon (systemctl start runtimed.socket, or runtimed as root), pass --socket "
+    "PATH, or --embedded to run one inside this command (as root)"
+)
+# The embedded daemon's socket sits in a private 0700 directory, so its allowed group adds
+# nobody; naming root's group (which always exists) keeps it from warning that the default
+# group "runtimed" is missing on a host without the service.
+EMBEDDED_GROUP: Final = "root"
 
 
 def add_session_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +61,7 @@ def embedded_config(args: argparse.Namespace) -> Config:
     return Config(
         state_dir=getattr(args, "state_dir", None) or defaults.state_dir,
         binfmt_misc=getattr(args, "binfmt_misc", None) or defaults.binfmt_misc,
+        group=EMBEDDED_GROUP,
         emulators=(),
     )
 
@@ -60,7 +71,7 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Client]:
     """A client of the daemon at ``args.socket``, or of an embedded one (``args.embedded``).
 
     Raises:
-        DaemonUnavailableError: nothing listens on the socket.
+        DaemonUnavailableError: nothing listens on the socket (the hint names the fixes).
         PermissionDeniedError: the socket refuses us.
     """
     if args.embedded:
@@ -68,11 +79,30 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Client]:
         # client of a running daemon never needs.
         from runtimed.daemon import open_embedded_client
 
-        async with open_embedded_client(embedded_config(args)) as client:
-            yield client
+        try:
+            async with open_embedded_client(embedded_config(args)) as client:
+                yield client
+        except BaseExceptionGroup as group:
+            # The embedded daemon's nursery wraps what the command raised; the command's
+            # error (one line, its exit code) is what the user must see.
+            raise sole_exception(group) from None
     else:
-        async with open_client(args.socket) as client:
+        async with AsyncExitStack() as stack:
+            try:
+                client = await stack.enter_async_context(open_client(args.socket))
+            except DaemonUnavailableError as exc:
+                raise DaemonUnavailableError(
+                    exc.message, details=exc.details, hint=UNAVAILABLE_HINT
+                ) from exc
             yield client
+
+
+def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside (nested) groups, or the group itself when there are more."""
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    return group if isinstance(inner, BaseExceptionGroup) else inner
 
 
 def run_session(args: argparse.Namespace, use: Callable[[Client], Awaitable[T]]) -> T:

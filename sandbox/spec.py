@@ -135,6 +135,44 @@ class ExecSpec:
             hermetic=_bool(obj, "hermetic"),
         )
 
+    def to_json(self) -> dict[str, Json]:
+        """The request object :meth:`from_json` reads back to an equal spec."""
+        out: dict[str, Json] = {
+            "snapshot": self.snapshot,
+            "args": list(self.args),
+            "env": dict(self.env),
+            "hostname": self.hostname,
+            "network": str(self.network),
+            "mounts": [
+                {"source": m.source, "destination": m.destination, "readonly": m.readonly}
+                for m in self.mounts
+            ],
+            "tmpfs": [
+                {"destination": t.destination}
+                if t.size is None
+                else {"destination": t.destination, "size": t.size}
+                for t in self.tmpfs
+            ],
+            "rlimits": {r.name: [r.soft, r.hard] for r in self.rlimits},
+            "commit": self.commit,
+            "shm_size": self.shm_size,
+            "hermetic": self.hermetic,
+        }
+        optional: dict[str, Json] = {
+            "platform": self.platform,
+            "cwd": self.cwd,
+            "user": self.user,
+            "memory": self.memory,
+            "pids": self.pids,
+            "cpus": self.cpus,
+            "timeout": self.timeout,
+            "stdin": None
+            if self.stdin is None
+            else {"data": base64.b64encode(self.stdin).decode("ascii")},
+        }
+        out.update({key: value for key, value in optional.items() if value is not None})
+        return out
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Identity:

@@ -1,28 +1,45 @@
 """IO: ``runtimectl snapshot import|ls|inspect|rm|gc|export|mount|unmount``: the rootfs
-snapshot store.
+snapshot store, through the daemon (``--socket``, or ``--embedded`` for one in this command).
 
-Until the daemon's protocol carries snapshot calls, every subcommand needs ``--embedded``: it
-opens the store at ``--state-dir`` in this process (as root, like the daemon would). Once the
-daemon routes them, ``--embedded`` will start a daemon in-process for the one command, so
-scripts keep working unchanged.
+Files cross the socket as descriptors this command opens with the invoking user's rights, so
+the root daemon never opens a path we name:
+
+- ``import FILE`` passes the file read-only. ``import DIR`` (a root directory or an OCI
+  layout directory) is written as a tar by :func:`sandbox.layertar.write_layer` into an
+  anonymous temporary file (``$TMPDIR``) first, which is then passed: a tree that cannot be
+  read completely fails here, before the daemon sees anything, instead of arriving as a
+  truncated stream the daemon would import. The daemon sniffs what it got (tarball, OCI
+  layout tar), as it does for any file.
+- ``export -o PATH`` creates PATH itself (``O_EXCL``: an existing PATH is a usage error) and
+  passes it for writing. ``--format oci`` writes an OCI layout *directory* at PATH unless PATH
+  ends in ``.tar``: the daemon writes the layout as a tar into a temporary file next to PATH,
+  which is unpacked into a fresh directory renamed into place, so PATH is all or nothing.
+
+``mount``/``unmount`` stay in this process on the store at ``--state-dir`` (as root): the
+daemon never mounts at a path a client names.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Final
 
-from runtimed.errors import DaemonUnavailableError, Json
-from sandbox.store import DEFAULT_STATE_DIR, ExportFormat, SnapshotInfo, Store
+from runtimed.client import Client
+from runtimed.errors import Json, RpcError, SnapshotError, UsageError
+from runtimed.session import add_session_arguments, run_session
+from sandbox import fstree, layertar
+from sandbox.store import DEFAULT_STATE_DIR, ExportFormat, Store
 
-EMBEDDED_HELP = (
-    "run against the store in this process (needs root); required until the daemon's "
-    "protocol carries snapshot calls, after which it starts a daemon in-process for the "
-    "one command"
-)
+TAR_SUFFIX: Final = ".tar"
 
 
 def _common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
@@ -31,11 +48,16 @@ def _common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
         type=Path,
         default=DEFAULT_STATE_DIR,
         metavar="DIR",
-        help="the store's state directory (default: %(default)s)",
+        help="the store's state directory, for --embedded, mount and unmount "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--embedded", action="store_true", help=EMBEDDED_HELP)
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print JSON for tools")
+
+
+def _remote(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    _common(parser, json_flag=json_flag)
+    add_session_arguments(parser)
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -55,25 +77,25 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="image index: the platform to pick (default: the host's); tarball or directory: "
         "the platform to record instead of detecting it from its ELF binaries",
     )
-    _common(imp)
+    _remote(imp)
     imp.set_defaults(func=_import)
 
     ls = actions.add_parser("ls", help="list snapshots")
-    _common(ls)
+    _remote(ls)
     ls.set_defaults(func=_ls)
 
     inspect = actions.add_parser("inspect", help="show a snapshot: platform, layers, config")
     inspect.add_argument("id", metavar="ID")
-    _common(inspect)
+    _remote(inspect)
     inspect.set_defaults(func=_inspect)
 
     rm = actions.add_parser("rm", help="remove snapshots (layers others use stay)")
     rm.add_argument("ids", nargs="+", metavar="ID")
-    _common(rm)
+    _remote(rm)
     rm.set_defaults(func=_rm)
 
     gc = actions.add_parser("gc", help="delete layers no snapshot uses")
-    _common(gc)
+    _remote(gc)
     gc.set_defaults(func=_gc)
 
     export = actions.add_parser(
@@ -81,11 +103,21 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     export.add_argument("ids", nargs="+", metavar="ID")
     export.add_argument("--format", choices=[f.value for f in ExportFormat], default="oci")
-    export.add_argument("-o", "--output", type=Path, required=True, metavar="PATH")
-    _common(export, json_flag=False)
+    export.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="must not exist; with --format oci a layout directory, or a layout tar when "
+        "PATH ends in .tar",
+    )
+    _remote(export, json_flag=False)
     export.set_defaults(func=_export)
 
-    mount = actions.add_parser("mount", help="mount a snapshot read-only at DIR (overlay)")
+    mount = actions.add_parser(
+        "mount", help="mount a snapshot read-only at DIR (overlay; in this process, as root)"
+    )
     mount.add_argument("id", metavar="ID")
     mount.add_argument("dir", type=Path, metavar="DIR")
     _common(mount, json_flag=False)
@@ -97,13 +129,52 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     unmount.set_defaults(func=_unmount)
 
 
-def _store(args: argparse.Namespace) -> Store:
-    if not args.embedded:
-        raise DaemonUnavailableError(
-            "the daemon does not serve snapshot calls yet",
-            hint="pass --embedded to use the store in this process (as root)",
-        )
-    return Store(args.state_dir)
+# --- the daemon's snapshot objects, for people -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Snapshot:
+    """The fields of a snapshot object (``SnapshotInfo.to_json()``) this command shows."""
+
+    raw: dict[str, Json]
+
+    @classmethod
+    def from_json(cls, obj: Json) -> _Snapshot:
+        """Raises: RpcError: the daemon's object lacks a field of the right type."""
+        if not isinstance(obj, dict):
+            raise RpcError("the daemon sent a snapshot that is not an object")
+        snapshot = cls(raw=obj)
+        for name in ("id", "platform", "platform_source", "created", "source"):
+            snapshot.text(name)
+        snapshot.size()
+        snapshot.layers()
+        return snapshot
+
+    def text(self, name: str) -> str:
+        value = self.raw.get(name)
+        if not isinstance(value, str):
+            raise RpcError(f"the daemon's snapshot lacks a valid {name!r}")
+        return value
+
+    def size(self) -> int:
+        value = self.raw.get("size")
+        if not isinstance(value, int):
+            raise RpcError("the daemon's snapshot lacks a valid 'size'")
+        return value
+
+    def layers(self) -> list[dict[str, Json]]:
+        value = self.raw.get("layers")
+        if not isinstance(value, list) or not all(isinstance(layer, dict) for layer in value):
+            raise RpcError("the daemon's snapshot lacks a valid 'layers'")
+        return [layer for layer in value if isinstance(layer, dict)]
+
+    def config(self) -> dict[str, Json]:
+        value = self.raw.get("config")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def short_id(self) -> str:
+        return self.text("id").partition(":")[2][:12]
 
 
 def _print_json(value: Json) -> None:
@@ -119,6 +190,30 @@ def _human(size: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _describe(snapshot: _Snapshot) -> str:
+    config = snapshot.config()
+    lines = [
+        f"id:        {snapshot.text('id')}",
+        f"platform:  {snapshot.text('platform')} ({snapshot.text('platform_source')})",
+        f"created:   {snapshot.text('created')}",
+        f"source:    {snapshot.text('source')}",
+        f"size:      {_human(snapshot.size())}",
+        f"env:       {json.dumps(config.get('env', []))}",
+        f"entrypoint: {json.dumps(config.get('entrypoint', []))}",
+        f"cmd:       {json.dumps(config.get('cmd', []))}",
+        f"workdir:   {config.get('working_dir') or '/'}",
+        f"user:      {config.get('user') or '(root)'}",
+        f"layers:    {len(snapshot.layers())}",
+    ]
+    for layer in snapshot.layers():
+        size = layer.get("size")
+        lines.append(
+            f"  {layer.get('chain_id')}  {_human(size if isinstance(size, int) else 0):>10}  "
+            f"diff {str(layer.get('diff_id'))[:19]}"
+        )
+    return "\n".join(lines)
+
+
 class _Progress:
     """One self-overwriting status line on a terminal's stderr; silent otherwise."""
 
@@ -126,8 +221,9 @@ class _Progress:
         self.active = sys.stderr.isatty()
         self._shown = False
 
-    def __call__(self, line: str) -> None:
-        if self.active:
+    async def __call__(self, progress: dict[str, Json]) -> None:
+        line = progress.get("message")
+        if self.active and isinstance(line, str):
             sys.stderr.write(f"\r\x1b[K{line[:120]}")
             sys.stderr.flush()
             self._shown = True
@@ -138,105 +234,193 @@ class _Progress:
             sys.stderr.flush()
 
 
+# --- import ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_import_source(source: Path) -> Iterator[IO[bytes]]:
+    """A readable file of what to import, opened with this user's rights.
+
+    A file is opened as it is; a directory is written as a tar into an anonymous temporary
+    file (complete, or not at all).
+
+    Raises:
+        SnapshotError: the source cannot be read.
+    """
+    try:
+        if not source.is_dir():
+            with source.open("rb") as file:
+                yield file
+            return
+        with tempfile.TemporaryFile(prefix="runtimectl-import-") as spool:
+            layertar.write_layer(source, spool)
+            spool.flush()
+            spool.seek(0)
+            yield spool
+    except OSError as exc:
+        raise SnapshotError(
+            f"import {source}: {exc.strerror or exc}", details={"source": str(source)}
+        ) from exc
+
+
 def _import(args: argparse.Namespace) -> int:
     progress = _Progress()
-    with _store(args) as store:
+    with open_import_source(args.source) as source:
+
+        async def call(client: Client) -> dict[str, Json]:
+            return await client.import_snapshot(
+                source.fileno(), platform=args.platform, progress=progress
+            )
+
         try:
-            info = store.import_source(args.source, platform=args.platform, progress=progress)
+            snapshot = _Snapshot.from_json(run_session(args, call))
         finally:
             progress.done()
     if args.json:
-        _print_json(info.to_json())
+        _print_json(snapshot.raw)
     else:
-        print(info.id)
-        print(f"platform: {info.platform} ({info.platform_source})")
+        print(snapshot.text("id"))
+        print(f"platform: {snapshot.text('platform')} ({snapshot.text('platform_source')})")
     return 0
 
 
+# --- ls, inspect, rm, gc -------------------------------------------------------------------------
+
+
 def _ls(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        infos = store.list()
+    listed = run_session(args, lambda client: client.list_snapshots())
     if args.json:
-        _print_json([info.to_json() for info in infos])
+        _print_json(listed)
         return 0
     print(f"{'ID':<12}  {'PLATFORM':<16}  {'SIZE':>10}  LAYERS  {'CREATED':<25}  SOURCE")
-    for info in infos:
+    for snapshot in map(_Snapshot.from_json, listed):
         print(
-            f"{info.short_id:<12}  {info.platform!s:<16}  {_human(info.size):>10}  "
-            f"{len(info.layers):>6}  {info.created:<25}  {info.source}"
+            f"{snapshot.short_id:<12}  {snapshot.text('platform'):<16}  "
+            f"{_human(snapshot.size()):>10}  {len(snapshot.layers()):>6}  "
+            f"{snapshot.text('created'):<25}  {snapshot.text('source')}"
         )
     return 0
 
 
-def _describe(info: SnapshotInfo) -> str:
-    config = info.config
-    lines = [
-        f"id:        {info.id}",
-        f"platform:  {info.platform} ({info.platform_source})",
-        f"created:   {info.created}",
-        f"source:    {info.source}",
-        f"size:      {_human(info.size)}",
-        f"env:       {json.dumps(list(config.env))}",
-        f"entrypoint: {json.dumps(list(config.entrypoint))}",
-        f"cmd:       {json.dumps(list(config.cmd))}",
-        f"workdir:   {config.working_dir or '/'}",
-        f"user:      {config.user or '(root)'}",
-        f"layers:    {len(info.layers)}",
-    ]
-    lines += [
-        f"  {layer.chain_id}  {_human(layer.size):>10}  diff {layer.diff_id[:19]}"
-        for layer in info.layers
-    ]
-    return "\n".join(lines)
-
-
 def _inspect(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        info = store.get(args.id)
+    snapshot = _Snapshot.from_json(run_session(args, lambda c: c.inspect_snapshot(args.id)))
     if args.json:
-        _print_json(info.to_json())
+        _print_json(snapshot.raw)
     else:
-        print(_describe(info))
+        print(_describe(snapshot))
     return 0
 
 
 def _rm(args: argparse.Namespace) -> int:
-    removed: list[Json] = []
-    with _store(args) as store:
+    async def remove(client: Client) -> list[Json]:
+        removed: list[Json] = []
         for ref in args.ids:
-            removed.append(store.remove(ref).id)
+            # Resolve the prefix first, so the id printed is the one removed.
+            snapshot_id = _Snapshot.from_json(await client.inspect_snapshot(ref)).text("id")
+            await client.remove_snapshot(snapshot_id)
+            removed.append(snapshot_id)
             if not args.json:
-                print(f"removed {removed[-1]}")
+                print(f"removed {snapshot_id}")
+        return removed
+
+    removed = run_session(args, remove)
     if args.json:
         _print_json(removed)
     return 0
 
 
 def _gc(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        removed = store.gc()
+    removed = run_session(args, lambda client: client.collect_garbage())
     if args.json:
-        _print_json(list(removed))
+        _print_json(removed)
     else:
         print(f"removed {len(removed)} unused layer(s)")
     return 0
 
 
+# --- export ------------------------------------------------------------------------------------
+
+
+def _exists(dest: Path) -> UsageError:
+    return UsageError(f"export: {dest} exists", details={"path": str(dest)})
+
+
+def _export_file(args: argparse.Namespace, dest: Path) -> None:
+    """The daemon writes into ``dest``, created here; removed again if the export fails."""
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        raise _exists(dest) from None
+    except OSError as exc:
+        raise SnapshotError(f"export to {dest}: {exc.strerror}") from exc
+    try:
+        run_session(args, lambda c: c.export_snapshots(args.ids, fd, fmt=args.format))
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _export_layout_dir(args: argparse.Namespace, dest: Path) -> None:
+    """The daemon's layout tar, unpacked into a fresh directory that replaces an empty
+    placeholder at ``dest`` (rename(2) over an empty directory is atomic)."""
+    try:
+        dest.mkdir()
+    except FileExistsError:
+        raise _exists(dest) from None
+    except OSError as exc:
+        raise SnapshotError(f"export to {dest}: {exc.strerror}") from exc
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        with tempfile.TemporaryFile(dir=dest.parent) as archive:
+            fd = archive.fileno()
+            run_session(args, lambda c: c.export_snapshots(args.ids, fd, fmt=args.format))
+            archive.seek(0)
+            _unpack_layout(archive, staging)
+        os.rename(staging, dest)
+    except BaseException:
+        fstree.remove_path(staging)
+        dest.rmdir()
+        raise
+
+
+def _unpack_layout(archive: IO[bytes], dest: Path) -> None:
+    """Unpack the daemon's OCI layout tar.
+
+    Raises:
+        SnapshotError: the archive is not a layout tar we can unpack.
+    """
+    try:
+        with tarfile.open(fileobj=archive, mode="r:") as tar:
+            # The "data" filter refuses absolute names, links out of the tree and devices: a
+            # layout holds only directories and regular files.
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise SnapshotError(f"export: unpacking the daemon's layout into {dest}: {exc}") from exc
+
+
 def _export(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        store.export(args.ids, args.output, fmt=ExportFormat(args.format))
-    print(f"exported {len(args.ids)} snapshot(s) to {args.output} ({args.format})")
+    dest: Path = args.output
+    if ExportFormat(args.format) is ExportFormat.OCI and dest.suffix != TAR_SUFFIX:
+        _export_layout_dir(args, dest)
+    else:
+        _export_file(args, dest)
+    print(f"exported {len(args.ids)} snapshot(s) to {dest} ({args.format})")
     return 0
 
 
+# --- mount, unmount (local) ----------------------------------------------------------------------
+
+
 def _mount(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with Store(args.state_dir) as store:
         info = store.mount_view(args.id, args.dir)
     print(f"mounted {info.short_id} ({info.platform}) read-only at {args.dir}")
     return 0
 
 
 def _unmount(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with Store(args.state_dir) as store:
         store.unmount_view(args.dir)
     return 0

@@ -1,5 +1,6 @@
-"""E2E: ``runtimectl snapshot …`` as a user runs it (``--embedded`` until the daemon carries
-snapshot calls), on a GNU tar tarball of a busybox root."""
+"""E2E: ``runtimectl snapshot …`` as a user runs it with ``--embedded`` (a daemon in-process
+for each command, over the same protocol as a running one), on a GNU tar tarball of a busybox
+root."""
 
 from __future__ import annotations
 
@@ -63,13 +64,19 @@ def test_snapshot_cli_import_ls_inspect_export_rm(tmp_path: Path) -> None:
     assert json.loads(missing.stdout)["error"]["code"] == "snapshot.SnapshotNotFound"
 
 
-def test_snapshot_cli_needs_embedded_for_now(tmp_path: Path) -> None:
+def test_snapshot_cli_without_a_daemon_names_the_fix(tmp_path: Path) -> None:
     done = subprocess.run(
-        [str(tool("runtimectl")), "snapshot", "ls", "--state-dir", str(tmp_path)],
+        [str(tool("runtimectl")), "snapshot", "ls", "--socket", str(tmp_path / "none.sock")],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode == int(ExitArea.FAILURE)
-    assert "--embedded" in done.stderr
+    error, hint = done.stderr.splitlines()
+    assert (
+        error
+        == f"runtimectl: error: connect to {tmp_path / 'none.sock'}: No such file or directory"
+    )
+    assert "start the daemon" in hint
+    assert "--embedded" in hint
