@@ -38,7 +38,7 @@ def test_plan_overlay_lists_top_layer_first_with_explicit_options() -> None:
     root = OverlayMount(layers=("/l/bottom", "/l/top"), upper="/r/upper", work="/r/work")
     assert root.options() == (
         "lowerdir=/l/top:/l/bottom,upperdir=/r/upper,workdir=/r/work,"
-        "userxattr,index=off,metacopy=off"
+        "userxattr,index=off,metacopy=off,volatile"
     )
 
 
