@@ -18,7 +18,7 @@ classified (an emulator's interpreter path means emulated by it, anything else n
 its CPU time; the command itself stops once after its execve so that PID 1 reads its
 ``/proc/PID/exe`` (``confirmed`` in the report), however short-lived it is. Processes
 too short-lived to be sampled show up only in ``unobserved_cpu_seconds`` (cgroup total minus
-what was attributed, sandbox set-up included).
+what was attributed, PID 1 included from the point it joins the cgroups, before the command).
 
 Nothing outlives a run: the mounts live in the helper's private mount namespace and go with
 it, PID 1 dies with the helper (PDEATHSIG) and takes the PID namespace down, and the cgroups
