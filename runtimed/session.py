@@ -10,12 +10,13 @@ A command module adds the options with :func:`add_session_arguments` and runs it
 ``--socket PATH`` (default: the daemon's default socket) names a running daemon;
 ``--embedded`` starts this daemon in-process on a private socket for the one command (as root;
 it registers no emulators at start-up and uses ``--state-dir``/``--binfmt-misc`` when the
-command has them).
+command has them; without ``--state-dir`` its store is a throwaway temporary directory).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -55,11 +56,14 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def embedded_config(args: argparse.Namespace) -> Config:
-    """The configuration of an embedded daemon: defaults, the command's paths, no emulators."""
+def embedded_config(args: argparse.Namespace, state_dir: Path) -> Config:
+    """The configuration of an embedded daemon: defaults, the command's paths, no emulators.
+
+    ``state_dir`` serves when the command has no ``--state-dir`` of its own.
+    """
     defaults = Config()
     return Config(
-        state_dir=getattr(args, "state_dir", None) or defaults.state_dir,
+        state_dir=getattr(args, "state_dir", None) or state_dir,
         binfmt_misc=getattr(args, "binfmt_misc", None) or defaults.binfmt_misc,
         group=EMBEDDED_GROUP,
         emulators=(),
@@ -80,8 +84,12 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Client]:
         from runtimed.daemon import open_embedded_client
 
         try:
-            async with open_embedded_client(embedded_config(args)) as client:
-                yield client
+            # A command without snapshots (platforms, check-binfmt) gets a throwaway store
+            # rather than creating the default state directory.
+            with tempfile.TemporaryDirectory(prefix="runtimectl-state-") as scratch:
+                config = embedded_config(args, Path(scratch))
+                async with open_embedded_client(config) as client:
+                    yield client
         except BaseExceptionGroup as group:
             # The embedded daemon's nursery wraps what the command raised; the command's
             # error (one line, its exit code) is what the user must see.

@@ -1,5 +1,13 @@
 """IO: ``runtimectl binfmt install|uninstall|enable|disable|status``, ``runtimectl check-binfmt``
-and ``runtimectl platforms``: binfmt_misc handlers and what this host runs, without a daemon.
+and ``runtimectl platforms``: binfmt_misc handlers and what this host runs.
+
+``platforms`` asks the daemon (``--socket``; ``--embedded`` starts one in this process that
+reads ``--binfmt-misc``): the daemon's report is what its execs decide from. ``check-binfmt``
+diagnoses the binfmt_misc at ``--binfmt-misc`` locally, so it works when no daemon runs (or
+cannot start); ``--remote`` asks the daemon for its diagnosis instead. The ``binfmt``
+subcommands are operator tools that work on ``--binfmt-misc`` directly, without a daemon (a
+running daemon sees their changes at its next probe, or on SIGHUP); the daemon's own
+InstallEmulators/UninstallEmulators serve its clients and its configured emulator set.
 
 ``binfmt`` subcommands mount binfmt_misc at ``--binfmt-misc`` if it is absent; ``check-binfmt``
 and ``platforms`` only read. Exit status: 0 ok, 1 check-binfmt found problems, 2 usage, and the
@@ -18,12 +26,13 @@ from typing import Any
 
 from binfmt import detect, installer, kernel
 from binfmt.claims import claimed_platforms
-from binfmt.diagnose import Diagnosis, Severity, diagnose
+from binfmt.diagnose import Diagnosis, Finding, Severity, diagnose
 from binfmt.install import ActionKind, PlatformChange, is_ours
 from binfmt.platform import Platform, normalize, parse_platform
 from binfmt.qemu import QemuTarget, targets_for_platform
 from binfmt.report import PlatformReport
-from runtimed.errors import ExitArea, Json, UsageError
+from runtimed.errors import ExitArea, InvalidParamsError, Json, RpcError, UsageError
+from runtimed.session import add_session_arguments, run_session
 
 CREDENTIAL_WARNING = (
     "warning: the C flag makes setuid foreign binaries run QEMU with their privileges; "
@@ -84,10 +93,19 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     check = sub.add_parser("check-binfmt", help="diagnose binfmt_misc (read-only)")
     _common(check)
+    check.add_argument(
+        "--remote",
+        action="store_true",
+        help="ask the daemon (--socket, or --embedded) for its diagnosis instead",
+    )
+    add_session_arguments(check)
     check.set_defaults(func=_check)
 
-    platforms = sub.add_parser("platforms", help="native, emulated and unavailable platforms")
+    platforms = sub.add_parser(
+        "platforms", help="native, emulated and unavailable platforms (the daemon's report)"
+    )
     _common(platforms)
+    add_session_arguments(platforms)
     platforms.set_defaults(func=_platforms)
 
 
@@ -211,9 +229,17 @@ def _report_lines(report: PlatformReport) -> list[str]:
     return lines
 
 
+def _report_from_json(obj: Json) -> PlatformReport:
+    """Raises: RpcError: the daemon's report does not parse."""
+    try:
+        return PlatformReport.from_json(obj)
+    except InvalidParamsError as exc:
+        raise RpcError(f"the daemon sent an invalid platform report: {exc.message}") from exc
+
+
 def _platforms(args: argparse.Namespace) -> int:
-    report = detect.platform_report(args.binfmt_misc)
-    _emit(args, report.to_json(), "\n".join(_report_lines(report)))
+    data = run_session(args, lambda client: client.get_platforms())
+    _emit(args, data, "\n".join(_report_lines(_report_from_json(data))))
     return 0
 
 
@@ -233,8 +259,44 @@ def _diagnosis_text(diagnosis: Diagnosis) -> str:
     return "\n".join(lines)
 
 
+def _finding_from_json(obj: Json) -> Finding:
+    """Raises: RpcError: not a finding as ``Finding.to_json`` writes it."""
+    if not isinstance(obj, dict):
+        raise RpcError("the daemon sent a finding that is not an object")
+    check, severity, message = obj.get("check"), obj.get("severity"), obj.get("message")
+    platforms, entry, fix = obj.get("platforms", []), obj.get("entry"), obj.get("fix")
+    if (
+        not isinstance(check, str)
+        or severity not in tuple(Severity)
+        or not isinstance(message, str)
+        or not isinstance(platforms, list)
+        or not all(isinstance(p, str) for p in platforms)
+        or not isinstance(entry, str | None)
+        or not isinstance(fix, str | None)
+    ):
+        raise RpcError(f"the daemon sent an invalid finding: {obj!r}")
+    return Finding(
+        check=check,
+        severity=Severity(str(severity)),
+        message=message,
+        platforms=tuple(str(p) for p in platforms),
+        entry=entry,
+        fix=fix,
+    )
+
+
 def _check(args: argparse.Namespace) -> int:
-    facts, report = detect.gather_facts(args.binfmt_misc)
-    diagnosis = diagnose(facts, report)
+    if args.remote:
+        data = run_session(args, lambda client: client.check_binfmt())
+        findings = data.get("findings")
+        if not isinstance(findings, list):
+            raise RpcError("the daemon's diagnosis lacks a valid 'findings'")
+        diagnosis = Diagnosis(
+            findings=tuple(map(_finding_from_json, findings)),
+            report=_report_from_json(data.get("platforms")),
+        )
+    else:
+        facts, report = detect.gather_facts(args.binfmt_misc)
+        diagnosis = diagnose(facts, report)
     _emit(args, diagnosis.to_json(), _diagnosis_text(diagnosis))
     return int(ExitArea.FINDINGS if diagnosis.problems else ExitArea.OK)

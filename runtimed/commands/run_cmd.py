@@ -3,8 +3,10 @@
 The command's stdout and stderr stay its own (streamed live); ``runtimectl`` exits with the
 command's exit status, or 128+n when a signal ended it. ``-v`` prints a one-line execution
 report on stderr at the end; ``--report FILE`` (``-`` for stderr) writes the whole result as
-JSON. Until the daemon's protocol routes exec calls, ``--embedded`` runs the store and the
-sandbox in this process (as root).
+JSON. The request goes to the daemon (``--socket``; ``--embedded`` starts one in this process
+for the command, as root, with ``--state-dir`` and ``--binfmt-misc``), which streams the
+output back; leaving early (Ctrl-C, or our stdout's reader gone) closes the connection, and
+the daemon kills the command's whole tree.
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import trio
 
-from binfmt import detect, kernel
-from binfmt.report import PlatformReport
-from runtimed.errors import DaemonUnavailableError, Json, UsageError
-from sandbox.launch import RunResult, Stream, open_run
+from binfmt import kernel
+from runtimed.client import Client, ExecResult
+from runtimed.errors import Json, RpcError, UsageError
+from runtimed.session import add_session_arguments, run_session
 from sandbox.spec import ExecSpec, parse_size
-from sandbox.store import DEFAULT_STATE_DIR, Store
+from sandbox.store import DEFAULT_STATE_DIR
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -69,11 +72,21 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         default=0,
         help="print a one-line execution report on stderr",
     )
-    run.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR")
-    run.add_argument("--binfmt-misc", type=Path, default=kernel.DEFAULT_BINFMT_MISC, metavar="DIR")
     run.add_argument(
-        "--embedded", action="store_true", help="run the store and sandbox in this process"
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help="the embedded daemon's state directory (default: %(default)s)",
     )
+    run.add_argument(
+        "--binfmt-misc",
+        type=Path,
+        default=kernel.DEFAULT_BINFMT_MISC,
+        metavar="DIR",
+        help="the binfmt_misc the embedded daemon reads (default: %(default)s)",
+    )
+    add_session_arguments(run)
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD")
     run.set_defaults(func=_run)
 
@@ -126,38 +139,39 @@ def request_from_args(args: argparse.Namespace) -> ExecSpec:
 
 
 def _run(args: argparse.Namespace) -> int:
-    spec = request_from_args(args)
-    if not args.embedded:
-        raise DaemonUnavailableError(
-            "the daemon does not serve exec calls yet",
-            hint="pass --embedded to run the sandbox from this process (as root)",
-        )
-    report = detect.platform_report(args.binfmt_misc)
-    with Store(args.state_dir) as store:
-        result = trio.run(_execute, spec, store, report)
+    spec = request_from_args(args).to_json()
+    result = run_session(args, lambda client: _execute(client, spec))
+    if result is None:
+        # Our reader went away and the exec was cancelled, as a pipeline's SIGPIPE would.
+        return 128 + signal.SIGPIPE
     if args.run_verbose or args.verbose:
-        print(f"runtimectl: {_summary(result)}", file=sys.stderr)
+        print(f"runtimectl: {summary(result)}", file=sys.stderr)
     if args.report is not None:
-        text = json.dumps(result.to_json(), indent=2)
+        text = json.dumps(result, indent=2)
         if args.report == "-":
             print(text, file=sys.stderr)
         else:
             Path(args.report).write_text(text + "\n")
-    return result.exit_code
+    status = result.get("exit_code")
+    if not isinstance(status, int) or isinstance(status, bool):
+        raise RpcError("the daemon's exec result lacks a valid 'exit_code'")
+    return status
 
 
-def _summary(result: RunResult) -> str:
-    if result.timed_out:
+def summary(result: dict[str, Json]) -> str:
+    """One line from an exec result: how it ended, the execution report, CPU in all."""
+    if result.get("timed_out"):
         ended = "timed out"
-    elif result.cancelled:
+    elif result.get("cancelled"):
         ended = "cancelled"
-    elif result.signal is not None:
-        ended = f"killed by signal {result.signal}"
+    elif result.get("signal") is not None:
+        ended = f"killed by signal {result['signal']}"
     else:
-        ended = f"exit {result.exit_code}"
-    cpu = result.resources.cpu_seconds
-    used = "" if cpu is None else f"; {cpu:.2f}s CPU in all"
-    return f"{ended}; {result.report.summary()}{used}"
+        ended = f"exit {result.get('exit_code')}"
+    resources = result.get("resources")
+    cpu = resources.get("cpu_seconds") if isinstance(resources, dict) else None
+    used = f"; {cpu:.2f}s CPU in all" if isinstance(cpu, int | float) else ""
+    return f"{ended}; {result.get('summary')}{used}"
 
 
 def _relay(out: BinaryIO, data: bytes) -> bool:
@@ -177,15 +191,17 @@ def _relay(out: BinaryIO, data: bytes) -> bool:
     return True
 
 
-async def _execute(spec: ExecSpec, store: Store, report: PlatformReport) -> RunResult:
-    outputs = {Stream.STDOUT: sys.stdout.buffer, Stream.STDERR: sys.stderr.buffer}
-    broken: set[Stream] = set()
-    async with open_run(spec, store, report) as execution:
-        async for chunk in execution.output:
-            if chunk.stream in broken:
-                continue
-            if not await trio.to_thread.run_sync(_relay, outputs[chunk.stream], chunk.data):
-                # As a pipeline would with SIGPIPE: the command stops when its reader left.
-                broken.add(chunk.stream)
-                execution.cancel()
-        return await execution.wait()
+async def _execute(client: Client, spec: dict[str, Json]) -> dict[str, Json] | None:
+    """Relay the output live; the final result, or None when a reader of ours went away
+    (leaving the stream closes the connection: the daemon kills the command's tree)."""
+    outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    async with client.open_exec(spec) as events:
+        async for event in events:
+            if isinstance(event, ExecResult):
+                return event.result
+            out = outputs.get(event.stream)
+            if out is None:
+                raise RpcError(f"the daemon sent output of an unknown stream {event.stream!r}")
+            if not await trio.to_thread.run_sync(_relay, out, event.data):
+                return None
+    raise RpcError("Exec: the daemon ended without a result")

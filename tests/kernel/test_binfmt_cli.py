@@ -179,7 +179,7 @@ def test_binfmt_install_for_native_platforms_is_refused(tmp_path: Path) -> None:
     os.chmod(probe, 0o755)
     out = _run(
         f"""
-        run platforms platforms --json --binfmt-misc "$BM"
+        run platforms platforms --json --embedded --binfmt-misc "$BM"
         run amd64 binfmt install --binfmt-misc "$BM" linux/amd64
         run i386 binfmt install --binfmt-misc "$BM" linux/386
         # The instance is empty: only the kernel itself can run an i386 binary here.
