@@ -780,18 +780,25 @@ async def open_run(
     # One trip to a worker thread each for the set-up and the clean-up (they add up: on a
     # busy host every hand-off to a thread costs milliseconds).
     prepared, group = await trio.to_thread.run_sync(_prepare_with_cgroups, spec, source, report)
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            if server is None:
-                server = await stack.enter_async_context(open_forkserver())
-            execution = await stack.enter_async_context(
-                open_execution(prepared, server, source=source, group=group, debug=debug)
-            )
-            yield execution
-    finally:
-        with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
-            cleanup.shield = True
-            await trio.to_thread.run_sync(_clean_up, prepared, source, group)
+    async with _single_errors(), trio.open_nursery() as nursery:
+        # The helper's move of PID 1 into the run's cgroups waits for an RCU grace period
+        # unless a cgroup move is in flight: start one now, while the helper is forked and
+        # unshares (not earlier: a move holds cgroup_mutex, which creating the cgroups needs).
+        nursery.start_soon(
+            partial(trio.to_thread.run_sync, cgroups.warm_attach_lock, abandon_on_cancel=True)
+        )
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if server is None:
+                    server = await stack.enter_async_context(open_forkserver())
+                execution = await stack.enter_async_context(
+                    open_execution(prepared, server, source=source, group=group, debug=debug)
+                )
+                yield execution
+        finally:
+            with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
+                cleanup.shield = True
+                await trio.to_thread.run_sync(_clean_up, prepared, source, group)
 
 
 def _create_cgroups(prepared: PreparedRun) -> cgroups.RunCgroup:
