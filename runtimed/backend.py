@@ -55,6 +55,7 @@ from sandbox.store import ExportFormat, Store
 log = logging.getLogger(__name__)
 
 COPY_CHUNK: Final = 1024 * 1024
+CLIENT_STREAM: Final = "client stream"
 
 
 class DaemonBackend:
@@ -152,8 +153,10 @@ class DaemonBackend:
 
         def run() -> dict[str, Json]:
             store = self.store
+            name = client_source_name(fd)
             with readable_source(fd, store.staging_dir) as source:
-                return store.import_source(source, platform=platform, progress=report).to_json()
+                info = store.import_source(source, platform=platform, progress=report, name=name)
+                return info.to_json()
 
         return await trio.to_thread.run_sync(run)
 
@@ -304,6 +307,17 @@ def install_handlers(
         else [target_for_platform(parse_platform(p, host=host)) for p in platforms]
     )
     return installer.install(path, targets, force=force, credential=False)
+
+
+def client_source_name(fd: int) -> str:
+    """What a snapshot imported from a client's descriptor records as its source: the path
+    the client opened, as the kernel names the open file (read by readlink, never opened by
+    that name), or ``client stream`` for a pipe or an unlinked file."""
+    try:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return CLIENT_STREAM
+    return name if name.startswith("/") and not name.endswith(" (deleted)") else CLIENT_STREAM
 
 
 @contextmanager

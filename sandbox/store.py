@@ -663,7 +663,12 @@ class Store:
     # --- import --------------------------------------------------------------------------------
 
     def import_source(
-        self, source: Path, *, platform: str | None = None, progress: Progress | None = None
+        self,
+        source: Path,
+        *,
+        platform: str | None = None,
+        progress: Progress | None = None,
+        name: str | None = None,
     ) -> SnapshotInfo:
         """Import a directory, a rootfs tarball, an OCI layout (directory or tar) or a
         ``docker save`` archive. A second import of the same content is a lookup.
@@ -673,6 +678,8 @@ class Store:
             platform: for an image with an index, the platform to pick (default: the host's);
                 for a tarball or a directory, the platform to record instead of detecting it.
             progress: called with one line per step.
+            name: what to record as the snapshot's source (default: ``source``), e.g. the
+                client's path of a file the daemon reads through ``/proc/self/fd/N``.
 
         Raises:
             InvalidArchiveError: the source is corrupt, hostile or fails a digest check.
@@ -683,26 +690,28 @@ class Store:
         wanted = None if platform is None else parse_platform(platform, host=self.host)
         say = progress or (lambda _line: None)
         try:
-            return self._import(source, wanted, say)
+            return self._import(source, wanted, say, name or str(source))
         except OSError as exc:
             raise SnapshotError(
                 f"import {source}: {exc.strerror or exc}", details={"source": str(source)}
             ) from exc
 
-    def _import(self, source: Path, wanted: Platform | None, say: Progress) -> SnapshotInfo:
+    def _import(
+        self, source: Path, wanted: Platform | None, say: Progress, label: str
+    ) -> SnapshotInfo:
         st = os.stat(source)
         if stat.S_ISDIR(st.st_mode):
             if (source / "oci-layout").exists():
-                return self._import_image(source, wanted, say)
-            return self._import_directory(source, wanted, say)
+                return self._import_image(source, wanted, say, label)
+            return self._import_directory(source, wanted, say, label)
         if not stat.S_ISREG(st.st_mode):
             raise SnapshotError(f"import {source}: not a regular file or a directory")
         kind = sniff_image_archive(source)
         if kind == "oci":
-            return self._import_image(source, wanted, say)
+            return self._import_image(source, wanted, say, label)
         if kind == "docker":
-            return self._import_docker(source, wanted, say)
-        return self._import_tarball(source, wanted, say)
+            return self._import_docker(source, wanted, say, label)
+        return self._import_tarball(source, wanted, say, label)
 
     def _lookup_source(self, key: str) -> SnapshotInfo | None:
         with self._db() as conn:
@@ -714,7 +723,9 @@ class Store:
             return self._info(conn, snapshot_id)
         return None
 
-    def _import_tarball(self, source: Path, wanted: Platform | None, say: Progress) -> SnapshotInfo:
+    def _import_tarball(
+        self, source: Path, wanted: Platform | None, say: Progress, label: str
+    ) -> SnapshotInfo:
         # The same file, unchanged since an earlier import, is a lookup without reading it: the
         # key holds its inode, size, mtime and ctime, and ctime moves on every change to the
         # file and cannot be set from user space (as git's index and ccache rely on).
@@ -738,7 +749,7 @@ class Store:
                 new = self._unpack(tmp, blob, parents=[], diff_id=None, digest=digest)
                 layer = self._install_layer(held, new, chain_id=new.diff_id)
                 resolved = self._tarball_config(self._layer_path(layer.chain_id), layer, wanted)
-                return self._commit(resolved, [layer], source=str(source), source_keys=keys)
+                return self._commit(resolved, [layer], source=label, source_keys=keys)
 
     def _add_sources(self, snapshot_id: str, keys: Sequence[str]) -> None:
         with self._db(write=True) as conn:
@@ -747,7 +758,7 @@ class Store:
             )
 
     def _import_directory(
-        self, source: Path, wanted: Platform | None, say: Progress
+        self, source: Path, wanted: Platform | None, say: Progress, label: str
     ) -> SnapshotInfo:
         say(f"copying {source}")
         with contextlib.ExitStack() as held, self._staging() as tmp:
@@ -763,7 +774,7 @@ class Store:
             new = _NewLayer(path=dest, diff_id=tar.digest, size=result.size, entries=result.entries)
             layer = self._install_layer(held, new, chain_id=new.diff_id)
             resolved = self._tarball_config(self._layer_path(layer.chain_id), layer, wanted)
-            return self._commit(resolved, [layer], source=str(source), source_keys=())
+            return self._commit(resolved, [layer], source=label, source_keys=())
 
     def _tarball_config(self, root: Path, layer: LayerInfo, wanted: Platform | None) -> _Resolved:
         if wanted is not None:
@@ -952,7 +963,9 @@ class Store:
                 out.append(desc)
             # Other entries (attestations, signatures) are not images: skipped.
 
-    def _import_image(self, source: Path, wanted: Platform | None, say: Progress) -> SnapshotInfo:
+    def _import_image(
+        self, source: Path, wanted: Platform | None, say: Progress, label: str
+    ) -> SnapshotInfo:
         archive = _Archive(source)
         try:
             oci.check_oci_layout(archive.read_small("oci-layout"))
@@ -989,11 +1002,13 @@ class Store:
                 config=config_bytes, platform=config.platform, platform_source=reason
             )
             layers = [(blob_name(d.digest), d.digest, d.size) for d in manifest.layers]
-            return self._import_layers(archive, resolved, config, layers, source, say)
+            return self._import_layers(archive, resolved, config, layers, label, say)
         finally:
             archive.close()
 
-    def _import_docker(self, source: Path, wanted: Platform | None, say: Progress) -> SnapshotInfo:
+    def _import_docker(
+        self, source: Path, wanted: Platform | None, say: Progress, label: str
+    ) -> SnapshotInfo:
         archive = _Archive(source)
         try:
             entries = json.loads(archive.read_small("manifest.json"))
@@ -1042,7 +1057,7 @@ class Store:
                 platform_source=f"from the image config: {reason}",
             )
             layers: list[tuple[str, str | None, int | None]] = [(n, None, None) for n in names]
-            return self._import_layers(archive, resolved, config, layers, source, say)
+            return self._import_layers(archive, resolved, config, layers, label, say)
         finally:
             archive.close()
 
@@ -1052,7 +1067,7 @@ class Store:
         resolved: _Resolved,
         config: oci.ConfigFile,
         layers: Sequence[tuple[str, str | None, int | None]],
-        source: Path,
+        label: str,
         say: Progress,
     ) -> SnapshotInfo:
         """Unpack (or find) each layer in order under its chain lock, then commit."""
@@ -1081,7 +1096,7 @@ class Store:
                         digest=digest,
                     )
                     installed.append(self._install_layer(None, new, chain_id=chain_id))
-            return self._commit(resolved, installed, source=str(source), source_keys=())
+            return self._commit(resolved, installed, source=label, source_keys=())
 
     @staticmethod
     def _copy_member(
