@@ -210,24 +210,73 @@ def enter_user_namespace() -> int:
     return pid
 
 
-def unshare_namespaces(plan: Plan) -> int:
+def unshare_namespaces(plan: Plan, spare_net: int | None) -> int:
     """Unshare, configure UTS and network, fork PID 1; its PID (0 in PID 1).
 
-    The cgroup namespace is PID 1's to unshare, once it is in the run's cgroups.
+    The cgroup namespace is PID 1's to unshare, once it is in the run's cgroups. With
+    ``spare_net`` (a fresh network namespace with ``lo`` up, see :func:`new_network`) the
+    sandbox enters that one instead of creating its own (only given when
+    :func:`takes_spare_network`); it is closed either way.
     """
-    flags = 0
-    for name in plan.namespaces:
-        if name not in ("user", "cgroup"):
-            flags |= _NAMESPACE_FLAGS[name]
-    syscalls.unshare(flags)
+    try:
+        flags = 0
+        for name in plan.namespaces:
+            if name not in ("user", "cgroup") and not (name == "net" and spare_net is not None):
+                flags |= _NAMESPACE_FLAGS[name]
+        syscalls.unshare(flags)
+        if spare_net is not None:
+            syscalls.setns(spare_net, syscalls.CLONE_NEWNET)
+        elif plan.loopback:
+            bring_up_loopback()
+    finally:
+        if spare_net is not None:
+            os.close(spare_net)
     if "uts" in plan.namespaces:
         syscalls.sethostname(plan.hostname)
-    if plan.loopback:
-        bring_up_loopback()
     pid = os.fork()
     if pid == 0:
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
     return pid
+
+
+def takes_spare_network(plan: Plan) -> bool:
+    """Whether the run's network namespace can be one the server made: a new one with only
+    ``lo`` up, owned by the server's user namespace (not by a hermetic run's own)."""
+    return "net" in plan.namespaces and plan.loopback and "user" not in plan.namespaces
+
+
+def new_network() -> int | None:
+    """A fresh network namespace with ``lo`` up, made by the server between requests; an fd
+    on it, or None when it cannot make one (the run then makes its own).
+
+    Creating a network namespace costs about a millisecond (and ``lo`` up a little more),
+    which this takes off the path of the next request. The server enters the new namespace
+    only for the two calls and returns to its own; if it cannot return it stops, rather
+    than hand a later ``--network host`` run the wrong namespace. Each one is given to
+    exactly one run and closed by it: never reused.
+
+    Raises:
+        KernelError: the server could not return to its own network namespace.
+    """
+    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            # Entering its own namespace is a no-op that needs what returning to it needs
+            # (CAP_SYS_ADMIN over its owner: not so in a user namespace of our own whose
+            # network is the host's), so a server that could not come back never leaves.
+            syscalls.setns(own, syscalls.CLONE_NEWNET)
+            syscalls.unshare(syscalls.CLONE_NEWNET)
+        except RuntimedError:
+            return None
+        try:
+            bring_up_loopback()
+            return os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, RuntimedError):
+            return None
+        finally:
+            syscalls.setns(own, syscalls.CLONE_NEWNET)
+    finally:
+        os.close(own)
 
 
 def bring_up_loopback() -> None:
@@ -515,10 +564,13 @@ def init(plan: Plan, status: Status, joined: int) -> NoReturn:
     os._exit(serve_init(command, early, status))
 
 
-def run(plan_json: Json, status: Status) -> int:
+def run(plan_json: Json, status: Status, spare_net: int | None = None) -> int:
     """One sandbox, from the forked child of the server: steps 1 and 2, then supervise."""
     try:
         plan = validate_plan(plan_json)
+        if spare_net is not None and not takes_spare_network(plan):
+            os.close(spare_net)
+            spare_net = None
         for line in plan.describe():
             log.debug("%s", line)
         if "user" in plan.namespaces:
@@ -528,7 +580,7 @@ def run(plan_json: Json, status: Status) -> int:
                 return supervise(child)
         procs = open_cgroups(plan)
         joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
-        pid1 = unshare_namespaces(plan)
+        pid1 = unshare_namespaces(plan, spare_net)
     except BaseException as exc:
         status.error(exc)
         return SETUP_FAILED
@@ -548,7 +600,9 @@ def run(plan_json: Json, status: Status) -> int:
     return supervise(pid1)
 
 
-def _serve_one(sock: socket.socket, server: int, data: bytes, fds: list[int]) -> int:
+def _serve_one(
+    sock: socket.socket, server: int, data: bytes, fds: list[int], spare_net: int | None
+) -> int:
     """The forked child: take the request's fds as stdio and status, then :func:`run`."""
     sock.close()
     stdin, stdout, stderr, status_fd = fds
@@ -574,7 +628,7 @@ def _serve_one(sock: socket.socket, server: int, data: bytes, fds: list[int]) ->
     except SandboxError as exc:
         status.error(exc)
         return SETUP_FAILED
-    return run(request.get("plan"), status)
+    return run(request.get("plan"), status, spare_net)
 
 
 def _reap() -> None:
@@ -591,11 +645,15 @@ def serve(sock: socket.socket) -> None:
     fresh one costs tens (STYLE §6). Finished children are reaped as soon as SIGCHLD says so
     (no zombie outlives its run); the launcher learns their end from the status fd and the
     pidfd, not from a wait status. SIGCHLD stays blocked from fork to pidfd_open, so a child
-    that ends at once is still there to be opened.
+    that ends at once is still there to be opened. Between requests it makes the next run's
+    network namespace (:func:`new_network`).
     """
     server = os.getpid()
     signal.signal(signal.SIGCHLD, lambda _signum, _frame: _reap())
+    spare_net: int | None = None
     while True:
+        if spare_net is None:
+            spare_net = new_network()  # between requests, for the next one
         data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, REQUEST_FDS + 1)
         if not data:
             return
@@ -612,9 +670,12 @@ def serve(sock: socket.socket) -> None:
                 # The sandbox's processes wait for their own children: no reaping handler.
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-                code = _serve_one(sock, server, data, fds)
+                code = _serve_one(sock, server, data, fds, spare_net)
             finally:
                 os._exit(code)
+        if spare_net is not None:
+            os.close(spare_net)  # the child's now, and only the child's
+            spare_net = None
         try:
             pidfd = os.pidfd_open(pid)
         finally:

@@ -411,6 +411,31 @@ async def test_sandbox_concurrent_runs_share_one_fork_server(source: DirectorySo
         assert (out.stdout, out.stderr, out.result.exit_code) == (f"run{n}\n", f"err{n}\n", n)
 
 
+async def test_sandbox_each_run_gets_a_fresh_network_namespace_with_lo_up(
+    source: DirectorySource,
+) -> None:
+    # The fork server makes the next run's network namespace ahead of time: one per run,
+    # never shared, never the server's own. Runs that overlap cannot share a namespace.
+    script = "ls -l /proc/self/ns/net; ifconfig lo | grep -c UP; ls /sys/class/net; sleep 0.3"
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", script]})
+    seen: list[list[str]] = []
+    async with open_forkserver() as server:
+
+        async def one() -> None:
+            async with open_run(spec, source, NATIVE_REPORT, server=server) as execution:
+                chunks = [chunk.data async for chunk in execution.output]
+                assert (await execution.wait()).exit_code == 0
+                seen.append(b"".join(chunks).decode().splitlines())
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(one)
+    namespaces = {lines[0].rsplit(" ", 1)[-1] for lines in seen}
+    assert len(namespaces) == 3
+    assert os.readlink("/proc/self/ns/net") not in namespaces
+    assert [lines[1:] for lines in seen] == [["1", "lo"]] * 3
+
+
 async def test_sandbox_cancel_stops_the_command_with_sigterm(source: DirectorySource) -> None:
     spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo up; sleep 987654"]})
     async with open_run(spec, source, NATIVE_REPORT) as execution:
