@@ -7,7 +7,8 @@ A command module adds the options with :func:`add_session_arguments` and runs it
         snapshots = run_session(args, lambda client: client.list_snapshots())
         ...
 
-``--socket PATH`` (default: the daemon's default socket) names a running daemon;
+``--socket PATH`` (default: the socket of the daemon's configuration file, else the built-in
+default) names a running daemon;
 ``--embedded`` starts this daemon in-process on a private socket for the one command (as root;
 it registers no emulators at start-up and uses ``--state-dir``/``--binfmt-misc`` when the
 command has them; without ``--state-dir`` its store is a throwaway temporary directory).
@@ -25,7 +26,7 @@ from typing import Final, TypeVar
 import trio
 
 from runtimed.client import DEFAULT_SOCKET, Client, open_client
-from runtimed.config import Config
+from runtimed.config import DEFAULT_CONFIG_PATH, Config, parse_config
 from runtimed.errors import DaemonUnavailableError
 
 T = TypeVar("T")
@@ -45,15 +46,29 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--socket",
         type=Path,
-        default=DEFAULT_SOCKET,
         metavar="PATH",
-        help="the daemon's socket (default: %(default)s)",
+        help=f"the daemon's socket (default: the socket {DEFAULT_CONFIG_PATH} names, else "
+        f"{DEFAULT_SOCKET})",
     )
     parser.add_argument(
         "--embedded",
         action="store_true",
         help="run the daemon inside this command on a private socket (as root)",
     )
+
+
+def configured_socket(path: Path = DEFAULT_CONFIG_PATH) -> Path:
+    """The socket the daemon's configuration file names; the built-in default when there is
+    no file or we may not read it.
+
+    Raises:
+        ConfigError: the file is not a valid configuration (the daemon would refuse it too).
+    """
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return DEFAULT_SOCKET
+    return parse_config(text, source=str(path)).socket
 
 
 def embedded_config(args: argparse.Namespace, state_dir: Path) -> Config:
@@ -76,6 +91,7 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Client]:
 
     Raises:
         DaemonUnavailableError: nothing listens on the socket (the hint names the fixes).
+        ConfigError: no ``--socket`` and the daemon's configuration file is invalid.
         PermissionDeniedError: the socket refuses us.
     """
     if args.embedded:
@@ -97,7 +113,8 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Client]:
     else:
         async with AsyncExitStack() as stack:
             try:
-                client = await stack.enter_async_context(open_client(args.socket))
+                socket = args.socket or configured_socket()
+                client = await stack.enter_async_context(open_client(socket))
             except DaemonUnavailableError as exc:
                 raise DaemonUnavailableError(
                     exc.message, details=exc.details, hint=UNAVAILABLE_HINT

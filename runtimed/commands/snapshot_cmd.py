@@ -9,7 +9,8 @@ the root daemon never opens a path we name:
   anonymous temporary file (``$TMPDIR``) first, which is then passed: a tree that cannot be
   read completely fails here, before the daemon sees anything, instead of arriving as a
   truncated stream the daemon would import. The daemon sniffs what it got (tarball, OCI
-  layout tar), as it does for any file.
+  layout tar), as it does for any file. The tar is the layer format, so a 0/0 character
+  device (overlayfs' whiteout) in the tree becomes an OCI whiteout, which a first layer drops.
 - ``export -o PATH`` creates PATH itself (``O_EXCL``: an existing PATH is a usage error) and
   passes it for writing. ``--format oci`` writes an OCI layout *directory* at PATH unless PATH
   ends in ``.tar``: the daemon writes the layout as a tar into a temporary file next to PATH,

@@ -13,7 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runtimed.errors import ExitArea, Json
+from runtimed.client import DEFAULT_SOCKET
+from runtimed.errors import ConfigError, ExitArea, Json
+from runtimed.session import configured_socket
 from sandbox.spec import ExecSpec
 from tests.e2e.test_daemon import Daemon, start_daemon
 from tests.kernel.store_images import busybox_root, gnu_tar, tar_names
@@ -196,6 +198,16 @@ def test_cli_daemon_unreachable_names_the_fix(tmp_path: Path) -> None:
     )
     assert done.returncode == int(ExitArea.FAILURE)
     assert "--embedded" in done.stderr.splitlines()[-1]
+
+
+def test_cli_daemon_default_socket_comes_from_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "runtimed.toml"
+    assert configured_socket(config) == DEFAULT_SOCKET  # no file
+    config.write_text('socket = "/run/elsewhere/rt.sock"\n')
+    assert configured_socket(config) == Path("/run/elsewhere/rt.sock")
+    config.write_text("socket = 3\n")
+    with pytest.raises(ConfigError):
+        configured_socket(config)
 
 
 def test_cli_daemon_exec_spec_round_trips() -> None:
