@@ -571,8 +571,9 @@ def run(plan_json: Json, status: Status, spare_net: int | None = None) -> int:
         if spare_net is not None and not takes_spare_network(plan):
             os.close(spare_net)
             spare_net = None
-        for line in plan.describe():
-            log.debug("%s", line)
+        if log.isEnabledFor(logging.DEBUG):  # not built on every run for nothing
+            for line in plan.describe():
+                log.debug("%s", line)
         if "user" in plan.namespaces:
             child = enter_user_namespace()
             if child != 0:

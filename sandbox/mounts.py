@@ -130,7 +130,8 @@ def _make_mount_point(parent_fd: int, name: str, kind: str) -> None:
 
 def mount_overlay(root: OverlayMount, target: Path) -> None:
     """Mount the sandbox's root overlay on ``target``."""
-    log.debug("%s", root.describe())
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s", root.describe())
     syscalls.mount("overlay", target, "overlay", 0, root.options())
 
 
@@ -159,7 +160,8 @@ def apply(op: Op, root_fd: int, workspace: Path) -> None:
     Raises:
         KernelError: a system call failed (the error names the op's destination).
     """
-    log.debug("%s", op.describe())
+    if log.isEnabledFor(logging.DEBUG):  # describe() is not free, and runs for every op
+        log.debug("%s", op.describe())
     try:
         _apply(op, root_fd, workspace)
     except KernelError as exc:
