@@ -70,6 +70,11 @@ class RuntimedError(Exception):
             out["hint"] = self.hint
         return out
 
+    @classmethod
+    def rebuild(cls, message: str, details: Mapping[str, Json], hint: str | None) -> RuntimedError:
+        """This class again from the parts ``to_json()`` or a wire error carried."""
+        return cls(message, details=details, hint=hint)
+
 
 class InternalError(RuntimedError):
     """A bug: the traceback is logged, never sent. Shares the root's code."""
@@ -208,6 +213,21 @@ class KernelError(RuntimedError):
         self.path = path
         self.flags = flags
 
+    @classmethod
+    def rebuild(cls, message: str, details: Mapping[str, Json], hint: str | None) -> RuntimedError:
+        rest = dict(details)
+        syscall, errno_name = rest.pop("syscall", "?"), rest.pop("errno", "?")
+        path, flags = rest.pop("path", None), rest.pop("flags", None)
+        return cls(
+            message,
+            syscall=str(syscall),
+            errno_name=str(errno_name),
+            path=path if isinstance(path, str) else None,
+            flags=flags if isinstance(flags, str) else None,
+            details=rest,
+            hint=hint,
+        )
+
 
 # --- snapshots ---------------------------------------------------------------------------------
 
@@ -293,3 +313,20 @@ def error_class_for_code(code: str) -> type[RuntimedError]:
         if "code" in vars(cls) and cls.code == code:
             return cls
     return InternalError
+
+
+def error_from_json(obj: Json, *, fallback: str) -> RuntimedError:
+    """Rebuild an error from its ``to_json()`` record (a helper's status report) as its class.
+
+    Args:
+        obj: The record; anything that is not one becomes an InternalError.
+        fallback: The message to use when the record carries none.
+    """
+    if not isinstance(obj, dict):
+        return InternalError(f"{fallback}: malformed error record {obj!r}")
+    code, message, details, hint = (obj.get(k) for k in ("code", "message", "details", "hint"))
+    return error_class_for_code(code if isinstance(code, str) else "").rebuild(
+        message if isinstance(message, str) else fallback,
+        details if isinstance(details, dict) else {},
+        hint if isinstance(hint, str) else None,
+    )

@@ -18,7 +18,6 @@ from runtimed.errors import (
     InternalError,
     InvalidParamsError,
     Json,
-    KernelError,
     MethodNotFoundError,
     RpcError,
     RuntimedError,
@@ -153,19 +152,7 @@ def error_from_reply(name: str, parameters: Mapping[str, Json]) -> RuntimedError
     cls = _class_for_name(name)
     if cls is None:
         return RpcError(f"daemon replied with unknown error {name}", details=details)
-    if cls is KernelError:
-        syscall, errno_name = details.pop("syscall", "?"), details.pop("errno", "?")
-        path, flags = details.pop("path", None), details.pop("flags", None)
-        return KernelError(
-            text,
-            syscall=str(syscall),
-            errno_name=str(errno_name),
-            path=path if isinstance(path, str) else None,
-            flags=flags if isinstance(flags, str) else None,
-            details=details,
-            hint=hint_text,
-        )
-    return cls(text, details=details, hint=hint_text)
+    return cls.rebuild(text, details, hint_text)
 
 
 def _class_for_name(name: str) -> type[RuntimedError] | None:

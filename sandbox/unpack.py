@@ -61,7 +61,7 @@ from runtimed.errors import (
     LimitExceededError,
     RuntimedError,
     SnapshotError,
-    error_class_for_code,
+    error_from_json,
 )
 from sandbox import syscalls
 from sandbox.archive import (
@@ -737,32 +737,11 @@ def _run_helper(plan: UnpackPlan) -> Json:
         result: Json = record["result"]
         return result
     if isinstance(record, dict) and isinstance(record.get("error"), dict):
-        raise error_from_record(record["error"])
+        raise error_from_json(record["error"], fallback="layer helper failed")
     raise SnapshotError(
         f"layer helper exited with status {proc.returncode} without a report",
         details={"returncode": proc.returncode, "stderr": stderr[-2000:]},
     )
-
-
-def error_from_record(obj: dict[str, Json]) -> RuntimedError:
-    """Rebuild the error the helper reported (its ``to_json()``) as the same class."""
-    code, message = obj.get("code"), obj.get("message")
-    details = obj.get("details")
-    hint = obj.get("hint")
-    text = message if isinstance(message, str) else "layer helper failed"
-    extra = details if isinstance(details, dict) else {}
-    cls = error_class_for_code(code if isinstance(code, str) else "")
-    tip = hint if isinstance(hint, str) else None
-    if issubclass(cls, KernelError):
-        return KernelError(
-            text,
-            syscall=str(extra.get("syscall", "?")),
-            errno_name=str(extra.get("errno", "?")),
-            path=None if extra.get("path") is None else str(extra.get("path")),
-            hint=tip,
-        )
-    error: RuntimedError = cls(text, details=extra, hint=tip)
-    return error
 
 
 def _require_empty(path: Path) -> None:

@@ -4,10 +4,14 @@ import pytest
 
 from runtimed.errors import (
     InternalError,
+    InvalidArchiveError,
+    Json,
     KernelError,
+    NoEmulatorError,
     RuntimedError,
     all_error_classes,
     error_class_for_code,
+    error_from_json,
 )
 
 
@@ -48,3 +52,38 @@ def test_errors_unknown_code_is_internal() -> None:
 def test_errors_kernel_error_carries_errno_by_name() -> None:
     exc = KernelError("mount overlay on /x: EPERM", syscall="mount", errno_name="EPERM", path="/x")
     assert exc.to_json()["details"] == {"syscall": "mount", "errno": "EPERM", "path": "/x"}
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        KernelError(
+            "mount overlay on /x: EPERM",
+            syscall="mount",
+            errno_name="EPERM",
+            path="/x",
+            flags="MS_RDONLY",
+            details={"extra": 1},
+            hint="run as root",
+        ),
+        InvalidArchiveError("layer 2: truncated gzip", details={"entry": "etc/passwd"}),
+        NoEmulatorError("no handler for linux/arm64", hint="runtimectl binfmt install arm64"),
+    ],
+)
+def test_errors_json_record_rebuilds_the_same_error(error: RuntimedError) -> None:
+    rebuilt = error_from_json(error.to_json(), fallback="helper failed")
+    assert type(rebuilt) is type(error)
+    assert rebuilt.to_json() == error.to_json()
+
+
+@pytest.mark.parametrize("record", [None, "boom", [1, 2], 3])
+def test_errors_malformed_record_is_internal(record: Json) -> None:
+    rebuilt = error_from_json(record, fallback="helper failed")
+    assert type(rebuilt) is InternalError
+    assert rebuilt.message.startswith("helper failed: malformed error record")
+
+
+def test_errors_record_without_code_or_message_is_internal_with_fallback() -> None:
+    rebuilt = error_from_json({"details": {"x": 1}}, fallback="helper failed")
+    assert type(rebuilt) is InternalError
+    assert rebuilt.message == "helper failed"
