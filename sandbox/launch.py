@@ -53,7 +53,7 @@ from binfmt.install import desired_entry, desired_flags
 from binfmt.platform import Platform, is_linux, parse_platform
 from binfmt.qemu import target_for_platform
 from binfmt.report import Emulator, PlatformReport
-from runtimed.errors import Json, KernelError, RuntimedError, SandboxError, error_class_for_code
+from runtimed.errors import Json, RuntimedError, SandboxError, error_from_json
 from sandbox import cgroups
 from sandbox.mode import ExecMode, Mode, check_platform, decide
 from sandbox.plan import Plan, build_plan
@@ -420,29 +420,6 @@ def _account(
 # --- execute ----------------------------------------------------------------------------------
 
 
-def error_from_json(obj: Json) -> RuntimedError:
-    """Rebuild an error the helper reported with ``to_json()`` as the same class."""
-    if not isinstance(obj, dict):
-        return SandboxError(f"sandbox helper sent a malformed error {obj!r}")
-    message = str(obj.get("message", "sandbox helper failed"))
-    details = obj.get("details")
-    details = details if isinstance(details, dict) else {}
-    hint = obj.get("hint")
-    hint = hint if isinstance(hint, str) else None
-    cls = error_class_for_code(str(obj.get("code", "")))
-    if issubclass(cls, KernelError):
-        path, flags = details.get("path"), details.get("flags")
-        return KernelError(
-            message,
-            syscall=str(details.get("syscall", "?")),
-            errno_name=str(details.get("errno", "?")),
-            path=path if isinstance(path, str) else None,
-            flags=flags if isinstance(flags, str) else None,
-            hint=hint,
-        )
-    return cls(message, details=details, hint=hint)
-
-
 class Execution:
     """A running sandbox: ``output`` yields chunks until both streams end; then ``wait()``."""
 
@@ -569,7 +546,7 @@ class Execution:
         kind = message.get("type")
         log.debug("helper status: %s", message)
         if kind == "error":
-            self._error = error_from_json(message.get("error"))
+            self._error = error_from_json(message.get("error"), fallback="sandbox helper failed")
         elif kind == "started":
             self._started = True
             exe, pid = message.get("exe"), message.get("pid")
