@@ -413,6 +413,10 @@ class Server(Generic[S]):
                 except MalformedFrameError as exc:
                     await items.send((_Refusal(exc, close=True), []))
                     return
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # A reset peer (it closed with our reply unread) is the end of its stream,
+                    # like EOF: its calls are cancelled by the caller, nothing else is hurt.
+                    return
                 pending_fds += fds
                 codec.receive_data(data)
                 while True:
