@@ -108,6 +108,27 @@ def test_cli_daemon_runs_native_and_emulated_with_streams_and_status(
     assert result["report"]["mode"] == how.split()[0]
 
 
+def test_cli_daemon_streams_live_and_a_killed_client_ends_the_tree(served: Served) -> None:
+    marker = "4244.5"
+    argv = [str(tool("runtimectl")), "run", "--snapshot", served.amd64, "--socket"]
+    argv += [str(served.daemon.path), "--", "sh", "-c", f"echo started; sleep {marker}"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as client:
+        try:
+            assert client.stdout is not None
+            # The first line arrives while the command still runs: output is relayed live.
+            assert client.stdout.readline() == "started\n"
+            tree = [
+                p
+                for p in psutil.process_iter(["cmdline"])
+                if (p.info["cmdline"] or [""])[0] == "sleep" and marker in p.info["cmdline"]
+            ]
+            assert len(tree) == 1
+        finally:
+            client.kill()
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    assert alive == []
+
+
 def test_cli_daemon_reports_a_signal_as_128_plus_n(served: Served) -> None:
     done = served.run(served.amd64, "sh", "-c", "kill -9 $$")
     assert done.returncode == 128 + 9
