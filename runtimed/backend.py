@@ -203,7 +203,7 @@ class DaemonBackend:
         try:
             result = await self._run(request, report, output, server)
         except SandboxError:
-            if server is not None and forkserver_failure(server) is not None:
+            if server is not None and server.broken is not None:
                 # This exec found the fork server dead: it fails with that error (retrying
                 # could run a command twice), and the next ones get a new fork server.
                 self._replace_forkserver(server)
@@ -264,25 +264,15 @@ class DaemonBackend:
 
     def _usable_forkserver(self) -> ForkServer | None:
         server = self.forkserver
-        if server is not None and forkserver_failure(server) is not None:
+        if server is not None and server.broken is not None:
             self._replace_forkserver(server)
             return None
         return server
 
     def _replace_forkserver(self, server: ForkServer) -> None:
         if self.forkserver is server and not self._restart_forkserver.is_set():
-            log.warning("sandbox fork server unusable: %s", forkserver_failure(server))
+            log.warning("sandbox fork server unusable: %s", server.broken)
             self._restart_forkserver.set()
-
-
-def forkserver_failure(server: ForkServer) -> str | None:
-    """Why ``server`` can take no more runs (it died or stopped answering), or None.
-
-    ``ForkServer.spawn`` records this after its first failure (in ``_broken``, which it does
-    not expose publicly yet); every later spawn fails at once.
-    """
-    failure = getattr(server, "_broken", None)
-    return failure if isinstance(failure, str) else None
 
 
 def install_handlers(

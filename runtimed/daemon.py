@@ -48,7 +48,6 @@ from runtimed.systemd import (
     notify,
     parse_listen_fds,
 )
-from sandbox.launch import open_forkserver
 
 log = logging.getLogger(__name__)
 
@@ -258,12 +257,11 @@ class Daemon:
         )
         await trio.to_thread.run_sync(self.recover)
         try:
-            # One warm sandbox helper for the daemon's lifetime: no interpreter start per exec.
-            async with open_forkserver() as server:
-                self.backend.forkserver = server
+            # One warm sandbox helper for the daemon's lifetime (no interpreter start per
+            # exec), replaced by the backend when it dies.
+            async with self.backend.open_forkserver():
                 await self.listen_and_serve(task_status)
         finally:
-            self.backend.forkserver = None
             self.state.close()
 
     async def listen_and_serve(self, task_status: trio.TaskStatus[None]) -> None:

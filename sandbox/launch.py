@@ -642,6 +642,15 @@ class ForkServer:
         self._lock = trio.Lock()
         self._broken: str | None = None
 
+    @property
+    def broken(self) -> str | None:
+        """Why this server can take no more runs (it died or stopped answering), or None.
+
+        Set by the first failed :meth:`spawn`; every later spawn then fails at once, so the
+        owner replaces the server rather than retrying (a retry could run a command twice).
+        """
+        return self._broken
+
     async def spawn(self, request: bytes, fds: Sequence[int]) -> tuple[int, int]:
         """Send one request with its fds; the PID and a pidfd of the child that runs it.
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import trio
 
-from runtimed.backend import DaemonBackend, forkserver_failure
+from runtimed.backend import DaemonBackend
 from runtimed.config import Config
 from runtimed.errors import SandboxError
 from sandbox.launch import ForkServer
@@ -40,7 +40,7 @@ async def test_cli_daemon_forkserver_is_replaced_when_it_dies(tmp_path: Path) ->
         # The next spawn finds it dead, and so does the backend.
         with pytest.raises(SandboxError, match="fork server is gone"):
             await first.spawn(b"{}", [])
-        assert forkserver_failure(first) is not None
+        assert first.broken is not None
         assert backend._usable_forkserver() is None  # this exec starts its own helper
         # Bounded wait for the supervisor's new server (it starts a Python process); the
         # backend offers no event for it because execs never wait for it.
@@ -49,7 +49,7 @@ async def test_cli_daemon_forkserver_is_replaced_when_it_dies(tmp_path: Path) ->
                 await trio.sleep(0.05)
         replacement = backend.forkserver
         assert replacement is not None
-        assert forkserver_failure(replacement) is None
+        assert replacement.broken is None
         assert backend._usable_forkserver() is replacement
         (new_pid,) = forkserver_pids()
         assert new_pid != pid
