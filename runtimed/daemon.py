@@ -39,7 +39,7 @@ import trio
 from runtimed.backend import DaemonBackend, install_handlers
 from runtimed.client import Client, open_client
 from runtimed.config import DEFAULT_CONFIG_PATH, Config, apply_overrides, parse_config
-from runtimed.errors import ConfigError, RuntimedError
+from runtimed.errors import ConfigError, RuntimedError, leaf_exceptions
 from runtimed.handlers import ExecGate, method_table
 from runtimed.server import REQUEST_ID, Peer, Server, UnixTransport, peer_allowed
 from runtimed.systemd import (
@@ -400,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         trio.run(serve, daemon)
     except* RuntimedError as group:
-        for error in group.exceptions:
+        for error in leaf_exceptions(group):
             log.error("%s", error)
         sys.exit(1)
     log.info("stopped")

@@ -330,3 +330,11 @@ def error_from_json(obj: Json, *, fallback: str) -> RuntimedError:
         details if isinstance(details, dict) else {},
         hint if isinstance(hint, str) else None,
     )
+
+
+def leaf_exceptions(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions inside ``group`` and its nested groups, in order (nurseries nest them)."""
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves += leaf_exceptions(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return leaves

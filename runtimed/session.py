@@ -27,7 +27,7 @@ import trio
 
 from runtimed.client import DEFAULT_SOCKET, Client, open_client
 from runtimed.config import DEFAULT_CONFIG_PATH, Config, parse_config
-from runtimed.errors import DaemonUnavailableError
+from runtimed.errors import DaemonUnavailableError, leaf_exceptions
 
 T = TypeVar("T")
 
@@ -124,10 +124,8 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Client]:
 
 def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception inside (nested) groups, or the group itself when there are more."""
-    inner: BaseException = group
-    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
-        inner = inner.exceptions[0]
-    return group if isinstance(inner, BaseExceptionGroup) else inner
+    leaves = leaf_exceptions(group)
+    return leaves[0] if len(leaves) == 1 else group
 
 
 def run_session(args: argparse.Namespace, use: Callable[[Client], Awaitable[T]]) -> T:

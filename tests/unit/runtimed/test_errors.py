@@ -12,6 +12,7 @@ from runtimed.errors import (
     all_error_classes,
     error_class_for_code,
     error_from_json,
+    leaf_exceptions,
 )
 
 
@@ -87,3 +88,9 @@ def test_errors_record_without_code_or_message_is_internal_with_fallback() -> No
     rebuilt = error_from_json({"details": {"x": 1}}, fallback="helper failed")
     assert type(rebuilt) is InternalError
     assert rebuilt.message == "helper failed"
+
+
+def test_errors_leaf_exceptions_flattens_nested_groups_in_order() -> None:
+    a, b, c = ValueError("a"), KeyError("b"), InvalidArchiveError("c")
+    group = BaseExceptionGroup("outer", [a, ExceptionGroup("inner", [b, ExceptionGroup("x", [c])])])
+    assert leaf_exceptions(group) == [a, b, c]
