@@ -81,6 +81,7 @@ def test_store_layertar_flattens_like_overlayfs(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.slow
 def test_store_layertar_walks_trees_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
     require_root()
     layer = tmp_path / "deep"
