@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import layertar
+from sandbox.fstree import remove_path
 from tests.support import require_root
 
 pytestmark = [pytest.mark.kernel]
@@ -96,11 +97,16 @@ def test_store_layertar_walks_trees_deeper_than_the_recursion_limit(tmp_path: Pa
         os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
     finally:
         os.close(fd)
-    out = io.BytesIO()
-    layertar.write_layer(layer, out)
-    names = list(_members(out.getvalue()))
-    assert len(names) == 1201
-    assert names[-1] == "d/" * 1200 + "leaf"
-    flat = io.BytesIO()
-    layertar.write_merged([layer], flat)
-    assert list(_members(flat.getvalue())) == names
+    try:
+        out = io.BytesIO()
+        layertar.write_layer(layer, out)
+        names = list(_members(out.getvalue()))
+        assert len(names) == 1201
+        assert names[-1] == "d/" * 1200 + "leaf"
+        flat = io.BytesIO()
+        layertar.write_merged([layer], flat)
+        assert list(_members(flat.getvalue())) == names
+    finally:
+        # pytest's own temp-dir cleanup recurses and fails on a tree this deep (an unraisable
+        # error at exit, sessions later): remove it here, at any depth.
+        remove_path(layer)
