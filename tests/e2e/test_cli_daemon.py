@@ -14,9 +14,8 @@ import psutil
 import pytest
 
 from runtimed.client import DEFAULT_SOCKET
-from runtimed.errors import ConfigError, ExitArea, Json
+from runtimed.errors import ConfigError, ExitArea
 from runtimed.session import configured_socket
-from sandbox.spec import ExecSpec
 from tests.e2e.test_daemon import Daemon, start_daemon
 from tests.kernel.store_images import busybox_root, gnu_tar, tar_names
 from tests.support import tool
@@ -229,29 +228,3 @@ def test_cli_daemon_default_socket_comes_from_the_config_file(tmp_path: Path) ->
     config.write_text("socket = 3\n")
     with pytest.raises(ConfigError):
         configured_socket(config)
-
-
-def test_cli_daemon_exec_spec_round_trips() -> None:
-    request: dict[str, Json] = {
-        "snapshot": "sha256:ab",
-        "platform": "linux/arm64",
-        "args": ["sh", "-c", "true"],
-        "env": {"A": "1"},
-        "cwd": "/work",
-        "user": "build:wheel",
-        "hostname": "b1",
-        "network": "host",
-        "mounts": [{"source": "/src", "destination": "/src", "readonly": True}],
-        "tmpfs": [{"destination": "/tmp", "size": 1024}, {"destination": "/run"}],
-        "rlimits": {"nofile": [64, 128]},
-        "memory": 1 << 20,
-        "pids": 10,
-        "cpus": 0.5,
-        "timeout": 3.0,
-        "stdin": {"data": "aGk="},
-        "commit": True,
-        "hermetic": True,
-    }
-    spec = ExecSpec.from_json(request)
-    assert ExecSpec.from_json(spec.to_json()) == spec
-    assert spec.to_json() == {**request, "shm_size": spec.shm_size}

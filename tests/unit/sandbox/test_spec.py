@@ -157,3 +157,29 @@ def test_spec_parse_size(text: str, size: int) -> None:
 def test_spec_parse_size_refuses(text: str) -> None:
     with pytest.raises(InvalidSpecError):
         parse_size(text)
+
+
+def test_spec_to_json_round_trips_through_from_json() -> None:
+    request: dict[str, Json] = {
+        "snapshot": "sha256:ab",
+        "platform": "linux/arm64",
+        "args": ["sh", "-c", "true"],
+        "env": {"A": "1"},
+        "cwd": "/work",
+        "user": "build:wheel",
+        "hostname": "b1",
+        "network": "host",
+        "mounts": [{"source": "/src", "destination": "/src", "readonly": True}],
+        "tmpfs": [{"destination": "/tmp", "size": 1024}, {"destination": "/run"}],
+        "rlimits": {"nofile": [64, 128]},
+        "memory": 1 << 20,
+        "pids": 10,
+        "cpus": 0.5,
+        "timeout": 3.0,
+        "stdin": {"data": "aGk="},
+        "commit": True,
+        "hermetic": True,
+    }
+    spec = ExecSpec.from_json(request)
+    assert ExecSpec.from_json(spec.to_json()) == spec
+    assert spec.to_json() == {**request, "shm_size": spec.shm_size}
