@@ -326,11 +326,12 @@ def test_daemon_e2e_socket_activation_and_readiness(tmp_path: Path) -> None:
         assert info["product"] == "runtimed"
         ready = running.wait_ready()
         assert "STATUS=serving" in ready
-        log = running.log.read_text()
-        assert "socket activation: 1 socket(s) from systemd" in log
         assert not running.path.exists()  # --socket is not used when activated
     finally:
         assert running.stop() == 0
+    # A thread copies the daemon's stderr into the log; stop() joins it, so only now are no
+    # lines still in flight.
+    assert "socket activation: 1 socket(s) from systemd" in running.log.read_text()
 
 
 def require_tool(name: str) -> str:

@@ -26,8 +26,18 @@ RSS_SLACK: Final = 16 * 1024 * 1024
 
 
 def idle_level(proc: psutil.Process) -> tuple[list[str], int, int]:
-    fds = [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
-    return sorted(fds), len(proc.children(recursive=True)), proc.memory_info().rss
+    return sorted(open_files(proc.pid)), len(proc.children(recursive=True)), proc.memory_info().rss
+
+
+def open_files(pid: int) -> list[str]:
+    """What each descriptor of ``pid`` points at; one closed while we list is not open."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return targets
 
 
 def store_connection(target: str) -> bool:
