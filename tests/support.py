@@ -21,8 +21,6 @@ import pytest
 MUST_WORK: Final = os.environ.get("RUNTIMED_TESTS_MUST_WORK") == "1"
 CACHE: Final = Path(os.environ.get("RUNTIMED_TEST_CACHE", "/var/cache/runtimed-tests"))
 REPO: Final = Path(__file__).resolve().parent.parent
-# Debian architecture names of the busybox-static fixtures, see scripts/fetch-busybox.
-BUSYBOX_ARCHES: Final = ("amd64", "arm64", "armhf", "s390x", "ppc64el")
 
 
 def unavailable(reason: str) -> NoReturn:
