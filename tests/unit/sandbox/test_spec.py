@@ -22,28 +22,31 @@ PASSWD = "root:x:0:0:root:/root:/bin/sh\nbuild:x:1000:1000::/home/build:/bin/sh\
 GROUP = "root:x:0:\nbuild:x:1000:\nwheel:x:10:build,other\ndisk:x:6:\n"
 
 
+# Every field set, each in its canonical form (what to_json gives back).
+FULL_REQUEST: dict[str, Json] = {
+    "snapshot": "sha256:ab",
+    "platform": "linux/arm64",
+    "args": ["sh", "-c", "true"],
+    "env": {"A": "1"},
+    "cwd": "/work",
+    "user": "build:wheel",
+    "hostname": "b1",
+    "network": "host",
+    "mounts": [{"source": "/src", "destination": "/src", "readonly": True}],
+    "tmpfs": [{"destination": "/tmp", "size": 1024}, {"destination": "/run"}],
+    "rlimits": {"nofile": [64, 128]},
+    "memory": 1 << 20,
+    "pids": 10,
+    "cpus": 0.5,
+    "timeout": 3.0,
+    "stdin": {"data": "aGk="},
+    "commit": True,
+    "hermetic": True,
+}
+
+
 def test_spec_from_json_full_request() -> None:
-    spec = ExecSpec.from_json(
-        {
-            "snapshot": "sha256:ab",
-            "platform": "linux/arm64",
-            "args": ["sh", "-c", "true"],
-            "env": {"A": "1"},
-            "cwd": "/work//x/",
-            "user": "build:wheel",
-            "hostname": "b1",
-            "network": "host",
-            "mounts": [{"source": "/src", "destination": "/src", "readonly": True}],
-            "tmpfs": [{"destination": "/tmp", "size": 1024}],
-            "rlimits": {"nofile": [64, 128]},
-            "memory": 1 << 20,
-            "pids": 10,
-            "cpus": 0.5,
-            "timeout": 3,
-            "stdin": {"data": "aGk="},
-            "commit": True,
-        }
-    )
+    spec = ExecSpec.from_json({**FULL_REQUEST, "cwd": "/work//x/", "timeout": 3})
     assert spec.cwd == "/work/x"
     assert spec.network is Network.HOST
     assert spec.mounts == (BindSpec(source="/src", destination="/src", readonly=True),)
@@ -160,26 +163,6 @@ def test_spec_parse_size_refuses(text: str) -> None:
 
 
 def test_spec_to_json_round_trips_through_from_json() -> None:
-    request: dict[str, Json] = {
-        "snapshot": "sha256:ab",
-        "platform": "linux/arm64",
-        "args": ["sh", "-c", "true"],
-        "env": {"A": "1"},
-        "cwd": "/work",
-        "user": "build:wheel",
-        "hostname": "b1",
-        "network": "host",
-        "mounts": [{"source": "/src", "destination": "/src", "readonly": True}],
-        "tmpfs": [{"destination": "/tmp", "size": 1024}, {"destination": "/run"}],
-        "rlimits": {"nofile": [64, 128]},
-        "memory": 1 << 20,
-        "pids": 10,
-        "cpus": 0.5,
-        "timeout": 3.0,
-        "stdin": {"data": "aGk="},
-        "commit": True,
-        "hermetic": True,
-    }
-    spec = ExecSpec.from_json(request)
+    spec = ExecSpec.from_json(FULL_REQUEST)
     assert ExecSpec.from_json(spec.to_json()) == spec
-    assert spec.to_json() == {**request, "shm_size": spec.shm_size}
+    assert spec.to_json() == {**FULL_REQUEST, "shm_size": spec.shm_size}
