@@ -110,13 +110,28 @@ LIST_MERGED = (
 )
 
 
-def lowerdir(layers: list[Path]) -> str:
-    return ":".join(os.fspath(p) for p in reversed(layers))
-
-
-def parse_listing(out: str) -> tuple[set[str], str]:
-    lines = out.splitlines()
+def list_merged(
+    unshare: list[str], layers: list[Path], script: str = LIST_MERGED
+) -> tuple[set[str], str]:
+    """Mount ``layers`` as one overlay in a mount namespace made by ``unshare`` and run
+    ``script`` there: the entries it lists and its last line (the motd)."""
+    lowerdir = ":".join(os.fspath(p) for p in reversed(layers))
+    listing = subprocess.run(
+        [*unshare, "sh", "-c", script, "sh", lowerdir],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
     return set(lines[:-1]), lines[-1]
+
+
+def check_merged_view(unshare: list[str], layers: list[Path]) -> None:
+    """The overlay of the three layers shows :data:`EXPECTED_MERGED` and layer 2's motd."""
+    entries, motd = list_merged(unshare, layers)
+    assert entries == EXPECTED_MERGED
+    assert motd == "layer2"
 
 
 def check_layer_dirs(layers: list[Path]) -> None:
@@ -161,13 +176,4 @@ def test_unpack_layers_over_parents_in_a_user_namespace(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     layers = [Path(p) for p in json.loads(done.stdout)]
     check_layer_dirs(layers)
-    listing = subprocess.run(
-        [*userns, "--mount", "sh", "-c", LIST_MERGED, "sh", lowerdir(layers)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert listing.returncode == 0, listing.stderr
-    entries, motd = parse_listing(listing.stdout)
-    assert entries == EXPECTED_MERGED
-    assert motd == "layer2"
+    check_merged_view([*userns, "--mount"], layers)

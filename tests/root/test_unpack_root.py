@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import stat
-import subprocess
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +19,11 @@ from runtimed.errors import InvalidArchiveError
 from sandbox.unpack import apply_layer, copy_directory_layer
 from tests.kernel.test_unpack_hostile import snapshot
 from tests.kernel.test_unpack_layers import (
-    EXPECTED_MERGED,
     LIST_MERGED,
     build_layer_blobs,
     check_layer_dirs,
-    lowerdir,
-    parse_listing,
+    check_merged_view,
+    list_merged,
 )
 from tests.support import require_root
 
@@ -84,16 +82,7 @@ def test_unpack_layers_over_parents_as_root(tmp_path: Path) -> None:
     require_root()
     layers = apply_all(tmp_path, build_layer_blobs(tmp_path))
     check_layer_dirs(layers)
-    listing = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", LIST_MERGED, "sh", lowerdir(layers)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert listing.returncode == 0, listing.stderr
-    entries, motd = parse_listing(listing.stdout)
-    assert entries == EXPECTED_MERGED
-    assert motd == "layer2"
+    check_merged_view(["unshare", "--mount"], layers)
 
 
 def test_unpack_owners_devices_setuid_and_capabilities(tmp_path: Path) -> None:
@@ -223,22 +212,9 @@ def test_unpack_whiteouts_never_remove_what_the_same_layer_created(tmp_path: Pat
         )
     )
     layers = apply_all(tmp_path, [first, second])
-    listing = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "sh",
-            "-c",
-            LIST_MERGED.replace("cat etc/motd", "echo"),
-            "sh",
-            lowerdir(layers),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    entries, _ = list_merged(
+        ["unshare", "--mount"], layers, LIST_MERGED.replace("cat etc/motd", "echo")
     )
-    assert listing.returncode == 0, listing.stderr
-    entries, _ = parse_listing(listing.stdout)
     assert entries == {"d d", "f d/new", "f y"}
 
 
