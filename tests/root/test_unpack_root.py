@@ -6,7 +6,6 @@ outside the staging directory.
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 import tarfile
@@ -17,7 +16,7 @@ import pytest
 
 from runtimed.errors import InvalidArchiveError
 from sandbox.unpack import apply_layer, copy_directory_layer
-from tests.kernel.test_unpack_hostile import snapshot
+from tests.kernel.test_unpack_hostile import Member, make_tar, snapshot
 from tests.kernel.test_unpack_layers import (
     LIST_MERGED,
     build_layer_blobs,
@@ -53,20 +52,9 @@ def apply_all(tmp: Path, blobs: list[Path]) -> list[Path]:
     return layers
 
 
-Member = tuple[tarfile.TarInfo, bytes | None]
-
-
-def tar_bytes(members: list[Member]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, data in members:
-            tar.addfile(info, None if data is None else io.BytesIO(data))
-    return out.getvalue()
-
-
 def member(
     name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = None, **fields: object
-) -> tuple[tarfile.TarInfo, bytes | None]:
+) -> Member:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
@@ -89,7 +77,7 @@ def test_unpack_owners_devices_setuid_and_capabilities(tmp_path: Path) -> None:
     require_root()
     blob = tmp_path / "root.tar"
     blob.write_bytes(
-        tar_bytes(
+        make_tar(
             [
                 member("dev", tarfile.DIRTYPE),
                 member("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666),
@@ -172,7 +160,7 @@ def test_unpack_hostile_later_layer_stays_inside(
     v = os.fspath(victim)
     first = tmp_path / "l1.tar"
     first.write_bytes(
-        tar_bytes(
+        make_tar(
             [
                 member("d", tarfile.DIRTYPE),
                 member("d/f", data=b"f"),
@@ -181,7 +169,7 @@ def test_unpack_hostile_later_layer_stays_inside(
         )
     )
     top = tmp_path / "l2.tar"
-    top.write_bytes(tar_bytes(second(v)))
+    top.write_bytes(make_tar(second(v)))
     store = tmp_path / "store"
     before = snapshot(tmp_path, store)
     try:
@@ -196,12 +184,12 @@ def test_unpack_whiteouts_never_remove_what_the_same_layer_created(tmp_path: Pat
     require_root()
     first, second = tmp_path / "l1.tar", tmp_path / "l2.tar"
     first.write_bytes(
-        tar_bytes(
+        make_tar(
             [member("d", tarfile.DIRTYPE), member("d/old", data=b"old"), member("x", data=b"1")]
         )
     )
     second.write_bytes(
-        tar_bytes(
+        make_tar(
             [
                 member("d/new", data=b"new"),
                 member("d/.wh..wh..opq", data=b""),
@@ -222,8 +210,8 @@ def test_unpack_whiteouts_never_remove_what_the_same_layer_created(tmp_path: Pat
 def test_unpack_failure_over_parents_leaves_layer_and_work_empty(tmp_path: Path) -> None:
     require_root()
     first, second = tmp_path / "l1.tar", tmp_path / "l2.tar"
-    first.write_bytes(tar_bytes([member("d", tarfile.DIRTYPE), member("d/f", data=b"f")]))
-    second.write_bytes(tar_bytes([member("d/g", data=b"g"), member("e", data=b"e")])[:1500])
+    first.write_bytes(make_tar([member("d", tarfile.DIRTYPE), member("d/f", data=b"f")]))
+    second.write_bytes(make_tar([member("d/g", data=b"g"), member("e", data=b"e")])[:1500])
     with pytest.raises(InvalidArchiveError, match=r"truncated|unexpected end"):
         apply_all(tmp_path, [first, second])
     store = tmp_path / "store"
@@ -270,7 +258,7 @@ def test_unpack_over_127_parents_with_long_store_paths(tmp_path: Path) -> None:
         (parent / f"f{i}").write_text(str(i))
         parents.append(parent)
     blob = tmp_path / "top.tar"
-    blob.write_bytes(tar_bytes([member(".wh.f5", data=b""), member("new", data=b"n")]))
+    blob.write_bytes(make_tar([member(".wh.f5", data=b""), member("new", data=b"n")]))
     dest, work = tmp_path / "layers" / "top", tmp_path / "work"
     dest.mkdir()
     work.mkdir()
