@@ -321,7 +321,7 @@ def _read_keyed(path: Path) -> dict[str, int]:
     return out
 
 
-def warm_attach_lock() -> None:
+def warm_attach_lock(h: Hierarchies) -> None:
     """Start the RCU grace period that the first move of a process into a run's cgroup
     waits for, ahead of time: move this process into the cgroup it is already in (a no-op).
 
@@ -332,7 +332,6 @@ def warm_attach_lock() -> None:
     thread when a run is requested, overlaps that wait with the run's preparation. Failing
     does no harm (the run's own move then waits as before): errors are ignored.
     """
-    h = detect()
     own = h.unified if h.unified is not None else next(iter(h.v1.values()), None)
     if own is not None:
         with contextlib.suppress(OSError):
@@ -340,14 +339,20 @@ def warm_attach_lock() -> None:
 
 
 def create(
-    name: str, *, memory: int | None = None, pids: int | None = None, cpus: float | None = None
+    name: str,
+    hierarchies: Hierarchies,
+    *,
+    memory: int | None = None,
+    pids: int | None = None,
+    cpus: float | None = None,
 ) -> RunCgroup:
-    """The cgroups of a run named ``name``, limits applied; remove() them when done.
+    """The cgroups of a run named ``name`` in ``hierarchies`` (from :func:`detect`), limits
+    applied; remove() them when done.
 
     Raises:
         SandboxError: a cgroup could not be created or a requested limit cannot be enforced.
     """
-    group = RunCgroup(detect(), f"runtimed-{name}")
+    group = RunCgroup(hierarchies, f"runtimed-{name}")
     try:
         group.setup(memory=memory, pids=pids, cpus=cpus)
     except BaseException:

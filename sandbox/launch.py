@@ -126,6 +126,7 @@ class PreparedRun:
     plan: Plan
     run_dir: Path
     interpreters: frozenset[str]
+    hierarchies: cgroups.Hierarchies  # read once per run: the plan, the cgroups, the warm-up
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -295,6 +296,7 @@ def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) 
                 details={"source": bind.source},
             )
     resolv_conf = HOST_RESOLV_CONF.read_text() if HOST_RESOLV_CONF.exists() else ""
+    hierarchies = cgroups.detect()
     run_dir = source.new_run_dir()
     try:
         (run_dir / "mnt").mkdir()
@@ -307,7 +309,7 @@ def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) 
             identity=identity,
             resolv_conf=resolv_conf,
             cgroups=[],
-            cgroup_namespace=cgroups.detect().pure_v2,
+            cgroup_namespace=hierarchies.pure_v2,
             binfmt=binfmt,
         )
     except BaseException:
@@ -320,6 +322,7 @@ def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) 
         plan=plan,
         run_dir=run_dir,
         interpreters=frozenset(e.interpreter for e in report.emulated.values()),
+        hierarchies=hierarchies,
     )
 
 
@@ -771,7 +774,12 @@ async def open_run(
         # unless a cgroup move is in flight: start one now, while the helper is forked and
         # unshares (not earlier: a move holds cgroup_mutex, which creating the cgroups needs).
         nursery.start_soon(
-            partial(trio.to_thread.run_sync, cgroups.warm_attach_lock, abandon_on_cancel=True)
+            partial(
+                trio.to_thread.run_sync,
+                cgroups.warm_attach_lock,
+                prepared.hierarchies,
+                abandon_on_cancel=True,
+            )
         )
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -790,7 +798,9 @@ async def open_run(
 def _create_cgroups(prepared: PreparedRun) -> cgroups.RunCgroup:
     spec = prepared.spec
     name = f"{prepared.run_dir.name}-{uuid.uuid4().hex[:8]}"
-    return cgroups.create(name, memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
+    return cgroups.create(
+        name, prepared.hierarchies, memory=spec.memory, pids=spec.pids, cpus=spec.cpus
+    )
 
 
 def _prepare_with_cgroups(
