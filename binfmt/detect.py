@@ -114,6 +114,21 @@ def find_interpreter(target: QemuTarget) -> Interpreter:
     Raises:
         InterpreterNotFoundError: no candidate exists, or none is a static executable.
     """
+    path = _static_interpreter(target)
+    return Interpreter(
+        path=path,
+        preserve_argv0=supports_preserve_argv0(
+            path.name, qemu_version=_qemu_version(path), kernel_release=os.uname().release
+        ),
+    )
+
+
+def _static_interpreter(target: QemuTarget) -> Path:
+    """The first static, executable interpreter candidate of ``target`` (no process started).
+
+    Raises:
+        InterpreterNotFoundError: no candidate exists, or none is a static executable.
+    """
     rejected: list[str] = []
     for candidate in interpreter_candidates(target):
         path = _resolve(candidate)
@@ -130,12 +145,7 @@ def find_interpreter(target: QemuTarget) -> Interpreter:
         if loader is not None:
             rejected.append(f"{path}: dynamically linked ({loader})")
             continue
-        return Interpreter(
-            path=path,
-            preserve_argv0=supports_preserve_argv0(
-                path.name, qemu_version=_qemu_version(path), kernel_release=os.uname().release
-            ),
-        )
+        return path
     raise InterpreterNotFoundError(
         f"no static QEMU interpreter for {target.platform} ({target.cpu})"
         + (f": {'; '.join(rejected)}" if rejected else ""),
@@ -166,7 +176,7 @@ def qemu_installed() -> bool:
     """Whether any QEMU target has a usable interpreter on this host."""
     for target in QEMU_TARGETS:
         try:
-            find_interpreter(target)
+            _static_interpreter(target)
         except InterpreterNotFoundError:
             continue
         return True
