@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Final
@@ -13,16 +12,10 @@ from typing import Final
 import pytest
 
 from runtimed.config import Config
-from tests.support import REPO, require, tool
+from tests.e2e.test_daemon import require_tool
+from tests.support import REPO, tool
 
 UNITS: Final = REPO / "systemd"
-
-
-def require_systemd_tool(name: str) -> str:
-    path = shutil.which(name)
-    require(path is not None, f"{name} is not installed (apt-get install systemd)")
-    assert path is not None
-    return path
 
 
 def settings(unit: Path) -> dict[str, str]:
@@ -37,7 +30,7 @@ def settings(unit: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_daemon_units_verify(tmp_path: Path) -> None:
-    analyze = require_systemd_tool("systemd-analyze")
+    analyze = require_tool("systemd-analyze")
     # verify checks that ExecStart exists: point it at the installed entry point.
     for name in ("runtimed.service", "runtimed.socket"):
         text = (UNITS / name).read_text()
@@ -79,8 +72,8 @@ def test_daemon_units_agree_with_the_daemon() -> None:
 
 @pytest.mark.slow
 def test_daemon_units_sysusers_and_tmpfiles(tmp_path: Path) -> None:
-    sysusers = require_systemd_tool("systemd-sysusers")
-    tmpfiles = require_systemd_tool("systemd-tmpfiles")
+    sysusers = require_tool("systemd-sysusers")
+    tmpfiles = require_tool("systemd-tmpfiles")
     (tmp_path / "etc").mkdir()
     subprocess.run(
         [sysusers, f"--root={tmp_path}", str(UNITS / "sysusers.d" / "runtimed.conf")],
