@@ -65,7 +65,6 @@ RESOLVE_BENEATH: Final = 0x08
 RESOLVE_IN_ROOT: Final = 0x10
 
 # --- <bits/statvfs.h>: statvfs(3) f_flag bits of a mount ----------------------------------------
-ST_RDONLY: Final = 0x1
 ST_NOSUID: Final = 0x2
 ST_NODEV: Final = 0x4
 ST_NOEXEC: Final = 0x8
@@ -82,7 +81,6 @@ IFF_UP: Final = 0x1
 PR_SET_PDEATHSIG: Final = 1
 PR_CAPBSET_DROP: Final = 24
 PR_SET_NO_NEW_PRIVS: Final = 38
-PR_SET_CHILD_SUBREAPER: Final = 36
 PR_CAP_AMBIENT: Final = 47
 PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
 
