@@ -12,6 +12,7 @@ import subprocess
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tests.support import busybox, require
 
@@ -139,6 +140,18 @@ def multi_platform_layout(dest: Path, images: Sequence[tuple[Path, dict[str, str
     (dest / "index.json").write_text(json.dumps(index))
     (dest / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     return dest
+
+
+def copy_layout(layout: Path, dest: Path) -> dict[str, Any]:
+    """Copy ``layout`` to ``dest`` (for a test to tamper with) and return its first manifest."""
+    run("cp", "-a", layout, dest)
+    digest = json.loads((dest / "index.json").read_text())["manifests"][0]["digest"]
+    manifest: dict[str, Any] = json.loads(blob_path(dest, digest).read_text())
+    return manifest
+
+
+def blob_path(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
 
 
 def tar_names(path: Path) -> set[str]:

@@ -24,7 +24,9 @@ from runtimed.errors import (
 from sandbox.store import IDLE_CONNECTIONS, ExportFormat, Store
 from tests.kernel.store_images import (
     LAYERED_TREE,
+    blob_path,
     busybox_root,
+    copy_layout,
     gnu_tar,
     multi_platform_layout,
     require_tools,
@@ -213,10 +215,8 @@ def test_store_corrupt_blob_is_rejected_and_leaves_nothing(
     store: Store, images: dict[str, Path], tmp_path: Path
 ) -> None:
     broken = tmp_path / "broken"
-    run("cp", "-a", images["layered"], broken)
-    manifest = json.loads((broken / "index.json").read_text())["manifests"][0]["digest"]
-    layers = json.loads((broken / "blobs" / "sha256" / manifest[7:]).read_text())["layers"]
-    blob = broken / "blobs" / "sha256" / layers[2]["digest"][7:]
+    layers = copy_layout(images["layered"], broken)["layers"]
+    blob = blob_path(broken, layers[2]["digest"])
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
@@ -324,7 +324,7 @@ def test_store_commit_upper_converts_overlay_whiteouts(
     out = tmp_path / "committed"
     store.export([child.id], out, fmt=ExportFormat.OCI)
     top = subprocess.run(
-        ["tar", "-tf", str(out / "blobs" / "sha256" / child.layers[-1].diff_id[7:])],
+        ["tar", "-tf", str(blob_path(out, child.layers[-1].diff_id))],
         capture_output=True,
         text=True,
         check=True,
@@ -339,13 +339,11 @@ def test_store_layout_blob_symlink_out_of_the_layout_is_refused(
     store: Store, images: dict[str, Path], tmp_path: Path
 ) -> None:
     hostile = tmp_path / "hostile"
-    run("cp", "-a", images["layered"], hostile)
-    manifest = json.loads((hostile / "index.json").read_text())["manifests"][0]["digest"]
-    config = json.loads((hostile / "blobs" / "sha256" / manifest[7:]).read_text())["config"]
+    config = blob_path(hostile, copy_layout(images["layered"], hostile)["config"]["digest"])
     secret = tmp_path / "secret.json"
-    secret.write_bytes((hostile / "blobs" / "sha256" / config["digest"][7:]).read_bytes())
-    (hostile / "blobs" / "sha256" / config["digest"][7:]).unlink()
-    (hostile / "blobs" / "sha256" / config["digest"][7:]).symlink_to(secret)
+    secret.write_bytes(config.read_bytes())
+    config.unlink()
+    config.symlink_to(secret)
     with pytest.raises(InvalidArchiveError, match="cannot open blobs/sha256/"):
         store.import_source(hostile)
     assert store.list() == []
