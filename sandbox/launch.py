@@ -362,7 +362,7 @@ class _Observer:
                 exe = os.readlink(f"/proc/{pid}/exe")
             except (psutil.Error, OSError):
                 continue
-            if inner is not None and inner == self.command_pid:
+            if inner == self.command_pid:
                 self.command_seen = True
             self.seen[key] = _Observed(exe=exe, cpu_seconds=times.user + times.system)
 
