@@ -345,14 +345,13 @@ def _platform_findings(facts: BinfmtFacts, report: PlatformReport) -> list[Findi
     for ef in facts.entries:
         if interpreter_replaced(ef, facts.probes):
             out.append(
-                Finding(
-                    check="entry.interpreter-replaced",
-                    severity=Severity.WARNING,
-                    message=f"entry {ef.entry.name}: {ef.entry.interpreter} was replaced since "
-                    "registration; the kernel still runs the old file it pinned",
-                    platforms=_names(sorted(claimed_platforms(ef.entry))),
-                    entry=ef.entry.name,
-                    fix=_reinstall(ef, where),
+                _entry_finding(
+                    ef,
+                    "entry.interpreter-replaced",
+                    Severity.WARNING,
+                    f"{ef.entry.interpreter} was replaced since registration; the kernel still "
+                    "runs the old file it pinned",
+                    _reinstall(ef, where),
                 )
             )
     claimants: dict[Platform, list[str]] = {}

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from binfmt.claims import interpreter_cpu, misses_pie
-from binfmt.diagnose import BinfmtFacts, Severity, diagnose, interpreter_replaced
+from binfmt.diagnose import BinfmtFacts, Finding, Severity, diagnose, interpreter_replaced
 from binfmt.entry import BinfmtEntry, BinfmtFlag, BinfmtKind
 from binfmt.install import desired_entry
 from binfmt.platform import Platform
@@ -207,3 +207,28 @@ def test_diagnose_without_per_userns_binfmt_warns() -> None:
 )
 def test_diagnose_interpreter_cpu_from_its_name(path: str, cpu: str | None) -> None:
     assert interpreter_cpu(path) == cpu
+
+
+def test_diagnose_replaced_interpreter_finding_names_entry_platforms_and_fix() -> None:
+    probe = replace(RAN, exe_id=(1, 9))
+    facts = _facts([GOOD], probes=[probe])
+    report = build_report(
+        host=HOST,
+        native=facts.native,
+        native_source=NATIVE_BY_PROBE,
+        platforms=[ARM64],
+        entries=facts.entries,
+        probes=facts.probes,
+    )
+    found = [f for f in diagnose(facts, report).findings if f.check == "entry.interpreter-replaced"]
+    assert found == [
+        Finding(
+            check="entry.interpreter-replaced",
+            severity=Severity.WARNING,
+            message=f"entry {ENTRY.name}: {QEMU} was replaced since registration; the kernel "
+            "still runs the old file it pinned",
+            platforms=("linux/arm64",),
+            entry=ENTRY.name,
+            fix=REINSTALL,
+        )
+    ]
