@@ -311,21 +311,6 @@ def parse_descriptor(obj: Json, *, where: str) -> Descriptor:
     )
 
 
-def document_type(data: bytes, *, what: str) -> str:
-    """The ``mediaType`` of an index or manifest (inferred from its shape when absent).
-
-    Raises:
-        InvalidArchiveError: not JSON, or neither an index nor a manifest.
-    """
-    obj = _load(data, what)
-    media_type = obj.get("mediaType")
-    if media_type is None:
-        media_type = OCI_INDEX if "manifests" in obj else OCI_MANIFEST
-    if not isinstance(media_type, str) or media_type not in INDEX_TYPES | MANIFEST_TYPES:
-        raise _bad(f"{what}.mediaType", "an image index or manifest media type", media_type)
-    return media_type
-
-
 def parse_index(data: bytes, *, what: str = "index") -> Index:
     """An OCI image index or a Docker manifest list.
 
