@@ -40,7 +40,7 @@ are left alone. Errors and warnings are problems (exit status 1); info findings 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -121,7 +121,7 @@ def _cli(command: str, binfmt_misc: str) -> str:
     return f"runtimectl binfmt {command}{suffix}"
 
 
-def _names(platforms: Sequence[Platform]) -> tuple[str, ...]:
+def _names(platforms: Iterable[Platform]) -> tuple[str, ...]:
     return tuple(str(p) for p in sorted(platforms))
 
 
@@ -175,14 +175,14 @@ def _entry_finding(
         check=check,
         severity=severity,
         message=f"entry {ef.entry.name}: {message}",
-        platforms=_names(sorted(claimed_platforms(ef.entry))),
+        platforms=_names(claimed_platforms(ef.entry)),
         entry=ef.entry.name,
         fix=fix,
     )
 
 
 def _reinstall(ef: EntryFacts, where: str) -> str:
-    names = _names(sorted(claimed_platforms(ef.entry)))
+    names = _names(claimed_platforms(ef.entry))
     return _cli(f"install --force {' '.join(names) or 'PLATFORM'}", where)
 
 
@@ -255,7 +255,7 @@ def _entry_findings(facts: BinfmtFacts, ef: EntryFacts) -> list[Finding]:
             )
         )
     cpu = interpreter_cpu(entry.interpreter)
-    if cpu is not None and claims and cpu not in {t.cpu for t in claimed_targets(entry)}:
+    if cpu is not None and cpu not in {t.cpu for t in claimed_targets(entry)}:
         out.append(
             _entry_finding(
                 ef,
