@@ -8,9 +8,7 @@ varlink service implements (https://varlink.org/Service). Errors cross the wire 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 
 from runtimed.errors import (
@@ -61,46 +59,6 @@ error MethodNotImplemented (method: string)
 # One of the passed parameters is invalid.
 error InvalidParameter (parameter: string)
 """
-
-_DECLARATION: Final = re.compile(r"^(interface|method|error|type)\s+([A-Za-z][\w.-]*)", re.M)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class InterfaceSummary:
-    """The names an interface description declares."""
-
-    name: str
-    methods: frozenset[str]
-    errors: frozenset[str]
-    types: frozenset[str]
-
-
-def parse_interface_summary(text: str) -> InterfaceSummary:
-    """The interface name and the method, error and type names of a description.
-
-    Raises:
-        InvalidParamsError: the text has no ``interface`` line (``parameter`` is
-            ``description``).
-    """
-    found: dict[str, set[str]] = {
-        "interface": set(),
-        "method": set(),
-        "error": set(),
-        "type": set(),
-    }
-    for keyword, name in _DECLARATION.findall(text):
-        found[keyword].add(name)
-    if len(found["interface"]) != 1:
-        raise InvalidParamsError(
-            "varlink interface description must declare exactly one interface",
-            details={"parameter": "description"},
-        )
-    return InterfaceSummary(
-        name=found["interface"].pop(),
-        methods=frozenset(found["method"]),
-        errors=frozenset(found["error"]),
-        types=frozenset(found["type"]),
-    )
 
 
 def error_reply(
