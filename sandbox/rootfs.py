@@ -59,11 +59,12 @@ class LayeredRoot:
         """The host path of ``path`` inside the root, symlinks followed, or None if missing."""
         pending = [p for p in path.split("/") if p and p != "."]
         current: list[str] = []
+        last: Path | None = None  # the host path of ``current``, when known
         hops = 0
         while pending:
             name = pending.pop(0)
             if name == "..":
-                current = current[:-1]
+                current, last = current[:-1], None
                 continue
             found = self._find([*current, name])
             if found is None:
@@ -74,13 +75,14 @@ class LayeredRoot:
                     return None
                 target = os.readlink(found)
                 if target.startswith("/"):
-                    current = []
+                    current, last = [], None
                 pending = [p for p in target.split("/") if p and p != "."] + pending
                 continue
             current.append(name)
+            last = found
         if not current:
             return self.layers[0] if self.layers else None
-        return self._find(current)
+        return last if last is not None else self._find(current)
 
     def is_executable(self, path: str) -> bool:
         found = self.resolve(path)

@@ -53,6 +53,7 @@ def layers(tmp_path: Path) -> list[Path]:
         ("/bin/escape", None, None),  # '..' stops at the root: /etc/passwd is not in it
         ("/bin/loop", None, None),
         ("/bin/../usr/bin/real", 0, "usr/bin/real"),
+        ("/etc/old/..", 1, "etc"),  # ends on '..': the topmost layer holding /etc
     ],
 )
 def test_rootfs_resolves_like_the_overlay(
