@@ -91,9 +91,9 @@ def install(
         wanted.append((target, desired_entry(target, str(interpreter.path), flags)))
     existing = kernel.read_state(path).entries
     broken = {
-        facts.entry.name: f"interpreter {facts.entry.interpreter} is missing"
-        for facts in map(detect.entry_facts, existing)
-        if not facts.interpreter_exists
+        e.name: f"interpreter {e.interpreter} is missing"
+        for e in existing
+        if not os.path.exists(e.interpreter)
     }
     plan = plan_install(wanted, existing, broken=broken, force=force)
     apply_plan(path, plan)
