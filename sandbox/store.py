@@ -1484,12 +1484,15 @@ def _decompress_blob(blob: Path, compression: Compression, out: BinaryIO) -> lay
 
 
 def _tree_size(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
+    """The bytes of regular files below ``root``, as an unpack counts them (sandbox.fstree: a
+    run's upper may nest deeper than os.walk, which recurses in Python 3.11, can go)."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return sum(
+            st.st_size for _, _, _, st in fstree.walk_tree(root_fd) if stat.S_ISREG(st.st_mode)
+        )
+    finally:
+        os.close(root_fd)
 
 
 def _check_named_digest(name: str, data: bytes) -> None:

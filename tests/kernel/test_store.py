@@ -211,6 +211,31 @@ def test_store_multi_platform_index_refuses_what_it_lacks(
         store.import_source(images["multi"], platform="linux/s390x")
 
 
+def test_store_commit_upper_deeper_than_the_recursion_limit(
+    store: Store, images: dict[str, Path]
+) -> None:
+    parent = store.import_source(images["layered"])
+    run_dir = store.new_run_dir()
+    fd = os.open(run_dir / "upper", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(1200):  # a run may nest this deep
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        leaf = os.open("leaf", os.O_WRONLY | os.O_CREAT, dir_fd=fd)
+        os.write(leaf, b"deep")
+        os.close(leaf)
+    finally:
+        os.close(fd)
+    committed = store.commit_upper(parent.id, run_dir / "upper")
+    assert committed.layers[-1].size == len(b"deep")
+    store.remove_run_dir(run_dir)
+    # Removing it removes the deep layer (pytest's temp-dir cleanup recurses and cannot).
+    store.remove(committed.id)
+    assert len(list(store.layers_dir.iterdir())) == len(parent.layers)
+
+
 def test_store_corrupt_blob_is_rejected_and_leaves_nothing(
     store: Store, images: dict[str, Path], tmp_path: Path
 ) -> None:
