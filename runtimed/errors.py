@@ -338,3 +338,9 @@ def leaf_exceptions(group: BaseExceptionGroup[BaseException]) -> list[BaseExcept
     for exc in group.exceptions:
         leaves += leaf_exceptions(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
     return leaves
+
+
+def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside (nested) groups, or the group itself when there are more."""
+    leaves = leaf_exceptions(group)
+    return leaves[0] if len(leaves) == 1 else group

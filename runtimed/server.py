@@ -39,6 +39,7 @@ from runtimed.errors import (
     MethodNotFoundError,
     PermissionDeniedError,
     RuntimedError,
+    sole_exception,
 )
 from runtimed.interface import error_reply
 from runtimed.protocol import EOF, NEED_DATA, Call, Connection, Reply, Role
@@ -231,8 +232,8 @@ def reply_for_exception(exc: BaseException, request_id: str | None) -> Reply:
 def _runtimed_error(exc: BaseException) -> RuntimedError | None:
     # A handler's nursery wraps what its tasks raised: one error of ours inside a group is
     # still that error.
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+    if isinstance(exc, BaseExceptionGroup):
+        exc = sole_exception(exc)
     if isinstance(exc, RuntimedError) and type(exc) is not InternalError:
         return exc
     return None

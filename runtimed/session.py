@@ -27,7 +27,7 @@ import trio
 
 from runtimed.client import DEFAULT_SOCKET, Client, open_client
 from runtimed.config import DEFAULT_CONFIG_PATH, Config, parse_config
-from runtimed.errors import DaemonUnavailableError, leaf_exceptions
+from runtimed.errors import DaemonUnavailableError, sole_exception
 
 T = TypeVar("T")
 
@@ -120,12 +120,6 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Client]:
                     exc.message, details=exc.details, hint=UNAVAILABLE_HINT
                 ) from exc
             yield client
-
-
-def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception inside (nested) groups, or the group itself when there are more."""
-    leaves = leaf_exceptions(group)
-    return leaves[0] if len(leaves) == 1 else group
 
 
 def run_session(args: argparse.Namespace, use: Callable[[Client], Awaitable[T]]) -> T:

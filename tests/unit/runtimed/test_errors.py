@@ -13,6 +13,7 @@ from runtimed.errors import (
     error_class_for_code,
     error_from_json,
     leaf_exceptions,
+    sole_exception,
 )
 
 
@@ -94,3 +95,10 @@ def test_errors_leaf_exceptions_flattens_nested_groups_in_order() -> None:
     a, b, c = ValueError("a"), KeyError("b"), InvalidArchiveError("c")
     group = BaseExceptionGroup("outer", [a, ExceptionGroup("inner", [b, ExceptionGroup("x", [c])])])
     assert leaf_exceptions(group) == [a, b, c]
+
+
+def test_errors_sole_exception_unwraps_one_leaf_keeps_a_group_of_more() -> None:
+    a, b = ValueError("a"), KeyError("b")
+    assert sole_exception(ExceptionGroup("outer", [ExceptionGroup("inner", [a])])) is a
+    group = ExceptionGroup("outer", [a, ExceptionGroup("inner", [b])])
+    assert sole_exception(group) is group
