@@ -236,12 +236,14 @@ def build_report(
         binfmt_problem: why no entry can work at all (not mounted, disabled), or None.
     """
     by_platform = {normalize(p.platform): p for p in probes}
+    # Matching an entry against every QEMU target is the costly part: once per entry.
+    claims = [(f, claimed_platforms(f.entry)) for f in entries]
     emulated: dict[Platform, Emulator] = {}
     unavailable: dict[Platform, str] = {}
     for platform in dict.fromkeys(normalize(p) for p in platforms):
         if any(compatible(n, platform) for n in native):
             continue
-        claiming = [f for f in entries if platform in claimed_platforms(f.entry)]
+        claiming = [f for f, claimed in claims if platform in claimed]
         probe = by_platform.get(platform)
         if binfmt_problem is not None:
             unavailable[platform] = binfmt_problem
