@@ -104,9 +104,9 @@ def find_command(root: RootView, argv0: str, *, path: str, cwd: str) -> str | No
         candidate = posixpath.normpath(posixpath.join(cwd, argv0))
         return candidate if root.is_executable(candidate) else None
     for directory in path.split(":"):
-        candidate = posixpath.join(posixpath.join(cwd, directory or "."), argv0)
-        if root.is_executable(posixpath.normpath(candidate)):
-            return posixpath.normpath(candidate)
+        candidate = posixpath.normpath(posixpath.join(cwd, directory or ".", argv0))
+        if root.is_executable(candidate):
+            return candidate
     return None
 
 
