@@ -75,18 +75,22 @@ MAX_IMAGE_BYTES: Final = 64 * 1024
 _libc: Final = ctypes.CDLL(None, use_errno=True)
 
 
+def _errno_name(err: int) -> str:
+    """``EPERM`` for 1; the number itself for one the errno module does not name."""
+    return errno.errorcode.get(err, str(err))
+
+
 class SyscallError(Exception):
     """A failed system call, reported as the helper's one JSON error record."""
 
     def __init__(self, syscall: str, err: int, path: str) -> None:
         self.syscall, self.errno, self.path = syscall, err, path
-        name = errno.errorcode.get(err, str(err))
-        super().__init__(f"{syscall} {path}: {name} ({os.strerror(err)})")
+        super().__init__(f"{syscall} {path}: {_errno_name(err)} ({os.strerror(err)})")
 
     def record(self) -> dict[str, str]:
         return {
             "syscall": self.syscall,
-            "errno": errno.errorcode.get(self.errno, str(self.errno)),
+            "errno": _errno_name(self.errno),
             "path": self.path,
             "message": str(self),
         }
@@ -223,7 +227,7 @@ def start_probe(root: str, probe: Probe, index: int) -> Started:
     if failure:
         os.waitpid(pid, 0)
         err = int(failure)
-        return Started(probe, path, None, f"exec: {errno.errorcode.get(err, str(err))}")
+        return Started(probe, path, None, f"exec: {_errno_name(err)}")
     return Started(probe, path, pid, None)
 
 
@@ -269,7 +273,7 @@ def collect(started: list[Started]) -> list[dict[str, object]]:
                 exe_id = [info.st_dev, info.st_ino]
             except OSError as exc:
                 exe = None
-                s.error = f"readlink {link}: {errno.errorcode.get(exc.errno or 0)}"
+                s.error = f"readlink {link}: {_errno_name(exc.errno or 0)}"
             s.reap(s.pid, kill=True)
         results.append(
             {
