@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from binfmt.elf import ELFDATA2MSB, ET_DYN, ET_EXEC
 from binfmt.entry import BinfmtEntry
 from binfmt.platform import Platform, normalize
 from binfmt.qemu import QEMU_TARGETS, QemuTarget
@@ -19,9 +20,6 @@ from binfmt.qemu import QEMU_TARGETS, QemuTarget
 # System V gABI: e_type is the half-word at offset 16, in the byte order of e_ident[EI_DATA].
 _E_TYPE_OFFSET: Final = 16
 _EI_DATA: Final = 5
-_ELFDATA2MSB: Final = 2
-_ET_EXEC: Final = 2
-_ET_DYN: Final = 3
 # Samples are zero-padded so that entries looking beyond the target's magic (e_flags) can match.
 _SAMPLE_LENGTH: Final = 64
 
@@ -36,14 +34,14 @@ def sample_header(target: QemuTarget, e_type: int) -> bytes:
     bytes, masked or not), zero-padded, with ``e_type`` set."""
     head = bytearray(target.magic)
     head.extend(bytes(_SAMPLE_LENGTH - len(head)))
-    big = head[_EI_DATA] == _ELFDATA2MSB
+    big = head[_EI_DATA] == ELFDATA2MSB
     head[_E_TYPE_OFFSET : _E_TYPE_OFFSET + 2] = e_type.to_bytes(2, "big" if big else "little")
     return bytes(head)
 
 
 def claimed_targets(entry: BinfmtEntry) -> tuple[QemuTarget, ...]:
     """The QEMU targets whose (non-PIE) executables ``entry`` matches."""
-    return tuple(t for t in QEMU_TARGETS if entry.matches(sample_header(t, _ET_EXEC)))
+    return tuple(t for t in QEMU_TARGETS if entry.matches(sample_header(t, ET_EXEC)))
 
 
 def claimed_platforms(entry: BinfmtEntry) -> frozenset[Platform]:
@@ -53,8 +51,8 @@ def claimed_platforms(entry: BinfmtEntry) -> frozenset[Platform]:
 
 def misses_pie(entry: BinfmtEntry, target: QemuTarget) -> bool:
     """Whether ``entry`` matches ``target``'s ET_EXEC executables but not its PIE (ET_DYN) ones."""
-    return entry.matches(sample_header(target, _ET_EXEC)) and not entry.matches(
-        sample_header(target, _ET_DYN)
+    return entry.matches(sample_header(target, ET_EXEC)) and not entry.matches(
+        sample_header(target, ET_DYN)
     )
 
 
