@@ -20,6 +20,7 @@ with root's rights would open whatever its symlinks point to.
 from __future__ import annotations
 
 import fcntl
+import io
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -51,6 +52,9 @@ from runtimed.handlers import OutputSink, ProgressSink
 from sandbox.launch import ForkServer, RunResult, open_forkserver, open_run
 from sandbox.spec import ExecSpec
 from sandbox.store import ExportFormat, Store
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -365,30 +369,51 @@ def require_access(fd: int, *, readable: bool) -> None:
 
 
 def write_to_fd(dest: Path, fd: int) -> int:
-    """Copy an exported file (an exported directory as a tar) into a client's descriptor.
+    """Copy an exported file into a client's descriptor; an exported directory (an OCI
+    layout) is streamed as a tar, never written to disk a second time.
 
     Returns:
         The number of bytes written.
+
+    Raises:
+        InvalidParamsError: the descriptor is not open for writing.
+        SnapshotError: writing to the descriptor failed.
     """
+    require_access(fd, readable=False)
+    sink = _FdSink(fd)
     if dest.is_dir():
-        archive = dest.with_name(dest.name + ".tar")
-        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for path in sorted(dest.rglob("*")):
                 tar.add(path, arcname=str(path.relative_to(dest)), recursive=False)
-        dest = archive
-    require_access(fd, readable=False)
-    written = 0
-    with dest.open("rb") as src:
-        while chunk := src.read(COPY_CHUNK):
-            view = memoryview(chunk)
-            while view:
-                try:
-                    done = os.write(fd, view)
-                except OSError as exc:
-                    raise SnapshotError(
-                        f"export: writing to the client's descriptor failed: {exc.strerror}",
-                        details={"written": written},
-                    ) from exc
-                written += done
-                view = view[done:]
-    return written
+    else:
+        with dest.open("rb") as src:
+            while chunk := src.read(COPY_CHUNK):
+                sink.write(chunk)
+    return sink.written
+
+
+class _FdSink(io.RawIOBase):
+    """A write-only file object over a client's descriptor that counts what it wrote."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: ReadableBuffer) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        while view:
+            try:
+                done = os.write(self.fd, view)
+            except OSError as exc:
+                raise SnapshotError(
+                    f"export: writing to the client's descriptor failed: {exc.strerror}",
+                    details={"written": self.written},
+                ) from exc
+            self.written += done
+            view = view[done:]
+        return size

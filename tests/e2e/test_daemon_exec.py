@@ -320,7 +320,10 @@ def test_daemon_exec_multi_platform_export_imports_back_per_platform(
     client = daemon.client()
     target = tmp_path / "multi.oci.tar"
     with target.open("wb") as out:
-        client.export_snapshots([snapshots["amd64"], snapshots["arm64"]], out.fileno(), fmt="oci")
+        size = client.export_snapshots(
+            [snapshots["amd64"], snapshots["arm64"]], out.fileno(), fmt="oci"
+        )
+    assert size == target.stat().st_size
     for arch in ("amd64", "arm64"):
         with target.open("rb") as f:
             imported = client.import_snapshot(f.fileno(), platform=f"linux/{arch}")
