@@ -217,12 +217,12 @@ class Daemon:
     """Reads the configuration again (SIGHUP); raises ConfigError."""
     config: Config
     env: Mapping[str, str]
-    allowed_gid: int | None = None
+    allowed_gid: int | None = field(init=False)
     backend: DaemonBackend = field(init=False)
     server: Server[trio.SocketStream] = field(init=False)
     gate: ExecGate = field(init=False)
-    own_socket: Path | None = None
-    state: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    own_socket: Path | None = field(init=False, default=None)
+    state: contextlib.ExitStack = field(init=False, default_factory=contextlib.ExitStack)
 
     def __post_init__(self) -> None:
         self.allowed_gid = resolve_group(self.config.group)
