@@ -84,7 +84,8 @@ def desired_entry(
     )
 
 
-def _version(text: str) -> tuple[int, int] | None:
+def version_tuple(text: str) -> tuple[int, int] | None:
+    """The first ``major.minor`` in a version string (``6.18.44-fc`` → (6, 18)), or None."""
     found = re.search(r"(\d+)\.(\d+)", text)
     return (int(found.group(1)), int(found.group(2))) if found else None
 
@@ -110,7 +111,7 @@ def supports_preserve_argv0(name: str, *, qemu_version: str, kernel_release: str
     """
     if name.endswith(DEBIAN_P_WRAPPER_SUFFIX):
         return True
-    qemu, linux = _version(qemu_version), _version(kernel_release)
+    qemu, linux = version_tuple(qemu_version), version_tuple(kernel_release)
     return (
         qemu is not None
         and linux is not None

@@ -49,7 +49,7 @@ import trio
 
 from binfmt.detect import find_interpreter
 from binfmt.entry import format_flags, format_register_line
-from binfmt.install import desired_entry, desired_flags
+from binfmt.install import desired_entry, desired_flags, version_tuple
 from binfmt.platform import Platform, is_linux, parse_platform
 from binfmt.qemu import target_for_platform
 from binfmt.report import Emulator, PlatformReport
@@ -237,7 +237,7 @@ def hermetic_emulation(
     if report.runs_natively(platform) or not is_linux(platform):
         return report, []
     release = os.uname().release
-    if kernel_version(release) < HERMETIC_KERNEL:
+    if (version_tuple(release) or (0, 0)) < HERMETIC_KERNEL:
         raise SandboxError(
             f"hermetic emulation needs Linux >= 6.7 (binfmt_misc instances per user "
             f"namespace); this kernel is {release}",
@@ -252,15 +252,6 @@ def hermetic_emulation(
     )
     hermetic = dataclasses.replace(report, emulated={platform: emulator})
     return hermetic, [format_register_line(entry).decode("latin-1")]
-
-
-def kernel_version(release: str) -> tuple[int, int]:
-    """``6.18.44-fc-v669`` → (6, 18); (0, 0) when unreadable."""
-    parts = release.split(".")
-    try:
-        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
-    except (IndexError, ValueError):
-        return (0, 0)
 
 
 def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) -> PreparedRun:
