@@ -39,7 +39,6 @@ from __future__ import annotations
 import builtins
 import bz2
 import contextlib
-import ctypes
 import datetime
 import enum
 import fcntl
@@ -223,13 +222,6 @@ class _Resolved:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _syncfs(fd: int) -> None:
-    """syncfs(2): flush the store's file system before metadata points at new files."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syncfs(fd) != 0:
-        raise syscalls.kernel_error(ctypes.get_errno(), syscall="syncfs")
 
 
 def _rmtree(path: Path) -> None:
@@ -849,7 +841,8 @@ class Store:
                 os.rename(new.blob, blob_final)
         dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            _syncfs(dir_fd)
+            # Flush the store's file system before metadata points at the new files.
+            syscalls.syncfs(dir_fd)
             self._checkpoint("synced")
             os.rename(new.path, final)
             self._checkpoint("renamed")

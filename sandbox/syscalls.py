@@ -233,6 +233,11 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare", flags=format_flags(flags, _NAMESPACE_FLAGS))
 
 
+def syncfs(fd: int) -> None:
+    """syncfs(2): write out the file system that ``fd`` lives on."""
+    _check(_libc.syncfs(fd), "syncfs")
+
+
 def setns(fd: int, nstype: int = 0) -> None:
     """setns(2): join the namespace that ``fd`` (a /proc/PID/ns/* file) refers to."""
     _check(_libc.setns(fd, nstype), "setns", flags=format_flags(nstype, _NAMESPACE_FLAGS))
