@@ -278,7 +278,7 @@ class Daemon:
     def recover(self) -> None:
         """Clean what a crash left in the state directory and keep it claimed while we run."""
         store = self.state.enter_context(self.backend.open_state())
-        log.info("snapshot store at %s: %d snapshots", store.state_dir, len(store.list()))
+        log.info("snapshot store at %s: %d snapshots", store.state_dir, store.count())
 
     async def install_emulators(self) -> None:
         wanted = self.config.emulators

@@ -627,6 +627,12 @@ class Store:
         with self._db() as conn:
             return self._info(conn, self._resolve_id(conn, ref))
 
+    def count(self) -> int:
+        """How many snapshots the store holds (one query, unlike ``len(list())``)."""
+        with self._db() as conn:
+            (n,) = conn.execute("SELECT count(*) FROM snapshots").fetchone()
+            return int(n)
+
     def list(self) -> builtins.list[SnapshotInfo]:
         with self._db() as conn:
             ids = [r[0] for r in conn.execute("SELECT id FROM snapshots ORDER BY created, id")]

@@ -130,6 +130,7 @@ def test_store_no_elf_needs_a_platform(store: Store, tmp_path: Path) -> None:
     with pytest.raises(PlatformError, match="cannot detect"):
         store.import_source(tmp_path / "data")
     assert store.list() == []
+    assert store.count() == 0
 
 
 @pytest.mark.parametrize("kind", ["layered", "oci-archive", "docker-archive"])
@@ -150,7 +151,7 @@ def test_store_same_image_from_every_container_format_is_one_snapshot(
     ids = {store.import_source(images[k]).id for k in ("layered", "oci-archive", "docker-archive")}
     # skopeo's docker-archive re-compresses nothing but renames; the config is the same bytes.
     assert len(ids) <= 2
-    assert len(store.list()) == len(ids)
+    assert len(store.list()) == store.count() == len(ids)
 
 
 def test_store_repeated_import_is_a_lookup(tmp_path: Path, images: dict[str, Path]) -> None:
