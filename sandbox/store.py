@@ -42,6 +42,7 @@ import contextlib
 import datetime
 import enum
 import fcntl
+import gzip
 import hashlib
 import io
 import json
@@ -52,13 +53,20 @@ import re
 import shutil
 import sqlite3
 import stat
+import sys
 import tarfile
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
 
 from binfmt.platform import Platform, compatible, parse_platform, platform_from_uname
 from runtimed.errors import (
@@ -66,6 +74,7 @@ from runtimed.errors import (
     InvalidArchiveError,
     Json,
     KernelError,
+    LimitExceededError,
     PlatformError,
     SnapshotError,
     SnapshotInUseError,
@@ -73,7 +82,7 @@ from runtimed.errors import (
     UsageError,
 )
 from sandbox import fstree, layertar, oci, rootplatform, syscalls, view
-from sandbox.archive import Compression, UnpackLimits
+from sandbox.archive import SNIFF_BYTES, Compression, UnpackLimits, sniff_compression
 from sandbox.unpack import apply_layer, copy_directory_layer
 
 log = logging.getLogger(__name__)
@@ -132,6 +141,14 @@ _LAYER_MEDIA_TYPES: Final = {
     Compression.GZIP: oci.OCI_LAYER_GZIP,
     Compression.ZSTD: oci.OCI_LAYER_ZSTD,
 }
+# Readers of a whole compressed file (every gzip member, zstd frame, xz or bzip2 stream).
+_DECOMPRESSORS: Final[Mapping[Compression, Callable[[Path], io.BufferedIOBase]]] = {
+    Compression.GZIP: lambda path: gzip.GzipFile(path, "rb"),
+    Compression.ZSTD: zstd.ZstdFile,
+    Compression.XZ: lzma.LZMAFile,
+    Compression.BZIP2: bz2.BZ2File,
+}
+_DECOMPRESS_ERRORS: Final = (OSError, EOFError, zlib.error, lzma.LZMAError, zstd.ZstdError)
 
 Checkpoint = Callable[[str], None]
 """Called with the name of each crash-safety phase; tests kill the importer there."""
@@ -396,6 +413,53 @@ def sniff_image_archive(path: Path) -> str | None:
     if "manifest.json" in seen:
         return "docker"
     return None
+
+
+def _file_compression(path: Path) -> Compression:
+    """The compression of the file ``path``, by its first bytes."""
+    with open(path, "rb") as f:
+        return sniff_compression(f.read(SNIFF_BYTES))
+
+
+def _starts_like_image_archive(path: Path, compression: Compression) -> bool:
+    """Whether the compressed tar ``path`` may hold an image layout or ``docker save`` output:
+    its first member (past ``.``) has a name only such an archive holds. Decompresses only
+    that far, so a compressed rootfs tarball costs its first block.
+    """
+    try:
+        with _DECOMPRESSORS[compression](path) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            for info in tar:
+                name = _member_name(info.name)
+                if name not in ("", "."):
+                    return _ARCHIVE_NAME_RE.fullmatch(name) is not None
+    except (tarfile.TarError, *_DECOMPRESS_ERRORS):
+        pass  # not a readable tar: a rootfs tarball for the unpacker to judge and report
+    return False
+
+
+def _decompress_archive(source: Path, compression: Compression, dest: Path, limit: int) -> None:
+    """Write the decompressed image archive ``source`` to ``dest``, at most ``limit`` bytes.
+
+    Raises:
+        InvalidArchiveError: corrupt or truncated compressed data.
+        LimitExceededError: more than ``limit`` uncompressed bytes.
+    """
+    written = 0
+    try:
+        with _DECOMPRESSORS[compression](source) as data, open(dest, "wb") as out:
+            while chunk := data.read(CHUNK):
+                written += len(chunk)
+                if written > limit:
+                    raise LimitExceededError(
+                        f"{source}: more than {limit} uncompressed bytes",
+                        details={"source": str(source), "limit": "max_bytes"},
+                    )
+                out.write(chunk)
+    except _DECOMPRESS_ERRORS as exc:
+        raise InvalidArchiveError(
+            f"{source} ({compression}): corrupt image archive: {exc}",
+            details={"source": str(source), "compression": str(compression)},
+        ) from exc
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -669,7 +733,8 @@ class Store:
         name: str | None = None,
     ) -> SnapshotInfo:
         """Import a directory, a rootfs tarball, an OCI layout (directory or tar) or a
-        ``docker save`` archive. A second import of the same content is a lookup.
+        ``docker save`` archive; tars may be compressed (told apart by content, not by name).
+        A second import of the same content is a lookup.
 
         Args:
             source: what to import.
@@ -709,6 +774,18 @@ class Store:
             return self._import_image(source, wanted, say, label)
         if kind == "docker":
             return self._import_docker(source, wanted, say, label)
+        compression = _file_compression(source)
+        if compression is not Compression.NONE and _starts_like_image_archive(source, compression):
+            # An image archive is read by random access: decompress it once into staging.
+            with self._staging() as tmp:
+                plain = tmp / "archive.tar"
+                say(f"decompressing {source}")
+                _decompress_archive(source, compression, plain, self.limits.max_bytes)
+                kind = sniff_image_archive(plain)
+                if kind == "oci":
+                    return self._import_image(plain, wanted, say, label)
+                if kind == "docker":
+                    return self._import_docker(plain, wanted, say, label)
         return self._import_tarball(source, wanted, say, label)
 
     def _lookup_source(self, key: str) -> SnapshotInfo | None:
@@ -1470,11 +1547,7 @@ def _decompress_blob(blob: Path, compression: Compression, out: BinaryIO) -> lay
         raise InternalError(f"no decompressor for kept {compression} blob {blob}")
     h = hashlib.sha256()
     size = 0
-    with contextlib.ExitStack() as stack:
-        if compression is Compression.XZ:
-            data: io.BufferedIOBase = stack.enter_context(lzma.open(blob, "rb"))
-        else:
-            data = stack.enter_context(bz2.open(blob, "rb"))
+    with _DECOMPRESSORS[compression](blob) as data:
         while chunk := data.read(CHUNK):
             h.update(chunk)
             size += len(chunk)

@@ -16,11 +16,13 @@ import pytest
 from binfmt.platform import Platform
 from runtimed.errors import (
     InvalidArchiveError,
+    LimitExceededError,
     PlatformError,
     SnapshotInUseError,
     SnapshotNotFoundError,
     UsageError,
 )
+from sandbox.archive import UnpackLimits
 from sandbox.store import IDLE_CONNECTIONS, ExportFormat, Store
 from tests.kernel.store_images import (
     LAYERED_TREE,
@@ -68,6 +70,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         f"docker-archive:{base}/l.docker.tar:x/y:1",
     )
     out["docker-archive"] = base / "l.docker.tar"
+    # A layout packed as users do it: GNU tar, compressed (recognised by content, not name).
+    out["oci.tar.gz"] = gnu_tar(out["layered"], base / "layout.tgz", "-z")
+    out["oci.tar.zst"] = gnu_tar(out["layered"], base / "layout.bin", "--zstd")
     per_platform = []
     for debian_arch, platform in (
         ("amd64", {"os": "linux", "architecture": "amd64"}),
@@ -133,7 +138,9 @@ def test_store_no_elf_needs_a_platform(store: Store, tmp_path: Path) -> None:
     assert store.count() == 0
 
 
-@pytest.mark.parametrize("kind", ["layered", "oci-archive", "docker-archive"])
+@pytest.mark.parametrize(
+    "kind", ["layered", "oci-archive", "docker-archive", "oci.tar.gz", "oci.tar.zst"]
+)
 def test_store_layered_image_whiteouts_and_opaque(
     store: Store, images: dict[str, Path], kind: str, tmp_path: Path
 ) -> None:
@@ -148,9 +155,11 @@ def test_store_layered_image_whiteouts_and_opaque(
 def test_store_same_image_from_every_container_format_is_one_snapshot(
     store: Store, images: dict[str, Path]
 ) -> None:
-    ids = {store.import_source(images[k]).id for k in ("layered", "oci-archive", "docker-archive")}
+    kinds = ("layered", "oci-archive", "docker-archive", "oci.tar.gz", "oci.tar.zst")
+    ids = {store.import_source(images[k]).id for k in kinds}
     # skopeo's docker-archive re-compresses nothing but renames; the config is the same bytes.
     assert len(ids) <= 2
+    assert store.import_source(images["oci.tar.gz"]).id == store.import_source(images["layered"]).id
     assert len(store.list()) == store.count() == len(ids)
 
 
@@ -359,6 +368,23 @@ def test_store_commit_upper_converts_overlay_whiteouts(
     assert "opt/.wh..wh..opq" in top
     with Store(tmp_path / "again") as other:
         assert other.import_source(out).id == child.id
+
+
+def test_store_compressed_layout_truncated_or_too_big_leaves_nothing(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
+    data = images["oci.tar.gz"].read_bytes()
+    truncated = tmp_path / "truncated.tgz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with Store(tmp_path / "state") as store:
+        with pytest.raises(InvalidArchiveError, match="corrupt image archive"):
+            store.import_source(truncated)
+        assert store.list() == []
+        assert list(store.staging_dir.iterdir()) == []
+    with Store(tmp_path / "small", limits=UnpackLimits(max_bytes=len(data))) as store:
+        with pytest.raises(LimitExceededError, match="uncompressed bytes"):
+            store.import_source(images["oci.tar.zst"])
+        assert list(store.staging_dir.iterdir()) == []
 
 
 def test_store_layout_blob_symlink_out_of_the_layout_is_refused(
