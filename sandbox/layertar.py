@@ -47,10 +47,11 @@ _KEPT_XATTR_PREFIXES: Final = ("security.capability", "user.")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TarDigest:
-    """The sha256 digest (``sha256:<hex>``) and length of a tar stream written."""
+    """The sha256 digest (``sha256:<hex>``), length and member count of a tar stream written."""
 
     digest: str
     size: int
+    entries: int
 
 
 class _HashingWriter(io.RawIOBase):
@@ -73,8 +74,8 @@ class _HashingWriter(io.RawIOBase):
             self._sink.write(view)
         return view.nbytes
 
-    def result(self) -> TarDigest:
-        return TarDigest(digest="sha256:" + self._hash.hexdigest(), size=self.size)
+    def result(self, entries: int) -> TarDigest:
+        return TarDigest(digest="sha256:" + self._hash.hexdigest(), size=self.size, entries=entries)
 
 
 def is_whiteout(st: os.stat_result) -> bool:
@@ -118,41 +119,46 @@ def _marker(name: str) -> tarfile.TarInfo:
 
 
 class _Writer:
-    """Adds entries to a tar stream, turning repeated inodes into hard links."""
+    """Adds entries to a tar stream, turning repeated inodes into hard links; counts them."""
 
     def __init__(self, tar: tarfile.TarFile) -> None:
         self._tar = tar
         self._links: dict[tuple[int, int], str] = {}
+        self.entries = 0
+
+    def _addfile(self, info: tarfile.TarInfo, data: BinaryIO | None = None) -> None:
+        self._tar.addfile(info, data)
+        self.entries += 1
 
     def add(self, name: str, path: Path, st: os.stat_result) -> None:
         info = _tarinfo(name, path, st)
         if stat.S_ISDIR(st.st_mode):
             info.type = tarfile.DIRTYPE
-            self._tar.addfile(info)
+            self._addfile(info)
         elif stat.S_ISREG(st.st_mode):
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in self._links:
                 info.type, info.linkname = tarfile.LNKTYPE, self._links[key]
-                self._tar.addfile(info)
+                self._addfile(info)
                 return
             self._links[key] = name
             info.size = st.st_size
             with open(path, "rb") as data:
-                self._tar.addfile(info, data)
+                self._addfile(info, data)
         elif stat.S_ISLNK(st.st_mode):
             info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
-            self._tar.addfile(info)
+            self._addfile(info)
         elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
             info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
             info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-            self._tar.addfile(info)
+            self._addfile(info)
         elif stat.S_ISFIFO(st.st_mode):
             info.type = tarfile.FIFOTYPE
-            self._tar.addfile(info)
+            self._addfile(info)
         # Sockets cannot be archived (GNU tar skips them too).
 
     def add_marker(self, name: str) -> None:
-        self._tar.addfile(_marker(name))
+        self._addfile(_marker(name))
 
 
 def _open_tar(out: _HashingWriter) -> tarfile.TarFile:
@@ -184,15 +190,17 @@ def write_layer(layer: Path, sink: BinaryIO | None = None) -> TarDigest:
     """Write the OCI layer tar of one stored layer directory to ``sink`` (or only hash it).
 
     Returns:
-        The digest and length of the uncompressed stream: the layer's diff ID.
+        The digest and length of the uncompressed stream (the layer's diff ID) and its number
+        of members, whiteout and opaque markers included, as an unpack of it counts them.
 
     Raises:
         OSError: reading the layer failed (the store translates it).
     """
     out = _HashingWriter(sink)
     with _open_tar(out) as tar:
-        _walk_layer(layer, _Writer(tar))
-    return out.result()
+        writer = _Writer(tar)
+        _walk_layer(layer, writer)
+    return out.result(writer.entries)
 
 
 def _merged_children(
@@ -272,5 +280,6 @@ def write_merged(layers: Sequence[Path], sink: BinaryIO) -> TarDigest:
     """
     out = _HashingWriter(sink)
     with _open_tar(out) as tar:
-        _walk_merged(_dir_sources(list(reversed(layers)), ""), _Writer(tar))
-    return out.result()
+        writer = _Writer(tar)
+        _walk_merged(_dir_sources(list(reversed(layers)), ""), writer)
+    return out.result(writer.entries)

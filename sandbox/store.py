@@ -1355,7 +1355,7 @@ class Store:
         config["rootfs"]["diff_ids"].append(tar.digest)
         if isinstance(config.get("history"), list) and config["history"]:
             config["history"].append({"created": _now(), "created_by": "runtimed commit"})
-        new = _NewLayer(path=upper, diff_id=tar.digest, size=size, entries=0)
+        new = _NewLayer(path=upper, diff_id=tar.digest, size=size, entries=tar.entries)
         diff_ids = [layer.diff_id for layer in parent.layers] + [tar.digest]
         with contextlib.ExitStack() as held:
             try:
@@ -1470,17 +1470,18 @@ class Store:
         tmp = blobs / f".{oci.digest_hex(layer.diff_id)}.tmp"
         with open(tmp, "wb") as out:
             if layer.blob_digest is not None and compression is not None:
-                written = _decompress_blob(self._blob_path(layer.blob_digest), compression, out)
+                diff_id = _decompress_blob(self._blob_path(layer.blob_digest), compression, out)
             else:
-                written = layertar.write_layer(self._layer_path(layer.chain_id), out)
-        if written.digest != layer.diff_id:
+                diff_id = layertar.write_layer(self._layer_path(layer.chain_id), out).digest
+            size = out.tell()
+        if diff_id != layer.diff_id:
             raise SnapshotError(
-                f"layer {layer.chain_id}: re-created tar hashes to {written.digest}, "
+                f"layer {layer.chain_id}: re-created tar hashes to {diff_id}, "
                 f"not its diff ID {layer.diff_id} (was the layer directory changed?)",
                 details={"chain_id": layer.chain_id},
             )
         os.rename(tmp, blobs / oci.digest_hex(layer.diff_id))
-        return oci.Descriptor(media_type=oci.OCI_LAYER_TAR, digest=layer.diff_id, size=written.size)
+        return oci.Descriptor(media_type=oci.OCI_LAYER_TAR, digest=layer.diff_id, size=size)
 
     # --- views ---------------------------------------------------------------------------------
 
@@ -1541,18 +1542,16 @@ def _write_blob(blobs: Path, data: bytes, *, media_type: str = oci.OCI_INDEX) ->
     return oci.Descriptor(media_type=media_type, digest=digest, size=len(data))
 
 
-def _decompress_blob(blob: Path, compression: Compression, out: BinaryIO) -> layertar.TarDigest:
-    """Decompress an xz or bzip2 blob (no OCI media type) into ``out``, hashing the tar."""
+def _decompress_blob(blob: Path, compression: Compression, out: BinaryIO) -> str:
+    """Decompress an xz or bzip2 blob (no OCI media type) into ``out``; the tar's digest."""
     if compression not in (Compression.XZ, Compression.BZIP2):
         raise InternalError(f"no decompressor for kept {compression} blob {blob}")
     h = hashlib.sha256()
-    size = 0
     with _DECOMPRESSORS[compression](blob) as data:
         while chunk := data.read(CHUNK):
             h.update(chunk)
-            size += len(chunk)
             out.write(chunk)
-    return layertar.TarDigest(digest="sha256:" + h.hexdigest(), size=size)
+    return "sha256:" + h.hexdigest()
 
 
 def _tree_size(root: Path) -> int:

@@ -207,9 +207,10 @@ def _describe(snapshot: _Snapshot) -> str:
         f"layers:    {len(snapshot.layers())}",
     ]
     for layer in snapshot.layers():
-        size = layer.get("size")
+        size, entries = layer.get("size"), layer.get("entries")
         lines.append(
             f"  {layer.get('chain_id')}  {_human(size if isinstance(size, int) else 0):>10}  "
+            f"{entries if isinstance(entries, int) else '?'} entries  "
             f"diff {str(layer.get('diff_id'))[:19]}"
         )
     return "\n".join(lines)

@@ -50,6 +50,9 @@ def test_snapshot_cli_import_ls_inspect_export_rm(tmp_path: Path) -> None:
     assert "linux/s390x" in listed.stdout
     inspected = _ctl(state, "inspect", info["id"][7:15])
     assert "detected from /bin/busybox" in inspected.stdout
+    entries = info["layers"][0]["entries"]
+    assert entries >= len({"bin", "bin/busybox", "bin/sh", "etc", "etc/motd"})
+    assert f" {entries} entries " in inspected.stdout
 
     exported = _ctl(state, "export", info["id"], "--format", "tar", "-o", tmp_path / "out.tar")
     assert exported.returncode == 0, exported.stderr

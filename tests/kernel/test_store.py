@@ -346,6 +346,9 @@ def test_store_commit_upper_converts_overlay_whiteouts(
     ]
     assert child.platform == parent.platform
     assert child.config == parent.config
+    # etc, etc/hello, .wh.data, opt, opt/.wh..wh..opq, opt/only: the members of its layer tar.
+    assert child.layers[-1].entries == 6
+    assert store.get(child.id).layers[-1].entries == 6  # as recorded, not just as returned
     assert _export_names(store, child.id, tmp_path / "c.tar") == {
         "bin",
         "bin/busybox",
@@ -367,7 +370,9 @@ def test_store_commit_upper_converts_overlay_whiteouts(
     assert ".wh.data" in top
     assert "opt/.wh..wh..opq" in top
     with Store(tmp_path / "again") as other:
-        assert other.import_source(out).id == child.id
+        again = other.import_source(out)
+        assert again.id == child.id
+        assert again.layers[-1].entries == child.layers[-1].entries  # counted alike
 
 
 def test_store_compressed_layout_truncated_or_too_big_leaves_nothing(
