@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 from sandbox import fstree
 
 if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
+    from _typeshed import ReadableBuffer, SupportsWrite
 
 # Documentation/filesystems/overlayfs.rst, "User xattr": with the ``userxattr`` mount option
 # overlayfs reads its xattrs from the user.overlay. namespace.
@@ -54,10 +54,10 @@ class TarDigest:
     entries: int
 
 
-class _HashingWriter(io.RawIOBase):
+class HashingWriter(io.RawIOBase):
     """A write-only file object that hashes what passes through to ``sink`` (if any)."""
 
-    def __init__(self, sink: BinaryIO | None) -> None:
+    def __init__(self, sink: SupportsWrite[ReadableBuffer] | None) -> None:
         super().__init__()
         self._sink = sink
         self._hash = hashlib.sha256()
@@ -74,8 +74,13 @@ class _HashingWriter(io.RawIOBase):
             self._sink.write(view)
         return view.nbytes
 
+    @property
+    def digest(self) -> str:
+        """``sha256:<hex>`` of what was written so far."""
+        return "sha256:" + self._hash.hexdigest()
+
     def result(self, entries: int) -> TarDigest:
-        return TarDigest(digest="sha256:" + self._hash.hexdigest(), size=self.size, entries=entries)
+        return TarDigest(digest=self.digest, size=self.size, entries=entries)
 
 
 def is_whiteout(st: os.stat_result) -> bool:
@@ -161,7 +166,7 @@ class _Writer:
         self._addfile(_marker(name))
 
 
-def _open_tar(out: _HashingWriter) -> tarfile.TarFile:
+def _open_tar(out: HashingWriter) -> tarfile.TarFile:
     return tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
 
 
@@ -186,7 +191,7 @@ def _walk_layer(root: Path, writer: _Writer) -> None:
         os.close(root_fd)
 
 
-def write_layer(layer: Path, sink: BinaryIO | None = None) -> TarDigest:
+def write_layer(layer: Path, sink: SupportsWrite[ReadableBuffer] | None = None) -> TarDigest:
     """Write the OCI layer tar of one stored layer directory to ``sink`` (or only hash it).
 
     Returns:
@@ -196,7 +201,7 @@ def write_layer(layer: Path, sink: BinaryIO | None = None) -> TarDigest:
     Raises:
         OSError: reading the layer failed (the store translates it).
     """
-    out = _HashingWriter(sink)
+    out = HashingWriter(sink)
     with _open_tar(out) as tar:
         writer = _Writer(tar)
         _walk_layer(layer, writer)
@@ -272,13 +277,13 @@ def _merged_level(
             yield child_rel, _merged_children(sources, child_rel)
 
 
-def write_merged(layers: Sequence[Path], sink: BinaryIO) -> TarDigest:
+def write_merged(layers: Sequence[Path], sink: SupportsWrite[ReadableBuffer]) -> TarDigest:
     """Write the flattened tree of ``layers`` (lowest first, as ``lowerdir`` lists them reversed).
 
     Raises:
         OSError: reading a layer failed (the store translates it).
     """
-    out = _HashingWriter(sink)
+    out = HashingWriter(sink)
     with _open_tar(out) as tar:
         writer = _Writer(tar)
         _walk_merged(_dir_sources(list(reversed(layers)), ""), writer)

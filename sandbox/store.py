@@ -61,12 +61,14 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import TYPE_CHECKING, Final
 
 if sys.version_info >= (3, 14):
     from compression import zstd
 else:
     from backports import zstd
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 from binfmt.platform import Platform, compatible, parse_platform, platform_from_uname
 from runtimed.errors import (
@@ -90,6 +92,9 @@ log = logging.getLogger(__name__)
 DEFAULT_STATE_DIR: Final = Path("/var/lib/runtimed")
 SCHEMA_VERSION: Final = 1
 CHUNK: Final = 1 << 20
+# zlib's default level, as gzip(1) and Go's compress/gzip (hence containerd) use it: layers
+# without a kept OCI blob are exported gzipped at this level.
+EXPORT_GZIP_LEVEL: Final = 6
 # Nested indexes are followed this deep, and at most this many manifests are considered.
 MAX_INDEX_DEPTH: Final = 4
 MAX_MANIFESTS: Final = 256
@@ -135,7 +140,7 @@ CREATE TABLE views (
 """
 
 # Media type of a kept blob by its compression; xz and bzip2 have none in OCI and are exported
-# decompressed.
+# as gzip (Store._write_layer_blob).
 _LAYER_MEDIA_TYPES: Final = {
     Compression.NONE: oci.OCI_LAYER_TAR,
     Compression.GZIP: oci.OCI_LAYER_GZIP,
@@ -1382,7 +1387,8 @@ class Store:
         layout; one snapshot gives an index with its manifest tagged ``latest``, several (of
         different platforms) one multi-platform image: ``index.json`` tags a nested image index
         listing one manifest per platform, as ``docker buildx`` writes it. Kept blobs are
-        written as imported, so a layout imports back to the same snapshot ids.
+        written as imported, other layers gzipped; either way a layout imports back to the
+        same snapshot ids (an id covers diff IDs, not blob digests).
 
         Raises:
             UsageError: ``dest`` exists, no snapshot given, several for a tar, or two for the
@@ -1455,8 +1461,11 @@ class Store:
         )
 
     def _write_layer_blob(self, layer: LayerInfo, blobs: Path) -> oci.Descriptor:
-        """The layer as imported when its blob is an OCI one, else its uncompressed tar (whose
-        digest is the diff ID: checked, so a changed layer directory cannot go unnoticed)."""
+        """The layer as imported when its blob is an OCI one. Any other layer (committed by a
+        run, imported from a directory, or kept as xz or bzip2, which OCI has no media type
+        for) is written as its uncompressed tar gzipped, as an image builder pushes it: the
+        manifest names the gzip blob's digest, the config the tar's, its diff ID (checked, so
+        a changed layer directory cannot go unnoticed)."""
         compression = layer.blob_compression
         if layer.blob_digest is not None and compression in _LAYER_MEDIA_TYPES:
             target = blobs / oci.digest_hex(layer.blob_digest)
@@ -1469,19 +1478,24 @@ class Store:
             )
         tmp = blobs / f".{oci.digest_hex(layer.diff_id)}.tmp"
         with open(tmp, "wb") as out:
-            if layer.blob_digest is not None and compression is not None:
-                diff_id = _decompress_blob(self._blob_path(layer.blob_digest), compression, out)
-            else:
-                diff_id = layertar.write_layer(self._layer_path(layer.chain_id), out).digest
-            size = out.tell()
+            blob = layertar.HashingWriter(out)
+            # mtime=0 and no file name: the same layer always gives the same blob digest.
+            with gzip.GzipFile(
+                fileobj=blob, mode="wb", compresslevel=EXPORT_GZIP_LEVEL, mtime=0
+            ) as tar_out:
+                if layer.blob_digest is not None and compression is not None:
+                    blob_path = self._blob_path(layer.blob_digest)
+                    diff_id = _decompress_blob(blob_path, compression, tar_out)
+                else:
+                    diff_id = layertar.write_layer(self._layer_path(layer.chain_id), tar_out).digest
         if diff_id != layer.diff_id:
             raise SnapshotError(
                 f"layer {layer.chain_id}: re-created tar hashes to {diff_id}, "
                 f"not its diff ID {layer.diff_id} (was the layer directory changed?)",
                 details={"chain_id": layer.chain_id},
             )
-        os.rename(tmp, blobs / oci.digest_hex(layer.diff_id))
-        return oci.Descriptor(media_type=oci.OCI_LAYER_TAR, digest=layer.diff_id, size=size)
+        os.rename(tmp, blobs / oci.digest_hex(blob.digest))
+        return oci.Descriptor(media_type=oci.OCI_LAYER_GZIP, digest=blob.digest, size=blob.size)
 
     # --- views ---------------------------------------------------------------------------------
 
@@ -1542,7 +1556,7 @@ def _write_blob(blobs: Path, data: bytes, *, media_type: str = oci.OCI_INDEX) ->
     return oci.Descriptor(media_type=media_type, digest=digest, size=len(data))
 
 
-def _decompress_blob(blob: Path, compression: Compression, out: BinaryIO) -> str:
+def _decompress_blob(blob: Path, compression: Compression, out: SupportsWrite[bytes]) -> str:
     """Decompress an xz or bzip2 blob (no OCI media type) into ``out``; the tar's digest."""
     if compression not in (Compression.XZ, Compression.BZIP2):
         raise InternalError(f"no decompressor for kept {compression} blob {blob}")

@@ -145,8 +145,13 @@ def multi_platform_layout(dest: Path, images: Sequence[tuple[Path, dict[str, str
 def copy_layout(layout: Path, dest: Path) -> dict[str, Any]:
     """Copy ``layout`` to ``dest`` (for a test to tamper with) and return its first manifest."""
     run("cp", "-a", layout, dest)
-    digest = json.loads((dest / "index.json").read_text())["manifests"][0]["digest"]
-    manifest: dict[str, Any] = json.loads(blob_path(dest, digest).read_text())
+    return first_manifest(dest)
+
+
+def first_manifest(layout: Path) -> dict[str, Any]:
+    """The manifest ``index.json`` of ``layout`` lists first (a single-platform layout's)."""
+    digest = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+    manifest: dict[str, Any] = json.loads(blob_path(layout, digest).read_text())
     return manifest
 
 

@@ -3,6 +3,8 @@ layers unpacked by the real helper (overlay in a private mount namespace)."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import stat
@@ -23,12 +25,14 @@ from runtimed.errors import (
     UsageError,
 )
 from sandbox.archive import UnpackLimits
+from sandbox.oci import OCI_LAYER_GZIP
 from sandbox.store import IDLE_CONNECTIONS, ExportFormat, Store
 from tests.kernel.store_images import (
     LAYERED_TREE,
     blob_path,
     busybox_root,
     copy_layout,
+    first_manifest,
     gnu_tar,
     multi_platform_layout,
     require_tools,
@@ -269,7 +273,9 @@ def test_store_export_oci_round_trip_and_real_tools(
     require_tools("skopeo", "umoci")
     info = store.import_source(images["layered"])
     tarball = store.import_source(images["tar.gz"])
-    for source in (info, tarball):
+    # Kept no blob: exported gzipped (digest of the gzip, diff ID of the tar, both checked).
+    directory = store.import_source(images["root"])
+    for source in (info, tarball, directory):
         out = tmp_path / f"out-{source.short_id}"
         store.export([source.id], out, fmt=ExportFormat.OCI)
         with Store(tmp_path / f"other-{source.short_id}") as other:
@@ -282,7 +288,9 @@ def test_store_export_oci_round_trip_and_real_tools(
         bundle = tmp_path / f"bundle-{source.short_id}"
         run("umoci", "unpack", "--image", f"{out}:latest", bundle)
         assert (bundle / "rootfs" / "bin" / "busybox").is_file()
-        assert (bundle / "rootfs" / "etc" / "motd").exists() == (source is tarball)
+        assert (bundle / "rootfs" / "etc" / "motd").exists() == (source is not info)
+        media_types = {d["mediaType"] for d in first_manifest(out)["layers"]}
+        assert media_types == {OCI_LAYER_GZIP}
 
 
 def test_store_export_multi_platform_layout(
@@ -361,14 +369,28 @@ def test_store_commit_upper_converts_overlay_whiteouts(
     }
     out = tmp_path / "committed"
     store.export([child.id], out, fmt=ExportFormat.OCI)
-    top = subprocess.run(
-        ["tar", "-tf", str(blob_path(out, child.layers[-1].diff_id))],
-        capture_output=True,
-        text=True,
-        check=True,
+    # Gzipped like the imported layers: the manifest names the blob, the config the tar.
+    exported = first_manifest(out)["layers"]
+    assert [d["mediaType"] for d in exported] == [OCI_LAYER_GZIP] * len(child.layers)
+    top = exported[-1]
+    blob = blob_path(out, top["digest"])
+    assert top["digest"] == "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+    assert top["size"] == blob.stat().st_size
+    tar = gzip.decompress(blob.read_bytes())
+    assert "sha256:" + hashlib.sha256(tar).hexdigest() == child.layers[-1].diff_id
+    assert top["digest"] != child.layers[-1].diff_id
+    top_names = subprocess.run(
+        ["tar", "-tzf", str(blob)], capture_output=True, text=True, check=True
     ).stdout.split()
-    assert ".wh.data" in top
-    assert "opt/.wh..wh..opq" in top
+    assert ".wh.data" in top_names
+    assert "opt/.wh..wh..opq" in top_names
+    require_tools("skopeo", "umoci")
+    assert len(json.loads(run("skopeo", "inspect", f"oci:{out}:latest"))["Layers"]) == 5
+    bundle = tmp_path / "committed-bundle"
+    run("umoci", "unpack", "--image", f"{out}:latest", bundle)  # checks every diff ID
+    assert (bundle / "rootfs" / "etc" / "hello").read_text() == "hi"
+    assert not (bundle / "rootfs" / "data").exists()
+    assert sorted(p.name for p in (bundle / "rootfs" / "opt").iterdir()) == ["only"]
     with Store(tmp_path / "again") as other:
         again = other.import_source(out)
         assert again.id == child.id
