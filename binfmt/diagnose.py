@@ -47,7 +47,15 @@ from typing import Final
 from binfmt.claims import claimed_platforms, claimed_targets, interpreter_cpu, misses_pie
 from binfmt.entry import BinfmtFlag
 from binfmt.platform import Platform, compatible
-from binfmt.report import DELETED_SUFFIX, EntryFacts, PlatformReport, ProbeResult
+from binfmt.report import (
+    DELETED_SUFFIX,
+    EntryFacts,
+    PlatformReport,
+    ProbeResult,
+    _invalid,
+    _object,
+    _string,
+)
 from runtimed.errors import Json
 
 DEFAULT_BINFMT_MISC: Final = "/proc/sys/fs/binfmt_misc"
@@ -79,6 +87,33 @@ class Finding:
             "entry": self.entry,
             "fix": self.fix,
         }
+
+    @classmethod
+    def from_json(cls, obj: Json, *, where: str = "finding") -> Finding:
+        """The finding :meth:`to_json` wrote.
+
+        Raises:
+            InvalidParamsError: naming the field that is missing or malformed.
+        """
+        data = _object(obj, where)
+        severity = data.get("severity")
+        if not isinstance(severity, str) or severity not in set(Severity):
+            raise _invalid(f"{where}.severity", f"one of {', '.join(Severity)}")
+        platforms = data.get("platforms", [])
+        if not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms):
+            raise _invalid(f"{where}.platforms", "a list of strings")
+        entry, fix = data.get("entry"), data.get("fix")
+        for key, value in (("entry", entry), ("fix", fix)):
+            if value is not None and not isinstance(value, str):
+                raise _invalid(f"{where}.{key}", "a string or null")
+        return cls(
+            check=_string(data, "check", where),
+            severity=Severity(severity),
+            message=_string(data, "message", where),
+            platforms=tuple(str(p) for p in platforms),
+            entry=None if entry is None else str(entry),
+            fix=None if fix is None else str(fix),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +149,25 @@ class Diagnosis:
             "findings": [f.to_json() for f in self.findings],
             "platforms": self.report.to_json(),
         }
+
+    @classmethod
+    def from_json(cls, obj: Json) -> Diagnosis:
+        """The diagnosis :meth:`to_json` wrote (``ok`` follows from the findings).
+
+        Raises:
+            InvalidParamsError: naming the field that is missing or malformed.
+        """
+        data = _object(obj, "diagnosis")
+        findings = data.get("findings")
+        if not isinstance(findings, list):
+            raise _invalid("diagnosis.findings", "a list of findings")
+        return cls(
+            findings=tuple(
+                Finding.from_json(f, where=f"diagnosis.findings[{i}]")
+                for i, f in enumerate(findings)
+            ),
+            report=PlatformReport.from_json(data.get("platforms")),
+        )
 
 
 def _cli(command: str, binfmt_misc: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 from binfmt import detect, installer, kernel
 from binfmt.claims import claimed_platforms
-from binfmt.diagnose import Diagnosis, Finding, Severity, diagnose
+from binfmt.diagnose import Diagnosis, Severity, diagnose
 from binfmt.install import ActionKind, PlatformChange, is_ours
 from binfmt.platform import Platform, normalize, parse_platform
 from binfmt.qemu import QemuTarget, targets_for_platform
@@ -259,42 +259,13 @@ def _diagnosis_text(diagnosis: Diagnosis) -> str:
     return "\n".join(lines)
 
 
-def _finding_from_json(obj: Json) -> Finding:
-    """Raises: RpcError: not a finding as ``Finding.to_json`` writes it."""
-    if not isinstance(obj, dict):
-        raise RpcError("the daemon sent a finding that is not an object")
-    check, severity, message = obj.get("check"), obj.get("severity"), obj.get("message")
-    platforms, entry, fix = obj.get("platforms", []), obj.get("entry"), obj.get("fix")
-    if (
-        not isinstance(check, str)
-        or severity not in tuple(Severity)
-        or not isinstance(message, str)
-        or not isinstance(platforms, list)
-        or not all(isinstance(p, str) for p in platforms)
-        or not isinstance(entry, str | None)
-        or not isinstance(fix, str | None)
-    ):
-        raise RpcError(f"the daemon sent an invalid finding: {obj!r}")
-    return Finding(
-        check=check,
-        severity=Severity(str(severity)),
-        message=message,
-        platforms=tuple(str(p) for p in platforms),
-        entry=entry,
-        fix=fix,
-    )
-
-
 def _check(args: argparse.Namespace) -> int:
     if args.remote:
         data = run_session(args, lambda client: client.check_binfmt())
-        findings = data.get("findings")
-        if not isinstance(findings, list):
-            raise RpcError("the daemon's diagnosis lacks a valid 'findings'")
-        diagnosis = Diagnosis(
-            findings=tuple(map(_finding_from_json, findings)),
-            report=_report_from_json(data.get("platforms")),
-        )
+        try:
+            diagnosis = Diagnosis.from_json(data)
+        except InvalidParamsError as exc:
+            raise RpcError(f"the daemon sent an invalid diagnosis: {exc.message}") from exc
     else:
         facts, report = detect.gather_facts(args.binfmt_misc)
         diagnosis = diagnose(facts, report)

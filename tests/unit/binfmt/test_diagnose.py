@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from binfmt.claims import interpreter_cpu, misses_pie
-from binfmt.diagnose import BinfmtFacts, Finding, Severity, diagnose, interpreter_replaced
+from binfmt.diagnose import (
+    BinfmtFacts,
+    Diagnosis,
+    Finding,
+    Severity,
+    diagnose,
+    interpreter_replaced,
+)
 from binfmt.entry import BinfmtEntry, BinfmtFlag, BinfmtKind
 from binfmt.install import desired_entry
 from binfmt.platform import Platform
 from binfmt.qemu import target_for_platform
 from binfmt.report import NATIVE_BY_PROBE, EntryFacts, ProbeResult, build_report
+from runtimed.errors import InvalidParamsError
 from tests.unit.binfmt.elfbuild import ET_DYN, ET_EXEC, elf_header
 
 HOST = Platform("linux", "amd64", "v3")
@@ -232,3 +243,50 @@ def test_diagnose_replaced_interpreter_finding_names_entry_platforms_and_fix() -
             fix=REINSTALL,
         )
     ]
+
+
+def _diagnosis() -> Diagnosis:
+    """Findings of every shape: with and without platforms, entry and fix."""
+    facts = _facts(
+        [_entry(flags=frozenset({P})), replace(GOOD, interpreter_noexec=True)],
+        per_userns_binfmt=None,
+        per_userns_reason="no probe",
+    )
+    report = build_report(
+        host=facts.host,
+        native=facts.native,
+        native_source=NATIVE_BY_PROBE,
+        platforms=[Platform("linux", "amd64"), I386, ARM64],
+        entries=facts.entries,
+        probes=facts.probes,
+    )
+    return diagnose(facts, report)
+
+
+def test_diagnose_diagnosis_json_round_trip() -> None:
+    diagnosis = _diagnosis()
+    assert {f.fix is None for f in diagnosis.findings} == {True, False}
+    assert {f.entry is None for f in diagnosis.findings} == {True, False}
+    assert Diagnosis.from_json(json.loads(json.dumps(diagnosis.to_json()))) == diagnosis
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda d: d.pop("findings"), "diagnosis.findings"),
+        (lambda d: d["findings"].insert(1, "x"), "diagnosis.findings[1]"),
+        (lambda d: d["findings"][0].update(severity="fatal"), "diagnosis.findings[0].severity"),
+        (lambda d: d["findings"][0].pop("check"), "diagnosis.findings[0].check"),
+        (lambda d: d["findings"][1].update(platforms="arm64"), "diagnosis.findings[1].platforms"),
+        (lambda d: d["findings"][1].update(fix=1), "diagnosis.findings[1].fix"),
+        (lambda d: d["platforms"].pop("host"), "report.host"),
+    ],
+)
+def test_diagnose_diagnosis_from_json_names_the_bad_field(
+    change: Callable[[Any], object], field: str
+) -> None:
+    data: Any = json.loads(json.dumps(_diagnosis().to_json()))
+    change(data)
+    with pytest.raises(InvalidParamsError) as caught:
+        Diagnosis.from_json(data)
+    assert caught.value.details["parameter"] == field
