@@ -395,15 +395,16 @@ def parse_member_path(name: str) -> tuple[str, ...]:
     """
     if "\0" in name:
         raise _invalid(name, "name contains a NUL byte")
-    raw = name.encode("utf-8", _SURROGATE)
-    if len(raw) >= PATH_MAX:
-        raise _invalid(name[:64] + "...", f"name longer than PATH_MAX ({len(raw)} bytes)")
-    parts = tuple(p for p in name.split("/") if p not in ("", "."))
-    for part in parts:
-        if part == "..":
-            raise _invalid(name, "'..' component")
-        if len(part.encode("utf-8", _SURROGATE)) > NAME_MAX:
-            raise _invalid(name, "component longer than NAME_MAX")
+    # An ASCII name is its own UTF-8: its length in bytes is len(). This runs once per member,
+    # so the common case skips the encoding.
+    size = len(name) if name.isascii() else len(name.encode("utf-8", _SURROGATE))
+    if size >= PATH_MAX:
+        raise _invalid(name[:64] + "...", f"name longer than PATH_MAX ({size} bytes)")
+    parts = tuple([p for p in name.split("/") if p and p != "."])
+    if ".." in parts:
+        raise _invalid(name, "'..' component")
+    if size > NAME_MAX and any(len(p.encode("utf-8", _SURROGATE)) > NAME_MAX for p in parts):
+        raise _invalid(name, "component longer than NAME_MAX")
     return parts
 
 
@@ -411,6 +412,8 @@ def filter_xattrs(
     name: str, xattrs: Mapping[str, bytes]
 ) -> tuple[tuple[tuple[str, bytes], ...], tuple[str, ...]]:
     """The xattrs kept (sorted) and one warning per dropped one (see the module table)."""
+    if not xattrs:
+        return (), ()
     kept: list[tuple[str, bytes]] = []
     warnings: list[str] = []
     for key in sorted(xattrs):

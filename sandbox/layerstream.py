@@ -298,11 +298,12 @@ class LayerStream:
         self._pos += len(out)
         return out
 
-    def read_some(self, size: int) -> bytes:
-        """Between 1 and ``size`` bytes without joining chunks (b"" only at the end)."""
+    def read_some(self, size: int) -> memoryview:
+        """Between 1 and ``size`` bytes (empty only at the end), a view into the current
+        chunk: neither joined with the next one nor copied."""
         if self._off >= len(self._buf):
             self._buf, self._off = self._next_chunk(), 0
-        out = self._buf[self._off : self._off + size]
+        out = memoryview(self._buf)[self._off : self._off + size]
         self._off += len(out)
         self._pos += len(out)
         return out
