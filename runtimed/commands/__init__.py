@@ -1,6 +1,7 @@
 """IO: the command groups of ``runtimectl``; each module has ``register(subparsers)``.
 
 To add a group, write ``runtimed/commands/<group>.py`` and list it in COMMAND_MODULES.
+Options several groups share are declared once, in ``runtimed/commands/options.py``.
 """
 
 from __future__ import annotations

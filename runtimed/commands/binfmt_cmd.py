@@ -31,6 +31,7 @@ from binfmt.install import ActionKind, PlatformChange, is_ours
 from binfmt.platform import Platform, normalize, parse_platform
 from binfmt.qemu import QemuTarget, targets_for_platform
 from binfmt.report import PlatformReport
+from runtimed.commands.options import add_binfmt_misc_argument
 from runtimed.errors import ExitArea, InvalidParamsError, Json, RpcError, UsageError
 from runtimed.session import add_session_arguments, run_session
 
@@ -41,13 +42,7 @@ CREDENTIAL_WARNING = (
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--binfmt-misc",
-        type=Path,
-        default=kernel.DEFAULT_BINFMT_MISC,
-        metavar="DIR",
-        help="the binfmt_misc mount to use (default: %(default)s)",
-    )
+    add_binfmt_misc_argument(parser)
     parser.add_argument("--json", action="store_true", help="print JSON for tools")
 
 

@@ -21,12 +21,11 @@ from typing import Any, BinaryIO
 
 import trio
 
-from binfmt import kernel
 from runtimed.client import Client, ExecResult
+from runtimed.commands.options import add_binfmt_misc_argument, add_state_dir_argument
 from runtimed.errors import Json, RpcError, UsageError
 from runtimed.session import add_session_arguments, run_session
 from sandbox.spec import ExecSpec, parse_size
-from sandbox.store import DEFAULT_STATE_DIR
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -72,20 +71,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         default=0,
         help="print a one-line execution report on stderr",
     )
-    run.add_argument(
-        "--state-dir",
-        type=Path,
-        default=DEFAULT_STATE_DIR,
-        metavar="DIR",
-        help="the embedded daemon's state directory (default: %(default)s)",
-    )
-    run.add_argument(
-        "--binfmt-misc",
-        type=Path,
-        default=kernel.DEFAULT_BINFMT_MISC,
-        metavar="DIR",
-        help="the binfmt_misc the embedded daemon reads (default: %(default)s)",
-    )
+    add_state_dir_argument(run)
+    add_binfmt_misc_argument(run)
     add_session_arguments(run)
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD")
     run.set_defaults(func=_run)

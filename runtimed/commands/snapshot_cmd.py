@@ -35,23 +35,17 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from runtimed.client import Client
+from runtimed.commands.options import add_state_dir_argument
 from runtimed.errors import Json, RpcError, SnapshotError, UsageError
 from runtimed.session import add_session_arguments, run_session
 from sandbox import fstree, layertar
-from sandbox.store import DEFAULT_STATE_DIR, ExportFormat, Store
+from sandbox.store import ExportFormat, Store
 
 TAR_SUFFIX: Final = ".tar"
 
 
 def _common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=DEFAULT_STATE_DIR,
-        metavar="DIR",
-        help="the store's state directory, for --embedded, mount and unmount "
-        "(default: %(default)s)",
-    )
+    add_state_dir_argument(parser)
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print JSON for tools")
 
