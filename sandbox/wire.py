@@ -1,0 +1,184 @@
+"""Pure. The plan as the native runner reads it, and the status lines it writes back.
+
+The runner (``sandbox/native/runner.c``) reads NUL-terminated tokens in a fixed order, with a
+count before every list; nothing in a plan may contain a NUL byte (argv, environment, paths and
+file contents can't reach ``execve`` or the kernel with one anyway). It answers with one JSON
+object per line on its status fd; byte strings (paths, the command's image) travel as hex,
+since any byte string is a Linux path but not every one is valid JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from runtimed.errors import Json, SandboxError
+from sandbox.plan import (
+    BindMount,
+    DevptsMount,
+    FileMount,
+    MaskPath,
+    Op,
+    Plan,
+    ProcMount,
+    ReadonlyPath,
+    Symlink,
+    SysfsMount,
+    TmpfsMount,
+)
+
+MAGIC: Final = "runtimed-plan-1"
+
+
+def _op_tokens(op: Op) -> list[str | int]:
+    if isinstance(op, BindMount):
+        return ["bind", op.source, op.destination, int(op.readonly)]
+    if isinstance(op, TmpfsMount):
+        return ["tmpfs", op.destination, op.mode, op.size or 0, int(op.noexec), int(op.nodev)]
+    if isinstance(op, Symlink):
+        return ["symlink", op.target, op.destination]
+    if isinstance(op, FileMount):
+        return ["file", op.destination, op.content]
+    if isinstance(op, ProcMount | SysfsMount | DevptsMount | MaskPath | ReadonlyPath):
+        return [op.kind, op.destination]
+    raise SandboxError(f"the native runner has no executor for {op.describe()}")
+
+
+def _items(*items: str | int) -> tuple[str | int, ...]:
+    return items
+
+
+def _plan_tokens(plan: Plan, capabilities: int, uid_map: str, gid_map: str) -> Iterator[str | int]:
+    yield MAGIC
+    yield from _items("overlay", plan.root.options(), "workspace", plan.workspace)
+    yield from _items("namespaces", len(plan.namespaces), *plan.namespaces)
+    yield from _items("hostname", plan.hostname, "loopback", int(plan.loopback))
+    yield from _items("uid_map", uid_map, "gid_map", gid_map)
+    yield from _items("binfmt", len(plan.binfmt), *plan.binfmt)
+    yield from _items("cgroups", len(plan.cgroups), *plan.cgroups)
+    yield from _items("ops", len(plan.ops))
+    for op in plan.ops:
+        yield from _op_tokens(op)
+    yield from _items("cwd", plan.cwd, "uid", plan.uid, "gid", plan.gid)
+    yield from _items("groups", len(plan.groups), *plan.groups)
+    yield from _items("rlimits", len(plan.rlimits))
+    for limit in plan.rlimits:
+        yield from _items(limit.name, limit.soft, limit.hard)
+    yield from _items("capabilities", capabilities)
+    yield from _items("argv", len(plan.argv), *plan.argv)
+    yield from _items("env", len(plan.env), *(f"{key}={value}" for key, value in plan.env))
+    yield "end"
+
+
+def encode_plan(plan: Plan, *, capabilities: int, uid_map: str = "", gid_map: str = "") -> bytes:
+    """The runner's plan: ``plan`` with its capabilities as a bit mask and, for a plan with a
+    user namespace, the ID maps its parent writes (``/proc/PID/uid_map`` text).
+
+    Raises:
+        SandboxError: a value holds a NUL byte, or a number is negative or beyond 64 bits.
+    """
+    out = bytearray()
+    for item in _plan_tokens(plan, capabilities, uid_map, gid_map):
+        if isinstance(item, int):
+            if not 0 <= item < 1 << 64:
+                raise SandboxError(f"sandbox plan value {item} is out of range")
+            data = str(item).encode()
+        else:
+            data = item.encode("utf-8", "surrogateescape")
+            if b"\0" in data:
+                raise SandboxError(f"sandbox plan value {item!r} contains a NUL byte")
+        out += data + b"\0"
+    return bytes(out)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepFailed:
+    """A set-up step failed (the runner exits 125): the system call, its errno, the path it
+    was given, its flags, and the index of the plan op being applied (None outside them)."""
+
+    syscall: str
+    errno: int
+    path: str | None
+    flags: int | None
+    op: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecFailed:
+    """``execve`` of the command failed (exit 127 for ENOENT, else 126)."""
+
+    errno: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Started:
+    """The command was exec'd: its PID in the sandbox and ``/proc/PID/exe`` of the new image."""
+
+    pid: int
+    exe: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Exited:
+    """The command exited with ``code``, or was killed by ``signal``."""
+
+    code: int | None
+    signal: int | None
+
+
+Status = StepFailed | ExecFailed | Started | Exited
+
+
+def _int(message: dict[str, Json], name: str, *, optional: bool = False) -> int | None:
+    value = message.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SandboxError(f"sandbox runner status: {name} must be an integer: {message!r}")
+    return value
+
+
+def _hex(message: dict[str, Json], name: str) -> str | None:
+    value = message.get(name)
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return bytes.fromhex(value).decode("utf-8", "surrogateescape")
+    except ValueError:
+        raise SandboxError(f"sandbox runner status: {name} must be hex: {message!r}") from None
+
+
+def parse_status(line: bytes) -> Status:
+    """One status line of the runner.
+
+    Raises:
+        SandboxError: not a status message the runner writes.
+    """
+    try:
+        message = json.loads(line)
+    except ValueError:
+        raise SandboxError(f"sandbox runner status is not JSON: {line!r}") from None
+    if not isinstance(message, dict):
+        raise SandboxError(f"sandbox runner status is not an object: {line!r}")
+    kind = message.get("type")
+    if kind == "error" and isinstance(message.get("syscall"), str):
+        return StepFailed(
+            syscall=str(message["syscall"]),
+            errno=_int(message, "errno") or 0,
+            path=_hex(message, "path"),
+            flags=_int(message, "flags", optional=True),
+            op=_int(message, "op", optional=True),
+        )
+    if kind == "exec_error":
+        return ExecFailed(errno=_int(message, "errno") or 0)
+    if kind == "started":
+        return Started(pid=_int(message, "pid") or 0, exe=_hex(message, "exe") or "")
+    if kind == "exited":
+        return Exited(
+            code=_int(message, "code", optional=True), signal=_int(message, "signal", optional=True)
+        )
+    raise SandboxError(f"sandbox runner status of unknown type: {line!r}")

@@ -1,0 +1,139 @@
+"""The runner's wire format: plan tokens in the order runner.c reads them, and status lines."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runtimed.errors import Json, SandboxError
+from sandbox.plan import Plan, build_plan
+from sandbox.spec import ExecSpec, Identity
+from sandbox.wire import (
+    MAGIC,
+    ExecFailed,
+    Exited,
+    Started,
+    StepFailed,
+    encode_plan,
+    parse_status,
+)
+
+
+def _plan(**request: Json) -> Plan:
+    spec = ExecSpec.from_json({"snapshot": "s", **request})
+    return build_plan(
+        spec=spec,
+        layers=["/store/l1", "/store/l2"],
+        run_dir="/store/runs/r1",
+        argv=["sh", "-c", "echo hi"],
+        env={"PATH": "/bin", "A": "x=y"},
+        identity=Identity(uid=1000, gid=1001, groups=(10, 20)),
+        resolv_conf="nameserver 10.0.0.1\n",
+        cgroups=["/sys/fs/cgroup/pids/runtimed/r1"],
+        cgroup_namespace=False,
+    )
+
+
+def _tokens(data: bytes) -> list[str]:
+    assert data.endswith(b"\0")
+    return [t.decode() for t in data[:-1].split(b"\0")]
+
+
+def _after(tokens: list[str], key: str, n: int) -> list[str]:
+    i = tokens.index(key)
+    return tokens[i + 1 : i + 1 + n]
+
+
+def test_wire_plan_tokens_in_the_runners_order() -> None:
+    plan = _plan(rlimits={"nofile": [10, 20]}, cwd="/work")
+    tokens = _tokens(encode_plan(plan, capabilities=0b101))
+    assert tokens[0] == MAGIC
+    assert tokens[-1] == "end"
+    keys = [
+        "overlay", "workspace", "namespaces", "hostname", "loopback", "uid_map", "gid_map",
+        "binfmt", "cgroups", "ops", "cwd", "uid", "gid", "groups", "rlimits", "capabilities",
+        "argv", "env",
+    ]  # fmt: skip
+    assert [tokens.index(k) for k in keys] == sorted(tokens.index(k) for k in keys)
+    assert _after(tokens, "overlay", 1) == [plan.root.options()]
+    assert _after(tokens, "namespaces", 6) == ["5", "mount", "pid", "uts", "ipc", "net"]
+    assert _after(tokens, "cgroups", 2) == ["1", "/sys/fs/cgroup/pids/runtimed/r1"]
+    assert _after(tokens, "ops", 1) == [str(len(plan.ops))]
+    assert _after(tokens, "cwd", 1) == ["/work"]
+    assert _after(tokens, "uid", 1) == ["1000"]
+    assert _after(tokens, "groups", 3) == ["2", "10", "20"]
+    assert _after(tokens, "rlimits", 4) == ["1", "nofile", "10", "20"]
+    assert _after(tokens, "capabilities", 1) == ["5"]
+    assert _after(tokens, "argv", 4) == ["3", "sh", "-c", "echo hi"]
+    assert _after(tokens, "env", 3)[0] == "2"
+    assert "A=x=y" in _after(tokens, "env", 3)
+
+
+def test_wire_plan_ops_carry_their_fields() -> None:
+    plan = _plan(
+        mounts=[{"source": "/src", "destination": "/opt/src", "readonly": True}],
+        tmpfs=[{"destination": "/scratch", "size": 4096}],
+    )
+    tokens = _tokens(encode_plan(plan, capabilities=0))
+    i = tokens.index("/opt/src")
+    assert tokens[i - 2 : i + 2] == ["bind", "/src", "/opt/src", "1"]
+    i = tokens.index("/scratch")
+    assert tokens[i - 1 : i + 5] == ["tmpfs", "/scratch", str(0o1777), "4096", "0", "1"]
+    i = tokens.index("/etc/hostname")
+    assert tokens[i - 1 : i + 2] == ["file", "/etc/hostname", "sandbox\n"]
+    i = tokens.index("/dev/ptmx")
+    assert tokens[i - 2 : i + 1] == ["symlink", "pts/ptmx", "/dev/ptmx"]
+
+
+def test_wire_plan_refuses_nul_bytes_and_out_of_range_numbers() -> None:
+    with pytest.raises(SandboxError, match="NUL"):
+        encode_plan(dataclasses.replace(_plan(), argv=("a\0b",)), capabilities=0)
+    with pytest.raises(SandboxError, match="out of range"):
+        encode_plan(_plan(), capabilities=1 << 64)
+
+
+@given(st.binary(min_size=1, max_size=64).filter(lambda b: b"\0" not in b))
+def test_wire_status_paths_survive_any_bytes(raw: bytes) -> None:
+    line = f'{{"type":"started","pid":7,"exe":"{raw.hex()}"}}'.encode()
+    started = parse_status(line)
+    assert isinstance(started, Started)
+    assert started.exe.encode("utf-8", "surrogateescape") == raw
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            b'{"type":"error","syscall":"mount","errno":2,"path":"2f78","flags":4096,"op":3}',
+            StepFailed(syscall="mount", errno=2, path="/x", flags=4096, op=3),
+        ),
+        (
+            b'{"type":"error","syscall":"fork","errno":11,"path":null,"flags":null,"op":null}',
+            StepFailed(syscall="fork", errno=11, path=None, flags=None, op=None),
+        ),
+        (b'{"type":"exec_error","errno":13}', ExecFailed(errno=13)),
+        (b'{"type":"exited","code":3}', Exited(code=3, signal=None)),
+        (b'{"type":"exited","signal":9}', Exited(code=None, signal=9)),
+    ],
+)
+def test_wire_status_lines(line: bytes, expected: object) -> None:
+    assert parse_status(line) == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"not json",
+        b"[1]",
+        b'{"type":"bogus"}',
+        b'{"type":"started","pid":"7","exe":""}',
+        b'{"type":"started","pid":7,"exe":"zz"}',
+        b'{"type":"exec_error","errno":true}',
+    ],
+)
+def test_wire_status_refuses_what_the_runner_never_writes(line: bytes) -> None:
+    with pytest.raises(SandboxError, match="sandbox runner status"):
+        parse_status(line)
