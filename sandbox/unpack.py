@@ -93,6 +93,7 @@ _NEW_FILE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_C
 # Failures that are the host's, not the archive's: reported as KernelError, not InvalidArchive.
 _HOST_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM})
 _WARNING_CHARS: Final = 300
+_CACHED_DIRS: Final = 64
 HELPER_MODULE: Final = "sandbox.layerhelper"
 DEFAULT_LIMITS: Final = UnpackLimits()
 
@@ -149,9 +150,13 @@ class LayerWriter:
         self._limits = limits
         self._created: set[tuple[str, ...]] = set()
         self._dir_times: list[tuple[tuple[str, ...], int]] = []
-        # The last parent directory, kept open: archives list siblings together. Any removal
-        # (the only way a resolved directory can stop being what its path names) drops it.
-        self._parent: tuple[tuple[str, ...], int] | None = None
+        # Recently used directories, kept open by path (least recently used first): archives
+        # list a directory's entries together, depth first, so nearly every entry finds its
+        # parent here instead of resolving it again with openat2. Each fd is either resolved
+        # in the root (``_open_dir``) or a directory we just created or listed, opened
+        # O_NOFOLLOW on such a parent: what its path named when it was opened. A removal
+        # (the only way that can change) drops all but the parent it happened in.
+        self._dirs: dict[tuple[str, ...], int] = {}
         self.size = 0
 
     # --- resolution ---------------------------------------------------------------------------
@@ -237,32 +242,45 @@ class LayerWriter:
             self._opaque(entry.path)
             return
         if not entry.path:
-            self._directory_metadata(self._root, ".", entry)
+            self._remember((), self._directory_metadata(self._root, ".", entry))
             return
         self._create(self._parent_fd(entry.path[:-1]), entry.path[-1], entry, data)
         self._created.add(entry.path)
 
     def _parent_fd(self, parts: tuple[str, ...]) -> int:
-        if self._parent is not None and self._parent[0] == parts:
-            return self._parent[1]
-        fd = self._open_dir(parts, create=True)
-        self.close()
-        self._parent = (parts, fd)
+        fd = self._dirs.pop(parts, None)
+        if fd is None:
+            fd = self._open_dir(parts, create=True)
+        self._remember(parts, fd)
         return fd
 
-    def _clear_anywhere(self, parent: int, name: str) -> None:
-        """Remove something that may be an ancestor of the cached parent: drop the cache.
+    def _remember(self, parts: tuple[str, ...], fd: int) -> None:
+        """Keep ``fd`` (now owned by the cache) as the most recently used directory."""
+        old = self._dirs.pop(parts, None)
+        if old is not None:
+            os.close(old)
+        if len(self._dirs) >= _CACHED_DIRS:
+            os.close(self._dirs.pop(next(iter(self._dirs))))
+        self._dirs[parts] = fd
 
-        (Replacing a child of the cached parent itself, as ``_create`` does, leaves it valid.)
-        """
-        self.close()
+    def _replace(self, parent: int, parts: tuple[str, ...], name: str) -> None:
+        """Remove ``name`` from the cached directory ``parts`` (fd ``parent``), which stays
+        valid; every other cached directory may have been below ``name``: dropped."""
+        self._forget(keep=parts)
         clear(parent, name)
 
+    def _clear_anywhere(self, parent: int, name: str) -> None:
+        """Remove something that may be an ancestor of any cached directory."""
+        self._forget(keep=None)
+        clear(parent, name)
+
+    def _forget(self, *, keep: tuple[str, ...] | None) -> None:
+        for parts in [p for p in self._dirs if p != keep]:
+            os.close(self._dirs.pop(parts))
+
     def close(self) -> None:
-        """Close the cached parent directory (idempotent)."""
-        if self._parent is not None:
-            os.close(self._parent[1])
-            self._parent = None
+        """Close the cached directories (idempotent)."""
+        self._forget(keep=None)
 
     def _create(self, parent: int, name: str, entry: Entry, data: Readable | None) -> None:
         if entry.kind is EntryKind.DIRECTORY:
@@ -278,7 +296,7 @@ class LayerWriter:
             except FileExistsError:
                 if attempt == 2:
                     raise
-                clear(parent, name)
+                self._replace(parent, entry.path[:-1], name)
 
     def _make(self, parent: int, name: str, entry: Entry, data: Readable | None) -> None:
         if entry.kind is EntryKind.FILE:
@@ -341,9 +359,9 @@ class LayerWriter:
                 log.debug("unpack: kept directory symlink %s", "/".join(entry.path))
                 return
             if not stat.S_ISDIR(st.st_mode):
-                clear(parent, name)
+                self._replace(parent, entry.path[:-1], name)
                 os.mkdir(name, 0o700, dir_fd=parent)
-        self._directory_metadata(parent, name, entry)
+        self._remember(entry.path, self._directory_metadata(parent, name, entry))
 
     def _is_dir(self, parts: tuple[str, ...]) -> bool:
         try:
@@ -352,17 +370,20 @@ class LayerWriter:
             return False
         return True
 
-    def _directory_metadata(self, parent: int, name: str, entry: Entry) -> None:
+    def _directory_metadata(self, parent: int, name: str, entry: Entry) -> int:
+        """Set a directory's owner, xattrs and mode; the fd it was opened as (not followed)."""
         fd = os.open(name, _DIR_READ | os.O_NOFOLLOW, dir_fd=parent)
         try:
             os.fchown(fd, entry.uid, entry.gid)
             for key, value in entry.xattrs:
                 os.setxattr(fd, key, value)
             os.fchmod(fd, entry.mode)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         # Later entries change the directory's mtime: it is set once all are written.
         self._dir_times.append((entry.path, entry.mtime_ns))
+        return fd
 
     def _hardlink(self, parent: int, name: str, entry: Entry) -> None:
         target_parent = self._open_dir(entry.hardlink[:-1], create=False)
@@ -381,7 +402,7 @@ class LayerWriter:
             else:
                 if (existing.st_dev, existing.st_ino) == (source.st_dev, source.st_ino):
                     return
-                clear(parent, name)
+                self._replace(parent, entry.path[:-1], name)
             # No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself (linkat(2)).
             os.link(
                 target, name, src_dir_fd=target_parent, dst_dir_fd=parent, follow_symlinks=False
@@ -417,9 +438,12 @@ class LayerWriter:
     def finish(self) -> None:
         """Set directory mtimes, deepest and latest first, once nothing else changes them."""
         for path, mtime_ns in reversed(self._dir_times):
-            if path and not self._is_dir(path):
-                continue
-            fd = self._open(path, _DIR_READ)
+            try:
+                fd = self._open(path, _DIR_READ)
+            except KernelError as exc:
+                if path and exc.errno_name in ("ENOENT", "ENOTDIR", "ELOOP"):
+                    continue  # no longer a directory: replaced or removed by a later entry
+                raise
             try:
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
             finally:

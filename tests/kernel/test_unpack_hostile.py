@@ -217,6 +217,29 @@ CASES: dict[str, tuple[Callable[[str], list[Member]], str | Check]] = {
         lambda v: [directory("d"), file("d/f"), symlink("d", v), file("d/pwned")],
         _contained,
     ),
+    # The writer keeps recently used directories open: a replaced one must not be written to.
+    "dir-replaced-by-file-then-recreated": (
+        lambda v: [
+            directory("d"),
+            directory("d/sub"),
+            file("d/sub/x"),
+            file("d", b"file\n"),
+            directory("d"),
+            file("d/sub/y"),
+        ],
+        _regular("d/sub/y"),
+    ),
+    "dir-replaced-by-symlink-then-written-through": (
+        lambda v: [
+            directory("d"),
+            directory("d/sub"),
+            symlink("d", "e"),
+            directory("e"),
+            directory("e/sub"),
+            file("d/sub/y"),
+        ],
+        _regular("e/sub/y"),
+    ),
     "whiteout-dotdot": (lambda v: [file("../.wh.victim")], "reject"),
     "whiteout-of-dotdot": (lambda v: [file("a/.wh..."), directory("a")], "reject"),
     "whiteout-through-symlink": (
