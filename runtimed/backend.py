@@ -7,10 +7,6 @@ operation, so worker threads may share it); opened at start-up, it reclaims what
 (staging and run directories, unreferenced layers) and then holds ``store.lock`` shared until
 the daemon exits.
 
-One warm sandbox fork server serves every exec (:meth:`DaemonBackend.open_forkserver`). When
-it dies (killed, crashed), the exec that finds it so fails with that error and a new fork
-server is started for the next ones (which start a helper of their own until it is ready).
-
 Files come from clients as descriptors: the daemon reads a regular file through
 ``/proc/self/fd/N`` (the inode the client opened, not a path it named) and spools a pipe to a
 private file first; directories are refused, because following a client's directory tree
@@ -27,8 +23,8 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -45,11 +41,10 @@ from runtimed.errors import (
     InvalidParamsError,
     Json,
     RuntimedError,
-    SandboxError,
     SnapshotError,
 )
 from runtimed.handlers import OutputSink, ProgressSink
-from sandbox.launch import ForkServer, RunResult, open_forkserver, open_run
+from sandbox.launch import RunResult, open_run
 from sandbox.spec import ExecSpec
 from sandbox.store import ExportFormat, Store
 
@@ -73,9 +68,6 @@ class DaemonBackend:
         self.config = config
         self._report: PlatformReport | None = None
         self._store: Store | None = None
-        self.forkserver: ForkServer | None = None
-        """The daemon's warm sandbox helper (without one, each exec starts its own)."""
-        self._restart_forkserver = trio.Event()
 
     @contextmanager
     def open_state(self) -> Iterator[Store]:
@@ -203,15 +195,7 @@ class DaemonBackend:
         start = trio.current_time()
         request = ExecSpec.from_json(dict(spec))
         report = self._report or await self.refresh_platforms()
-        server = self._usable_forkserver()
-        try:
-            result = await self._run(request, report, output, server)
-        except SandboxError:
-            if server is not None and server.broken is not None:
-                # This exec found the fork server dead: it fails with that error (retrying
-                # could run a command twice), and the next ones get a new fork server.
-                self._replace_forkserver(server)
-            raise
+        result = await self._run(request, report, output)
         log.info(
             "exec exited %d after %.3f s: %s",
             result.exit_code,
@@ -225,58 +209,11 @@ class DaemonBackend:
         request: ExecSpec,
         report: PlatformReport,
         output: OutputSink,
-        server: ForkServer | None,
     ) -> RunResult:
-        async with open_run(request, self.store, report, server=server) as execution:
+        async with open_run(request, self.store, report) as execution:
             async for chunk in execution.output:
                 await output(str(chunk.stream), chunk.data)
             return await execution.wait()
-
-    # --- the warm sandbox helper ----------------------------------------------------------
-
-    @asynccontextmanager
-    async def open_forkserver(self) -> AsyncIterator[None]:
-        """Keep a warm fork server in :attr:`forkserver` for the daemon's lifetime; one that
-        dies is replaced (execs meanwhile start a helper of their own)."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self._serve_forkserver)
-            try:
-                yield
-            finally:
-                nursery.cancel_scope.cancel()
-
-    async def _serve_forkserver(self, *, task_status: trio.TaskStatus[None]) -> None:
-        started = False
-        try:
-            while True:
-                restart = self._restart_forkserver = trio.Event()
-                try:
-                    async with open_forkserver() as server:
-                        self.forkserver = server
-                        if not started:
-                            started = True
-                            task_status.started()
-                        await restart.wait()
-                except (RuntimedError, OSError) as exc:
-                    if not started:
-                        raise
-                    log.error("sandbox fork server: cannot start a new one: %s", exc)
-                    return
-                log.warning("sandbox fork server restarted")
-        finally:
-            self.forkserver = None
-
-    def _usable_forkserver(self) -> ForkServer | None:
-        server = self.forkserver
-        if server is not None and server.broken is not None:
-            self._replace_forkserver(server)
-            return None
-        return server
-
-    def _replace_forkserver(self, server: ForkServer) -> None:
-        if self.forkserver is server and not self._restart_forkserver.is_set():
-            log.warning("sandbox fork server unusable: %s", server.broken)
-            self._restart_forkserver.set()
 
 
 def install_handlers(

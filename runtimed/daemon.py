@@ -257,10 +257,7 @@ class Daemon:
         )
         await trio.to_thread.run_sync(self.recover)
         try:
-            # One warm sandbox helper for the daemon's lifetime (no interpreter start per
-            # exec), replaced by the backend when it dies.
-            async with self.backend.open_forkserver():
-                await self.listen_and_serve(task_status)
+            await self.listen_and_serve(task_status)
         finally:
             self.state.close()
 

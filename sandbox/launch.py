@@ -5,10 +5,10 @@
 - :func:`prepare_run` (blocking; the daemon calls it through ``trio.to_thread``): snapshot →
   requested platform → mode decision (:mod:`sandbox.mode`, refusals before anything is
   created) → user and environment from the image and the rootfs → run directory → plan.
-- :func:`open_execution` (async context manager): the run's cgroups, then the sandbox, forked
-  by the warm helper of :func:`open_forkserver` (``python -I -m sandbox.helper --serve``,
-  started once with ``trio.run_process``); a stop sends SIGTERM through the child's pidfd,
-  waits :data:`STOP_GRACE`, then kills the whole tree through the cgroup.
+- :func:`open_execution` (async context manager): the run's cgroups, then the sandbox, set up
+  by the native runner (:mod:`sandbox.runner`, started with ``posix_spawn``); a stop sends
+  SIGTERM through the runner's pidfd, waits :data:`STOP_GRACE`, then kills the whole tree
+  through the cgroup.
   :class:`Execution` streams stdout and stderr as :class:`OutputChunk` values in the order they
   are read, enforces the timeout, and :meth:`Execution.wait` returns the :class:`RunResult`.
 
@@ -20,23 +20,19 @@ its CPU time; the command itself stops once after its execve so that PID 1 reads
 too short-lived to be sampled show up only in ``unobserved_cpu_seconds`` (cgroup total minus
 what was attributed, PID 1 included from the point it joins the cgroups, before the command).
 
-Nothing outlives a run: the mounts live in the helper's private mount namespace and go with
-it, PID 1 dies with the helper (PDEATHSIG) and takes the PID namespace down, and the cgroups
-are killed and removed in a shielded ``finally``, even when the helper was SIGKILLed.
+Nothing outlives a run: the mounts live in the runner's private mount namespace and go with
+it, PID 1 dies with the runner (PDEATHSIG) and takes the PID namespace down, and the cgroups
+are killed and removed in a shielded ``finally``, even when the runner was SIGKILLed.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import dataclasses
 import enum
-import json
 import logging
 import os
 import signal
-import socket
-import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,18 +49,17 @@ from binfmt.install import desired_entry, desired_flags, version_tuple
 from binfmt.platform import Platform, is_linux, parse_platform
 from binfmt.qemu import target_for_platform
 from binfmt.report import Emulator, PlatformReport
-from runtimed.errors import Json, RuntimedError, SandboxError, error_from_json
-from sandbox import cgroups
+from runtimed.errors import Json, RuntimedError, SandboxError
+from sandbox import cgroups, runner
 from sandbox.mode import ExecMode, Mode, check_platform, decide
 from sandbox.plan import Plan, build_plan
 from sandbox.rootfs import LayeredRoot
 from sandbox.spec import ExecSpec, command, merge_env, resolve_user
+from sandbox.wire import ExecFailed, Exited, Started, StepFailed, parse_status
 
 log = logging.getLogger(__name__)
 
-HELPER_MODULE: Final = "sandbox.helper"
 STOP_GRACE: Final = 2.0
-SPAWN_TIMEOUT: Final = 10.0
 CLEANUP_TIMEOUT: Final = 10.0
 SAMPLE_INTERVAL: Final = 0.02
 OUTPUT_BUFFER: Final = 64
@@ -336,14 +331,14 @@ class _Observer:
     command_seen: bool = False
 
     def sample(self, group: cgroups.RunCgroup) -> None:
-        """One look at every process of the run but the helper's and the sandbox's PID 1."""
+        """One look at every process of the run but the runner's and the sandbox's PID 1."""
         for pid in group.pids():
             if pid in self.exclude:
                 continue
             try:
                 inner = _inner_pid(pid)
                 if inner is None or inner == 1:
-                    # the helper's own processes (outside the sandbox's PID namespace), PID 1
+                    # the runner's own processes (outside the sandbox's PID namespace), PID 1
                     self.exclude.add(pid)
                     continue
                 proc = psutil.Process(pid)
@@ -432,8 +427,8 @@ class Execution:
         self._error: RuntimedError | None = None
         self._started = False
         self._command_exe: str | None = None
-        self._exit: dict[str, Json] | None = None
-        self._helper_pid = 0
+        self._exit: Exited | None = None
+        self._runner_pid = 0
         self._usage: tuple[cgroups.ResourceUsage, dict[str, int]] | None = None
         self.timed_out = False
         self.cancelled = False
@@ -445,7 +440,7 @@ class Execution:
             self._stop_requested.set()
 
     async def wait(self) -> RunResult:
-        """The result once the command, its helper and the output streams have ended.
+        """The result once the command, its runner and the output streams have ended.
 
         Read ``output`` to its end first (or concurrently): a full channel stalls the command.
 
@@ -454,7 +449,7 @@ class Execution:
 
         Raises:
             RuntimedError: the sandbox could not be set up or the command could not be
-                executed (the error the helper reported), or the commit failed.
+                executed (the error the runner reported), or the commit failed.
         """
         await self._done.wait()
         if self._error is not None and not self._started:
@@ -489,18 +484,16 @@ class Execution:
 
     def _status(self) -> tuple[int, int | None]:
         if self._exit is not None:
-            signum = self._exit.get("signal")
-            if isinstance(signum, int):
-                return 128 + signum, signum
-            code = self._exit.get("code")
-            if isinstance(code, int):
-                return code, None
-        # No exit record: the helper or PID 1 was killed before the command's status came, and
+            if self._exit.signal is not None:
+                return 128 + self._exit.signal, self._exit.signal
+            if self._exit.code is not None:
+                return self._exit.code, None
+        # No exit record: the runner or PID 1 was killed before the command's status came, and
         # the whole tree with it (SIGKILL, by us after the grace or by someone else).
         return 128 + signal.SIGKILL, signal.SIGKILL
 
     async def _supervise(self, pidfd: int) -> None:
-        """Wait for the helper to exit; on stop: SIGTERM, grace, then kill the whole tree
+        """Wait for the runner to exit; on stop: SIGTERM, grace, then kill the whole tree
         (what trio's ``deliver_cancel`` does for ``run_process``)."""
         async with trio.open_nursery() as nursery:
 
@@ -532,22 +525,26 @@ class Execution:
                 buffer += data
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
-                    self._on_status(json.loads(line))
+                    self._on_status(line)
 
-    def _on_status(self, message: Json) -> None:
-        if not isinstance(message, dict):
+    def _on_status(self, line: bytes) -> None:
+        try:
+            message = parse_status(line)
+        except SandboxError as exc:
+            self._error = exc
             return
-        kind = message.get("type")
-        log.debug("helper status: %s", message)
-        if kind == "error":
-            self._error = error_from_json(message.get("error"), fallback="sandbox helper failed")
-        elif kind == "started":
+        log.debug("runner status: %s", message)
+        plan = self.prepared.plan
+        if isinstance(message, StepFailed):
+            self._error = runner.step_error(message, plan)
+        elif isinstance(message, ExecFailed):
+            self._error = runner.exec_error(message, plan)
+        elif isinstance(message, Started):
             self._started = True
-            exe, pid = message.get("exe"), message.get("pid")
-            self._command_exe = exe if isinstance(exe, str) else None
-            self._observer.command_pid = pid if isinstance(pid, int) else None
-            self._observer.exclude = {self._helper_pid}
-        elif kind == "exited":
+            self._command_exe = message.exe
+            self._observer.command_pid = message.pid
+            self._observer.exclude = {self._runner_pid}
+        elif isinstance(message, Exited):
             self._exit = message
 
     async def _observe(self) -> None:
@@ -564,12 +561,13 @@ class Execution:
         self.timed_out = True
         self._stop_requested.set()
 
-    async def run(
-        self, server: ForkServer, *, debug: bool, task_status: trio.TaskStatus[None]
-    ) -> None:
-        """Start the sandbox through ``server`` and relay everything until it has ended."""
+    async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Start the sandbox's runner and relay everything until it has ended."""
         plan = dataclasses.replace(self.prepared.plan, cgroups=tuple(map(str, self.group.dirs)))
-        request = json.dumps({"plan": plan.to_json(), "debug": debug}).encode()
+        if log.isEnabledFor(logging.DEBUG):  # not built on every run for nothing
+            for line in plan.describe():
+                log.debug("%s", line)
+        encoded = runner.encode(plan)
         stdin_data = self.prepared.spec.stdin
         child_fds: list[int] = []
         ours: list[int] = []
@@ -584,7 +582,8 @@ class Execution:
                 read_end, write_end = os.pipe2(os.O_CLOEXEC)
                 ours.append(read_end)
                 child_fds.append(write_end)
-            self._helper_pid, pidfd = await server.spawn(request, child_fds)
+            # From the trio thread, which lives as long as the run (the runner's PDEATHSIG).
+            self._runner_pid, pidfd = runner.spawn(encoded, child_fds)
         except BaseException:
             for fd in ours:
                 os.close(fd)
@@ -607,14 +606,25 @@ class Execution:
                 self._send.close()
                 task_status.started()
                 await self._supervise(pidfd)
-                # The helper is gone: whatever is left in the cgroup dies now, so the output
+                _reap(pidfd)
+                # The runner is gone: whatever is left in the cgroup dies now, so the output
                 # pipes reach EOF; the accounting is read in the same trip to a thread.
                 self._exited.set()
                 self._usage = await trio.to_thread.run_sync(self._finish_cgroup)
         finally:
             self._exited.set()
             self._done.set()
+            _reap(pidfd, kill=True)
             os.close(pidfd)
+
+
+def _reap(pidfd: int, *, kill: bool = False) -> None:
+    """Collect the exited runner (at once: its pidfd was readable), or, with ``kill``, one
+    still running after a failure in the relay: no zombie outlives a run."""
+    if kill:
+        _pidfd_signal(pidfd, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
 
 
 def _pidfd_signal(pidfd: int, signum: int) -> None:
@@ -626,71 +636,6 @@ async def _feed(stream: trio.lowlevel.FdStream, data: bytes) -> None:
     async with stream:
         with contextlib.suppress(trio.BrokenResourceError):
             await stream.send_all(data)
-
-
-class ForkServer:
-    """The launcher's end of a ``sandbox.helper --serve`` process (see :func:`open_forkserver`)."""
-
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self._sock = sock
-        self._lock = trio.Lock()
-        self._broken: str | None = None
-
-    @property
-    def broken(self) -> str | None:
-        """Why this server can take no more runs (it died or stopped answering), or None.
-
-        Set by the first failed :meth:`spawn`; every later spawn then fails at once, so the
-        owner replaces the server rather than retrying (a retry could run a command twice).
-        """
-        return self._broken
-
-    async def spawn(self, request: bytes, fds: Sequence[int]) -> tuple[int, int]:
-        """Send one request with its fds; the PID and a pidfd of the child that runs it.
-
-        Raises:
-            SandboxError: the server refused the request or is gone.
-        """
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        async with self._lock:
-            if self._broken is not None:
-                raise SandboxError(f"sandbox fork server unusable: {self._broken}")
-            # A request and its reply stay paired even if the caller is cancelled in between;
-            # the server answers within milliseconds, SPAWN_TIMEOUT bounds a wedged one.
-            with trio.CancelScope(shield=True), trio.move_on_after(SPAWN_TIMEOUT) as deadline:
-                try:
-                    await self._sock.sendmsg([request], rights)
-                    data, ancdata, _, _ = await self._sock.recvmsg(4096, socket.CMSG_SPACE(4))
-                except OSError as exc:
-                    self._broken = f"it is gone ({exc})"
-                    raise SandboxError(f"sandbox fork server is gone: {exc}") from exc
-            if deadline.cancelled_caught:
-                self._broken = f"it did not answer in {SPAWN_TIMEOUT} s"
-                raise SandboxError(f"sandbox fork server {self._broken}")
-        received = [
-            fd
-            for level, kind, payload in ancdata
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-            for fd in array.array("i", payload[: len(payload) - len(payload) % 4])
-        ]
-        if len(received) != 1:
-            for fd in received:
-                os.close(fd)
-            reply = data.decode(errors="replace") or "the sandbox fork server has exited"
-            raise SandboxError(f"sandbox fork server refused the run: {reply}")
-        try:
-            pid = json.loads(data)["pid"]
-        except (ValueError, KeyError, TypeError):
-            os.close(received[0])
-            raise SandboxError(f"sandbox fork server sent {data!r}") from None
-        return int(pid), received[0]
-
-
-async def _stop_server(process: trio.Process) -> None:
-    process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(STOP_GRACE):
-        await process.wait()
-    process.kill()
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -713,46 +658,12 @@ async def _single_errors() -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def open_forkserver() -> AsyncIterator[ForkServer]:
-    """Start the warm helper (``python -I -m sandbox.helper --serve FD``) for many runs.
-
-    It is single-threaded and forks one child per sandbox (STYLE §6); the daemon keeps one
-    for its lifetime. It exits when this context closes its socket.
-    """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    argv = [sys.executable, "-I", "-m", HELPER_MODULE, "--serve", str(theirs.fileno())]
-    try:
-        async with _single_errors(), trio.open_nursery() as nursery:
-            await nursery.start(
-                partial(
-                    trio.run_process,
-                    argv,
-                    pass_fds=(theirs.fileno(),),
-                    check=False,
-                    deliver_cancel=_stop_server,
-                )
-            )
-            theirs.close()
-            with trio.socket.from_stdlib_socket(ours) as sock:
-                yield ForkServer(sock)
-            # EOF on the socket: the server returns and exits by itself.
-    finally:
-        theirs.close()
-        ours.close()
-
-
-@contextlib.asynccontextmanager
 async def open_run(
     spec: ExecSpec,
     source: SnapshotSource,
     report: PlatformReport,
-    *,
-    server: ForkServer | None = None,
-    debug: bool = False,
 ) -> AsyncIterator[Execution]:
     """Prepare and start a run; on leaving, the run directory is removed (after any commit).
-
-    Without a ``server``, one is started for this run alone (an interpreter start-up more).
 
     Raises:
         RuntimedError: every refusal of :func:`prepare_run` and :func:`open_execution`.
@@ -761,8 +672,8 @@ async def open_run(
     # busy host every hand-off to a thread costs milliseconds).
     prepared, group = await trio.to_thread.run_sync(_prepare_with_cgroups, spec, source, report)
     async with _single_errors(), trio.open_nursery() as nursery:
-        # The helper's move of PID 1 into the run's cgroups waits for an RCU grace period
-        # unless a cgroup move is in flight: start one now, while the helper is forked and
+        # The runner's move of PID 1 into the run's cgroups waits for an RCU grace period
+        # unless a cgroup move is in flight: start one now, while the runner starts and
         # unshares (not earlier: a move holds cgroup_mutex, which creating the cgroups needs).
         nursery.start_soon(
             partial(
@@ -773,12 +684,7 @@ async def open_run(
             )
         )
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                if server is None:
-                    server = await stack.enter_async_context(open_forkserver())
-                execution = await stack.enter_async_context(
-                    open_execution(prepared, server, source=source, group=group, debug=debug)
-                )
+            async with open_execution(prepared, source=source, group=group) as execution:
                 yield execution
         finally:
             with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
@@ -815,11 +721,9 @@ def _clean_up(prepared: PreparedRun, source: SnapshotSource, group: cgroups.RunC
 @contextlib.asynccontextmanager
 async def open_execution(
     prepared: PreparedRun,
-    server: ForkServer,
     *,
     source: SnapshotSource | None = None,
     group: cgroups.RunCgroup | None = None,
-    debug: bool = False,
 ) -> AsyncIterator[Execution]:
     """Start a prepared run; leaving the block early cancels it (whole tree killed).
 
@@ -834,7 +738,7 @@ async def open_execution(
     try:
         async with _single_errors(), trio.open_nursery() as nursery:
             execution = Execution(prepared, group, source)
-            await nursery.start(partial(execution.run, server, debug=debug))
+            await nursery.start(execution.run)
             try:
                 yield execution
             finally:

@@ -1,9 +1,9 @@
-"""Pure. Turn a resolved exec request into a plan: the data the sandbox helper executes.
+"""Pure. Turn a resolved exec request into a plan: the data the sandbox runner executes.
 
 A :class:`Plan` says which namespaces to create, the overlay root (snapshot layers + the run's
 upper and work dirs), the ordered mount operations applied under the new root, and what to exec
-as whom. Every op has ``describe()`` (logged before it runs) and travels as JSON to the helper
-over an inherited fd; :meth:`Plan.from_json` validates it again on the other side.
+as whom. Every op has ``describe()`` (logged in debug mode, and named by an error in its step);
+:mod:`sandbox.wire` encodes the plan for the native runner (``sandbox/native/runner.c``).
 
 The default profile follows Docker/runc and bubblewrap: fresh ``/proc`` (nosuid, noexec, nodev)
 with Docker's masked and read-only paths, ``/dev`` as a tmpfs with device nodes bound from the
@@ -13,13 +13,11 @@ a read-only ``/sys``, and ``/etc/resolv.conf``, ``/etc/hosts`` and ``/etc/hostna
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
-from runtimed.errors import Json, SandboxError
+from runtimed.errors import SandboxError
 from sandbox.spec import BindSpec, ExecSpec, Identity, Network, Rlimit, TmpfsSpec
 
 # Docker's default capability set (moby oci/caps/defaults.go): 14 capabilities, CAP_MKNOD
@@ -91,12 +89,6 @@ class Op:
 
     def describe(self) -> str:
         raise NotImplementedError
-
-    def to_json(self) -> dict[str, Json]:
-        out: dict[str, Json] = {"op": self.kind}
-        for field in dataclasses.fields(self):  # type: ignore[arg-type]
-            out[field.name] = getattr(self, field.name)
-        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -193,7 +185,7 @@ class ReadonlyPath(Op):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FileMount(Op):
-    """Write ``content`` into the helper's workspace and bind it onto ``destination``."""
+    """Write ``content`` into the runner's workspace and bind it onto ``destination``."""
 
     kind: ClassVar[str] = "file"
     destination: str
@@ -201,22 +193,6 @@ class FileMount(Op):
 
     def describe(self) -> str:
         return f"file {self.destination} ({len(self.content)} bytes)"
-
-
-OPS: Final[Mapping[str, type[Op]]] = {
-    cls.kind: cls
-    for cls in (
-        BindMount,
-        TmpfsMount,
-        ProcMount,
-        SysfsMount,
-        DevptsMount,
-        Symlink,
-        MaskPath,
-        ReadonlyPath,
-        FileMount,
-    )
-}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -299,7 +275,7 @@ def _request_ops(mounts: Sequence[BindSpec], tmpfs: Sequence[TmpfsSpec]) -> list
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
-    """Everything the helper needs; JSON-able both ways."""
+    """Everything the runner needs (:func:`sandbox.wire.encode_plan`)."""
 
     root: OverlayMount
     workspace: str
@@ -318,134 +294,9 @@ class Plan:
     cgroups: tuple[str, ...]
     binfmt: tuple[str, ...] = ()
 
-    def to_json(self) -> dict[str, Json]:
-        return {
-            "root": {
-                "layers": list(self.root.layers),
-                "upper": self.root.upper,
-                "work": self.root.work,
-            },
-            "workspace": self.workspace,
-            "namespaces": list(self.namespaces),
-            "hostname": self.hostname,
-            "loopback": self.loopback,
-            "ops": [op.to_json() for op in self.ops],
-            "argv": list(self.argv),
-            "env": {key: value for key, value in self.env},
-            "cwd": self.cwd,
-            "uid": self.uid,
-            "gid": self.gid,
-            "groups": list(self.groups),
-            "rlimits": {r.name: [r.soft, r.hard] for r in self.rlimits},
-            "capabilities": list(self.capabilities),
-            "cgroups": list(self.cgroups),
-            "binfmt": list(self.binfmt),
-        }
-
-    @classmethod
-    def from_json(cls, obj: Json) -> Plan:
-        """Validate a plan received by the helper.
-
-        Raises:
-            SandboxError: a field is missing or of the wrong type.
-        """
-        if not isinstance(obj, dict):
-            raise _bad("plan", "is not an object")
-        root = _field(obj, "root", dict)
-        rlimits = _field(obj, "rlimits", dict)
-        env = _field(obj, "env", dict)
-        namespaces = tuple(_strings(obj, "namespaces"))
-        if not set(namespaces) <= NAMESPACES:
-            raise _bad("namespaces", f"must be among {sorted(NAMESPACES)}")
-        return cls(
-            root=OverlayMount(
-                layers=tuple(_strings(root, "layers")),
-                upper=_field(root, "upper", str),
-                work=_field(root, "work", str),
-            ),
-            workspace=_field(obj, "workspace", str),
-            namespaces=namespaces,
-            hostname=_field(obj, "hostname", str),
-            loopback=_field(obj, "loopback", bool),
-            ops=tuple(_op(item) for item in _field(obj, "ops", list)),
-            argv=tuple(_strings(obj, "argv")),
-            env=tuple((str(k), str(v)) for k, v in env.items() if isinstance(v, str)),
-            cwd=_field(obj, "cwd", str),
-            uid=_field(obj, "uid", int),
-            gid=_field(obj, "gid", int),
-            groups=tuple(_ints(obj, "groups")),
-            rlimits=tuple(
-                Rlimit(name=k, soft=int(v[0]), hard=int(v[1]))
-                for k, v in rlimits.items()
-                if isinstance(v, list) and len(v) == 2
-            ),
-            capabilities=tuple(_strings(obj, "capabilities")),
-            cgroups=tuple(_strings(obj, "cgroups")),
-            binfmt=tuple(_strings(obj, "binfmt")),
-        )
-
     def describe(self) -> list[str]:
-        """One line per step, in execution order (logged by the helper in debug mode)."""
+        """One line per step, in execution order (logged by the launcher in debug mode)."""
         return [self.root.describe(), *(op.describe() for op in self.ops)]
-
-
-def _bad(field: str, why: str) -> SandboxError:
-    return SandboxError(f"invalid sandbox plan: {field} {why}", details={"field": field})
-
-
-_T = typing.TypeVar("_T")
-
-
-def _field(obj: Mapping[str, Json], name: str, kind: type[_T]) -> _T:
-    value = obj.get(name)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _bad(name, f"must be {kind.__name__}")
-    return value
-
-
-def _strings(obj: Mapping[str, Json], name: str) -> list[str]:
-    value = _field(obj, name, list)
-    if not all(isinstance(v, str) for v in value):
-        raise _bad(name, "must be a list of strings")
-    return [str(v) for v in value]
-
-
-def _ints(obj: Mapping[str, Json], name: str) -> list[int]:
-    value = _field(obj, name, list)
-    out = [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    if len(out) != len(value):
-        raise _bad(name, "must be a list of integers")
-    return out
-
-
-def _field_types(cls: type[Op]) -> tuple[tuple[str, tuple[type, ...], object], ...]:
-    hints = typing.get_type_hints(cls)
-    return tuple(
-        (field.name, typing.get_args(hints[field.name]) or (hints[field.name],), field.default)
-        for field in dataclasses.fields(cls)  # type: ignore[arg-type]
-    )
-
-
-# Field name, accepted types and default of every op, resolved once: get_type_hints is slow
-# enough (milliseconds per call) to dominate the helper's start of a run.
-_OP_FIELDS: Final = {kind: _field_types(cls) for kind, cls in OPS.items()}
-
-
-def _op(obj: Json) -> Op:
-    if not isinstance(obj, dict) or obj.get("op") not in OPS:
-        raise _bad("ops", f"has an unknown op {obj!r}")
-    cls = OPS[str(obj["op"])]
-    kwargs: dict[str, Json] = {}
-    for name, allowed, default in _OP_FIELDS[cls.kind]:
-        value = obj.get(name, default)
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            names = "|".join(t.__name__ for t in allowed)
-            raise _bad(f"ops.{cls.kind}.{name}", f"must be {names}")
-        kwargs[name] = value  # type: ignore[assignment]
-    op: Op = cls(**kwargs)
-    if not op.destination.startswith("/"):
-        raise _bad(f"ops.{cls.kind}.destination", "must be absolute")
-    return op
 
 
 def build_plan(
@@ -471,7 +322,10 @@ def build_plan(
     """
     for path in (*layers, run_dir):
         if any(c in path for c in ":,\n") or not path.startswith("/"):
-            raise _bad("layers", f"path {path!r} cannot be an overlay directory")
+            raise SandboxError(
+                f"invalid sandbox plan: layer path {path!r} cannot be an overlay directory",
+                details={"field": "layers"},
+            )
     namespaces = ["user"] if binfmt else []
     namespaces += ["mount", "pid", "uts", "ipc"]
     if spec.network is Network.NONE:

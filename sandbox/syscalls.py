@@ -1,12 +1,12 @@
-"""IO: thin ctypes wrappers for the Linux system calls the sandbox needs.
+"""IO: thin ctypes wrappers for the Linux system calls the Python side of the sandbox needs.
 
 Each wrapper is named after its system call, takes ``pathlib.Path``/``str`` arguments and turns
 a failure into :class:`runtimed.errors.KernelError` through :func:`kernel_error`, the one place
 where ``OSError``/errno becomes our error (with the syscall, the errno by name, the path, the
-flags by name and a hint for the refusals we know). Python 3.11 has no ``os.unshare``/``os.setns``
-so they go through libc; ``openat2`` has no libc wrapper and goes through ``syscall(2)``.
+flags by name and a hint for the refusals we know). Python 3.11 has no ``os.unshare``, so it goes
+through libc; ``openat2`` has no libc wrapper and goes through ``syscall(2)``.
 
-Namespace calls must come from a single-threaded process (``sandbox.helper``), never from the
+Namespace calls must come from a single-threaded process (the exec'd helpers), never from the
 trio daemon: ``unshare(CLONE_NEWUSER)`` fails with EINVAL in a multi-threaded process.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import platform
 from collections.abc import Mapping
@@ -64,33 +63,10 @@ RESOLVE_NO_SYMLINKS: Final = 0x04
 RESOLVE_BENEATH: Final = 0x08
 RESOLVE_IN_ROOT: Final = 0x10
 
-# --- <bits/statvfs.h>: statvfs(3) f_flag bits of a mount ----------------------------------------
-ST_NOSUID: Final = 0x2
-ST_NODEV: Final = 0x4
-ST_NOEXEC: Final = 0x8
-ST_NOATIME: Final = 0x400
-ST_NODIRATIME: Final = 0x800
-ST_RELATIME: Final = 0x1000
-
-# --- <linux/sockios.h> and <net/if.h>: interface flags ioctls ------------------------------------
-SIOCGIFFLAGS: Final = 0x8913
-SIOCSIFFLAGS: Final = 0x8914
-IFF_UP: Final = 0x1
-
 # --- <linux/prctl.h> ----------------------------------------------------------------------------
 PR_SET_PDEATHSIG: Final = 1
-PR_CAPBSET_DROP: Final = 24
-PR_SET_NO_NEW_PRIVS: Final = 38
-PR_CAP_AMBIENT: Final = 47
-PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
-
-# --- <linux/ptrace.h> -----------------------------------------------------------------------------
-PTRACE_TRACEME: Final = 0
-PTRACE_CONT: Final = 7
-PTRACE_DETACH: Final = 17
 
 # --- <linux/capability.h> -----------------------------------------------------------------------
-_LINUX_CAPABILITY_VERSION_3: Final = 0x20080522
 CAPABILITIES: Final[Mapping[str, int]] = {
     "CAP_CHOWN": 0,
     "CAP_DAC_OVERRIDE": 1,
@@ -114,7 +90,7 @@ CAPABILITIES: Final[Mapping[str, int]] = {
 # --- <asm/unistd.h>: syscalls without a glibc wrapper (x86_64 and aarch64 share 437) -------------
 _NR_OPENAT2: Final[Mapping[str, int]] = {"x86_64": 437, "aarch64": 437}
 
-_NAMESPACE_FLAGS: Final[Mapping[int, str]] = {
+NAMESPACE_FLAGS: Final[Mapping[int, str]] = {
     CLONE_NEWTIME: "CLONE_NEWTIME",
     CLONE_NEWNS: "CLONE_NEWNS",
     CLONE_NEWCGROUP: "CLONE_NEWCGROUP",
@@ -124,7 +100,7 @@ _NAMESPACE_FLAGS: Final[Mapping[int, str]] = {
     CLONE_NEWPID: "CLONE_NEWPID",
     CLONE_NEWNET: "CLONE_NEWNET",
 }
-_MOUNT_FLAGS: Final[Mapping[int, str]] = {
+MOUNT_FLAGS: Final[Mapping[int, str]] = {
     MS_RDONLY: "MS_RDONLY",
     MS_NOSUID: "MS_NOSUID",
     MS_NODEV: "MS_NODEV",
@@ -141,8 +117,8 @@ _MOUNT_FLAGS: Final[Mapping[int, str]] = {
     MS_RELATIME: "MS_RELATIME",
     MS_STRICTATIME: "MS_STRICTATIME",
 }
-_UMOUNT_FLAGS: Final[Mapping[int, str]] = {MNT_FORCE: "MNT_FORCE", MNT_DETACH: "MNT_DETACH"}
-_RESOLVE_FLAGS: Final[Mapping[int, str]] = {
+UMOUNT_FLAGS: Final[Mapping[int, str]] = {MNT_FORCE: "MNT_FORCE", MNT_DETACH: "MNT_DETACH"}
+RESOLVE_FLAGS: Final[Mapping[int, str]] = {
     RESOLVE_NO_XDEV: "RESOLVE_NO_XDEV",
     RESOLVE_NO_MAGICLINKS: "RESOLVE_NO_MAGICLINKS",
     RESOLVE_NO_SYMLINKS: "RESOLVE_NO_SYMLINKS",
@@ -159,10 +135,9 @@ _HINTS: Final[Mapping[tuple[str, int], str]] = {
     ),
     ("unshare", errno.EINVAL): (
         "unshare(CLONE_NEWUSER) fails in a multi-threaded process: namespaces are set up by "
-        "the single-threaded sandbox.helper, never by the daemon"
+        "the single-threaded sandbox runner and helpers, never by the daemon"
     ),
     ("unshare", errno.ENOSPC): "the namespace limit is reached (sysctl user.max_*_namespaces)",
-    ("setns", errno.EINVAL): "setns(CLONE_NEWUSER) fails in a multi-threaded process",
     ("mount", errno.EPERM): (
         "mounting needs CAP_SYS_ADMIN in the user namespace owning the mount namespace"
     ),
@@ -230,17 +205,12 @@ def _bytes(path: Path | str | None) -> bytes | None:
 
 def unshare(flags: int) -> None:
     """unshare(2): move the calling (single-threaded) process into new namespaces."""
-    _check(_libc.unshare(flags), "unshare", flags=format_flags(flags, _NAMESPACE_FLAGS))
+    _check(_libc.unshare(flags), "unshare", flags=format_flags(flags, NAMESPACE_FLAGS))
 
 
 def syncfs(fd: int) -> None:
     """syncfs(2): write out the file system that ``fd`` lives on."""
     _check(_libc.syncfs(fd), "syncfs")
-
-
-def setns(fd: int, nstype: int = 0) -> None:
-    """setns(2): join the namespace that ``fd`` (a /proc/PID/ns/* file) refers to."""
-    _check(_libc.setns(fd, nstype), "setns", flags=format_flags(nstype, _NAMESPACE_FLAGS))
 
 
 def mount(
@@ -254,45 +224,20 @@ def mount(
     result = _libc.mount(
         _bytes(source), _bytes(target), _bytes(fstype), ctypes.c_ulong(flags), _bytes(data)
     )
-    shown = format_flags(flags, _MOUNT_FLAGS) + (f" type {fstype}" if fstype else "")
+    shown = format_flags(flags, MOUNT_FLAGS) + (f" type {fstype}" if fstype else "")
     _check(result, "mount", target, shown)
 
 
 def umount2(target: Path | str, flags: int = 0) -> None:
     """umount2(2)."""
     result = _libc.umount2(_bytes(target), flags)
-    _check(result, "umount2", target, format_flags(flags, _UMOUNT_FLAGS))
-
-
-def pivot_root(new_root: Path | str, put_old: Path | str) -> None:
-    """pivot_root(2); with ``"."``, ``"."`` the old root ends up stacked under the new one."""
-    _check(_libc.pivot_root(_bytes(new_root), _bytes(put_old)), "pivot_root", new_root)
-
-
-def sethostname(name: str) -> None:
-    """sethostname(2) in the current UTS namespace."""
-    raw = name.encode()
-    _check(_libc.sethostname(raw, len(raw)), "sethostname", flags=name)
-
-
-def ioctl(fd: int, request: int, arg: bytes) -> bytes:
-    """ioctl(2) with a buffer argument; returns the buffer as the kernel left it."""
-    try:
-        return fcntl.ioctl(fd, request, arg)
-    except OSError as exc:
-        raise oserror(exc, syscall="ioctl", flags=hex(request)) from exc
+    _check(result, "umount2", target, format_flags(flags, UMOUNT_FLAGS))
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     """prctl(2) with integer arguments."""
     args = (ctypes.c_ulong(a) for a in (arg2, arg3, arg4, arg5))
     return _check(_libc.prctl(option, *args), "prctl", flags=str(option))
-
-
-def ptrace(request: int, pid: int = 0, data: int = 0) -> None:
-    """ptrace(2) for the requests that take no address (TRACEME, CONT, DETACH)."""
-    result = _libc.ptrace(ctypes.c_long(request), ctypes.c_long(pid), None, ctypes.c_long(data))
-    _check(result, "ptrace", flags=str(request))
 
 
 class _OpenHow(ctypes.Structure):
@@ -313,29 +258,4 @@ def openat2(dirfd: int, path: Path | str, flags: int, resolve: int, mode: int = 
         ctypes.byref(how),
         ctypes.c_size_t(ctypes.sizeof(how)),
     )
-    return _check(result, "openat2", path, format_flags(resolve, _RESOLVE_FLAGS))
-
-
-class _CapHeader(ctypes.Structure):
-    # struct __user_cap_header_struct, <linux/capability.h>
-    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
-
-
-class _CapData(ctypes.Structure):
-    # struct __user_cap_data_struct, <linux/capability.h> (two of them for version 3)
-    _fields_ = (
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    )
-
-
-def capset(effective: int, permitted: int, inheritable: int) -> None:
-    """capset(2) for the calling thread; the sets are 64-bit masks of CAP_* bits."""
-    header = _CapHeader(version=_LINUX_CAPABILITY_VERSION_3, pid=0)
-    data = (_CapData * 2)()
-    for i in range(2):
-        data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
-        data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
-        data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
-    _check(_libc.capset(ctypes.byref(header), data), "capset", flags=hex(effective))
+    return _check(result, "openat2", path, format_flags(resolve, RESOLVE_FLAGS))

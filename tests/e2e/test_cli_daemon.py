@@ -191,23 +191,6 @@ def test_cli_daemon_rm_and_gc(served: Served, tmp_path: Path) -> None:
     assert served.ctl("snapshot", "gc").returncode == 0
 
 
-def test_cli_daemon_replaces_a_dead_fork_server(served: Served) -> None:
-    def forkservers() -> list[psutil.Process]:
-        daemon = psutil.Process(served.daemon.proc.pid)
-        return [p for p in daemon.children(recursive=True) if "--serve" in " ".join(p.cmdline())]
-
-    (old,) = forkservers()
-    old.kill()
-    old.wait(10)
-    # The exec that finds it dead fails with that error; the next ones run again.
-    first = served.run(served.amd64, "sh", "-c", "true")
-    assert first.returncode == int(ExitArea.FAILURE)
-    assert "sandbox fork server is gone" in first.stderr
-    for _ in range(2):
-        again = served.run(served.amd64, "sh", "-c", "uname -m")
-        assert (again.returncode, again.stdout) == (0, "x86_64\n"), again.stderr
-
-
 def test_cli_daemon_unreachable_names_the_fix(tmp_path: Path) -> None:
     done = subprocess.run(
         [str(tool("runtimectl")), "platforms", "--socket", str(tmp_path / "none.sock")],

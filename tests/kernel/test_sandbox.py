@@ -1,7 +1,7 @@
-"""The sandbox end to end on the real kernel: the real helper over a busybox root.
+"""The sandbox end to end on the real kernel: the native runner over a busybox root.
 
 Each test builds a root from the cached static busybox, prepares a run with a snapshot source
-over that directory, and runs it through ``sandbox.launch`` (the helper is a subprocess; no
+over that directory, and runs it through ``sandbox.launch`` (the runner is a subprocess; no
 namespace work happens inside pytest).
 """
 
@@ -23,16 +23,15 @@ from binfmt.platform import Platform
 from binfmt.report import PlatformReport
 from runtimed.errors import Json, KernelError, SandboxError
 from sandbox.launch import (
-    ForkServer,
     OutputChunk,
     PreparedRun,
     RunResult,
     Stream,
     open_execution,
-    open_forkserver,
     open_run,
     prepare_run,
 )
+from sandbox.plan import BindMount
 from sandbox.spec import ExecSpec
 from tests.support import busybox, require, require_root
 
@@ -202,6 +201,18 @@ async def test_sandbox_isolation_default_profile(source: DirectorySource) -> Non
     assert lines[9] == "ptmx"  # a new devpts instance, empty but for ptmx
 
 
+async def test_sandbox_command_gets_only_stdio_and_default_signals(
+    source: DirectorySource,
+) -> None:
+    # Nothing of the launcher's or the runner's leaks into the command: no other descriptor
+    # (the status pipe would let it forge its own report) and no ignored signal (the Python
+    # launcher ignores SIGPIPE; inherited, it would change how pipelines end).
+    out = await run_in_sandbox(source, ["ls", "/proc/self/fd"], NATIVE_REPORT)
+    assert out.stdout.split() == ["0", "1", "2", "3"]  # 3: the directory ls reads
+    out = await run_in_sandbox(source, ["grep", "Sig[IB]", "/proc/self/status"], NATIVE_REPORT)
+    assert out.stdout.split() == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16]
+
+
 async def test_sandbox_host_network_sees_host_interfaces(source: DirectorySource) -> None:
     out = await run_in_sandbox(source, ["ls", "/sys/class/net"], NATIVE_REPORT, network="host")
     assert sorted(out.stdout.split()) == sorted(os.listdir("/sys/class/net"))
@@ -334,14 +345,14 @@ async def test_sandbox_stdin_env_cwd_and_commit(source: DirectorySource) -> None
     assert not list((source.scratch / "runs").iterdir())  # run directory removed
 
 
-async def test_sandbox_nothing_left_after_helper_sigkill(source: DirectorySource) -> None:
+async def test_sandbox_nothing_left_after_runner_sigkill(source: DirectorySource) -> None:
     spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo up; sleep 987653"]})
     async with open_run(spec, source, NATIVE_REPORT) as execution:
         async for chunk in execution.output:
             assert chunk.data == b"up\n"
             cgroup_dirs = list(execution.group.dirs)
-            helper = min(execution.group.pids())  # the outer helper started first
-            os.kill(helper, 9)
+            (runner,) = psutil.Process().children()  # the runner, started by this process
+            runner.kill()
         result = await execution.wait()
         run_dir = execution.prepared.run_dir
     assert result.signal == 9
@@ -385,28 +396,22 @@ async def test_sandbox_symlink_mount_point_is_replaced_in_the_run(
     assert (source.root / "proc").is_symlink()  # the snapshot keeps its symlink
 
 
-async def test_sandbox_concurrent_runs_share_one_fork_server(source: DirectorySource) -> None:
+async def test_sandbox_concurrent_runs_are_separate_and_reaped(source: DirectorySource) -> None:
     outcomes: dict[int, Outcome] = {}
-    async with open_forkserver() as server:
 
-        async def one(n: int) -> None:
-            spec = ExecSpec.from_json(
-                {"snapshot": "s", "args": ["sh", "-c", f"echo run{n}; echo err{n} >&2; exit {n}"]}
-            )
-            async with open_run(spec, source, NATIVE_REPORT, server=server) as execution:
-                chunks = [chunk async for chunk in execution.output]
-                outcomes[n] = Outcome(result=await execution.wait(), chunks=chunks)
+    async def one(n: int) -> None:
+        spec = ExecSpec.from_json(
+            {"snapshot": "s", "args": ["sh", "-c", f"echo run{n}; echo err{n} >&2; exit {n}"]}
+        )
+        async with open_run(spec, source, NATIVE_REPORT) as execution:
+            chunks = [chunk async for chunk in execution.output]
+            outcomes[n] = Outcome(result=await execution.wait(), chunks=chunks)
 
-        async with trio.open_nursery() as nursery:
-            for n in range(4):
-                nursery.start_soon(one, n)
-        # Every run's helper is reaped by the server when it ends: no zombie stays behind.
-        for _ in range(500):  # a zombie goes once SIGCHLD reaches the server
-            left = psutil.Process().children(recursive=True)
-            if len(left) == 1:
-                break
-            await trio.sleep(0.01)
-        assert ["sandbox.helper" in " ".join(p.cmdline()) for p in left] == [True]
+    async with trio.open_nursery() as nursery:
+        for n in range(4):
+            nursery.start_soon(one, n)
+    # Every run's runner was reaped when it ended: no zombie stays behind.
+    assert psutil.Process().children(recursive=True) == []
     for n, out in outcomes.items():
         assert (out.stdout, out.stderr, out.result.exit_code) == (f"run{n}\n", f"err{n}\n", n)
 
@@ -414,22 +419,21 @@ async def test_sandbox_concurrent_runs_share_one_fork_server(source: DirectorySo
 async def test_sandbox_each_run_gets_a_fresh_network_namespace_with_lo_up(
     source: DirectorySource,
 ) -> None:
-    # The fork server makes the next run's network namespace ahead of time: one per run,
-    # never shared, never the server's own. Runs that overlap cannot share a namespace.
+    # One network namespace per run, never shared, never the daemon's own: runs that overlap
+    # cannot share one.
     script = "ls -l /proc/self/ns/net; ifconfig lo | grep -c UP; ls /sys/class/net; sleep 0.3"
     spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", script]})
     seen: list[list[str]] = []
-    async with open_forkserver() as server:
 
-        async def one() -> None:
-            async with open_run(spec, source, NATIVE_REPORT, server=server) as execution:
-                chunks = [chunk.data async for chunk in execution.output]
-                assert (await execution.wait()).exit_code == 0
-                seen.append(b"".join(chunks).decode().splitlines())
+    async def one() -> None:
+        async with open_run(spec, source, NATIVE_REPORT) as execution:
+            chunks = [chunk.data async for chunk in execution.output]
+            assert (await execution.wait()).exit_code == 0
+            seen.append(b"".join(chunks).decode().splitlines())
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(3):
-                nursery.start_soon(one)
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(one)
     namespaces = {lines[0].rsplit(" ", 1)[-1] for lines in seen}
     assert len(namespaces) == 3
     assert os.readlink("/proc/self/ns/net") not in namespaces
@@ -465,26 +469,36 @@ async def test_sandbox_caller_cancellation_leaves_nothing_behind(
     assert not any(d.exists() for d in dirs)
 
 
-async def _drain(prepared: PreparedRun, server: ForkServer) -> RunResult:
-    async with open_execution(prepared, server) as execution:
+async def _drain(prepared: PreparedRun) -> RunResult:
+    async with open_execution(prepared) as execution:
         async for _ in execution.output:
             pass
         return await execution.wait()
 
 
-async def test_sandbox_helper_errors_come_back_as_our_errors(source: DirectorySource) -> None:
+async def test_sandbox_runner_errors_come_back_as_our_errors(source: DirectorySource) -> None:
     spec = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
     prepared = await trio.to_thread.run_sync(prepare_run, spec, source, NATIVE_REPORT)
     bogus = dataclasses.replace(
         prepared, plan=dataclasses.replace(prepared.plan, capabilities=("CAP_BOGUS",))
     )
+    # A run directory serves one mount of the overlay (its volatile work dir stays dirty).
+    other = await trio.to_thread.run_sync(prepare_run, spec, source, NATIVE_REPORT)
+    missing = BindMount(source="/nonexistent-runtimed-source", destination="/mnt/gone")
+    failing = dataclasses.replace(
+        other, plan=dataclasses.replace(other.plan, ops=(*other.plan.ops, missing))
+    )
     try:
-        async with open_forkserver() as server:
-            with pytest.raises(SandboxError, match="unknown capabilities"):
-                await _drain(bogus, server)
-            # the server refuses a request without its four fds, and keeps serving
-            with pytest.raises(SandboxError, match="expected 4 fds"):
-                await server.spawn(b"{}", [])
-            assert (await _drain(prepared, server)).exit_code == 0
+        with pytest.raises(SandboxError, match="unknown capabilities"):
+            await _drain(bogus)
+        # A step that fails in the runner names the op, the system call and the errno.
+        with pytest.raises(KernelError) as caught:
+            await _drain(failing)
+        assert caught.value.syscall == "mount"
+        assert caught.value.errno_name == "ENOENT"
+        assert caught.value.path == "/mnt/gone"
+        assert caught.value.message.startswith("bind /nonexistent-runtimed-source on /mnt/gone: ")
+        assert (await _drain(prepared)).exit_code == 0
     finally:
+        source.remove_run_dir(other.run_dir)
         source.remove_run_dir(prepared.run_dir)

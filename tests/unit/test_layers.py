@@ -4,10 +4,10 @@
   trio, psutil, pyroute2, and no project module that is not itself pure (packages' __init__
   aside), directly or lazily inside a function.
 - Modules of ``binfmt`` and ``sandbox`` import only ``runtimed.errors`` from ``runtimed``.
-- ``sandbox/helper.py`` (exec'd, single-threaded) imports only the standard library and
-  ``sandbox`` (plus the leaf ``runtimed.errors``, which every sandbox module may import and
-  which imports only the standard library); whatever project modules it pulls in import only
-  the standard library: no trio, no third-party package.
+- The exec'd, single-threaded helpers (``sandbox/layerhelper.py``, ``binfmt/helper.py``) import
+  only the standard library and their own package (plus the leaf ``runtimed.errors``, which
+  imports only the standard library); whatever project modules they pull in import only the
+  standard library: no trio, no third-party package (nothing that may start a thread).
 
 Modules are discovered afresh at collection, so files added later are checked too.
 """
@@ -29,8 +29,9 @@ BANNED_IN_PURE: Final = frozenset(
     {"os", "socket", "subprocess", "ctypes", "trio", "psutil", "pyroute2"}
 )
 ALLOWED_FROM_RUNTIMED: Final = frozenset({"runtimed.errors"})
-HELPER: Final = "sandbox.helper"
-HELPER_ALLOWED: Final = frozenset({"sandbox"}) | ALLOWED_FROM_RUNTIMED
+HELPERS: Final = ("sandbox.layerhelper", "binfmt.helper")
+# zstd: the stdlib's compression.zstd from 3.14, its backport before (a codec, no threads).
+STDLIB_TO_BE: Final = frozenset({"compression", "backports"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,15 +103,16 @@ def runtimed_violations(module: Module, known: Mapping[str, Module]) -> list[str
     return list(dict.fromkeys(found))
 
 
-def helper_violations(known: Mapping[str, Module], helper: str = HELPER) -> list[str]:
-    """Direct imports of the helper: stdlib or sandbox. Everything reachable from it through
-    project modules: stdlib or project only (no trio, no third-party)."""
+def helper_violations(known: Mapping[str, Module], helper: str) -> list[str]:
+    """Direct imports of the helper: stdlib or its own package. Everything reachable from it
+    through project modules: stdlib or project only (no trio, no third-party)."""
+    allowed = {top(helper)} | ALLOWED_FROM_RUNTIMED
     found = [
-        f"{helper}:{line} imports {name} (only the standard library and sandbox)"
+        f"{helper}:{line} imports {name} (only the standard library and {top(helper)})"
         for name, line in imported(known[helper], known)
         if top(name) not in sys.stdlib_module_names
-        and top(name) not in HELPER_ALLOWED
-        and name not in HELPER_ALLOWED
+        and top(name) not in allowed
+        and name not in allowed
     ]
     seen, todo = set(), [helper]
     while todo:
@@ -121,7 +123,7 @@ def helper_violations(known: Mapping[str, Module], helper: str = HELPER) -> list
         for name, line in imported(known[current], known):
             if name in known or top(name) in PACKAGES:
                 todo.extend(n for n in (name, name.rpartition(".")[0]) if n in known)
-            elif current != helper and top(name) not in sys.stdlib_module_names:
+            elif current != helper and top(name) not in sys.stdlib_module_names | STDLIB_TO_BE:
                 found.append(f"{current}:{line} imports {name}, reached from {helper}")
     return list(dict.fromkeys(found))
 
@@ -139,9 +141,10 @@ def test_layers_binfmt_and_sandbox_import_only_errors_from_runtimed(name: str) -
     assert runtimed_violations(MODULES[name], MODULES) == []
 
 
-def test_layers_sandbox_helper_imports_only_stdlib_and_sandbox() -> None:
-    assert HELPER in MODULES
-    assert helper_violations(MODULES) == []
+@pytest.mark.parametrize("helper", HELPERS)
+def test_layers_exec_helpers_import_only_stdlib_and_their_package(helper: str) -> None:
+    assert helper in MODULES
+    assert helper_violations(MODULES, helper) == []
 
 
 def test_layers_the_project_has_pure_modules_to_check() -> None:
@@ -202,10 +205,12 @@ def test_layers_helper_checker_follows_project_imports() -> None:
         "sandbox.plan": parse_module("sandbox.plan", "from sandbox.util import x"),
         "sandbox.util": parse_module("sandbox.util", "import trio"),
     }
-    assert helper_violations(known) == ["sandbox.util:1 imports trio, reached from sandbox.helper"]
+    assert helper_violations(known, "sandbox.helper") == [
+        "sandbox.util:1 imports trio, reached from sandbox.helper"
+    ]
     known["sandbox.helper"] = parse_module(
         "sandbox.helper", "import psutil\nfrom runtimed.errors import A, B"
     )
-    assert helper_violations(known) == [
+    assert helper_violations(known, "sandbox.helper") == [
         "sandbox.helper:1 imports psutil (only the standard library and sandbox)"
     ]

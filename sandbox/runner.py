@@ -1,0 +1,141 @@
+"""IO: start the native runner for one sandbox and turn its reports into our errors.
+
+The runner (``sandbox/native/runner.c``, built with the package as ``runtimed-runner``) does
+steps 2 to 10 of a run: namespaces, the overlay root and the plan's mounts, ``pivot_root``,
+capabilities, the command under a PID 1 of its own. It is started with ``posix_spawn`` (a
+vfork: cheap even from the daemon's large process) and gets its plan on fd 3 (a memfd) and
+the status pipe on fd 4 (``sandbox.wire``). Namespaces are never set up by the daemon itself:
+``unshare`` of some of them fails with EINVAL in a threaded process.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+from runtimed.errors import ExecFailedError, KernelError, RuntimedError, SandboxError
+from sandbox import idmap, syscalls
+from sandbox.plan import Plan
+from sandbox.wire import ExecFailed, StepFailed, encode_plan
+
+RUNNER: Final = Path(__file__).parent / "native" / "runtimed-runner"
+PLAN_FD: Final = 3
+STATUS_FD: Final = 4
+_RESTORED_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ)
+# Which flag names belong to which system call's flags argument, for error messages.
+_FLAG_NAMES: Final[Mapping[str, Mapping[int, str]]] = {
+    "mount": syscalls.MOUNT_FLAGS,
+    "umount2": syscalls.UMOUNT_FLAGS,
+    "openat2": syscalls.RESOLVE_FLAGS,
+    "unshare": syscalls.NAMESPACE_FLAGS,
+}
+
+
+def runner_path() -> Path:
+    """The built runner.
+
+    Raises:
+        SandboxError: it was not built (the package was installed without a C compiler).
+    """
+    if not os.access(RUNNER, os.X_OK):
+        raise SandboxError(
+            f"the sandbox runner {RUNNER} is missing",
+            hint="reinstall runtimed with a C compiler present (scripts/setup installs gcc)",
+        )
+    return RUNNER
+
+
+def encode(plan: Plan) -> bytes:
+    """The runner's plan bytes for ``plan``.
+
+    Raises:
+        SandboxError: the plan names an unknown capability, or cannot be encoded.
+    """
+    unknown = set(plan.capabilities) - set(syscalls.CAPABILITIES)
+    if unknown:
+        raise SandboxError(f"sandbox plan names unknown capabilities {sorted(unknown)}")
+    mask = 0
+    for name in plan.capabilities:
+        mask |= 1 << syscalls.CAPABILITIES[name]
+    maps = {"uid_map": "", "gid_map": ""}
+    if "user" in plan.namespaces:
+        # Identity-mapped: the runner's own maps are the daemon's (idmap).
+        maps = {name: idmap.identity_map(Path(f"/proc/self/{name}").read_text()) for name in maps}
+    return encode_plan(plan, capabilities=mask, **maps)
+
+
+def spawn(plan: bytes, fds: Sequence[int]) -> tuple[int, int]:
+    """Start the runner with ``fds`` (stdin, stdout, stderr, status); its PID and a pidfd.
+
+    Call it from the thread that lives as long as the runs it starts (the trio thread): the
+    runner asks the kernel to kill it when its parent thread exits (``PR_SET_PDEATHSIG``).
+    The caller reaps it (``os.waitpid``) once the pidfd is readable.
+
+    Raises:
+        SandboxError: the runner is missing or could not be started.
+    """
+    path = runner_path()
+    memfd = os.memfd_create("runtimed-plan", os.MFD_CLOEXEC)
+    try:
+        os.write(memfd, plan)
+        os.lseek(memfd, 0, os.SEEK_SET)
+        actions = [
+            (os.POSIX_SPAWN_DUP2, fd, target)
+            for fd, target in zip((*fds, memfd), (0, 1, 2, STATUS_FD, PLAN_FD), strict=True)
+        ]
+        try:
+            pid = os.posix_spawn(
+                path,
+                [path.name, str(os.getpid())],
+                {},
+                file_actions=actions,
+                setsigdef=_RESTORED_SIGNALS,  # Python ignores them; the command must not
+            )
+        except OSError as exc:
+            raise SandboxError(f"cannot start the sandbox runner {path}: {exc}") from exc
+    finally:
+        os.close(memfd)
+    try:
+        return pid, os.pidfd_open(pid)
+    except OSError as exc:  # never: the child stays a zombie until reaped
+        raise SandboxError(f"pidfd_open of the sandbox runner {pid}: {exc}") from exc
+
+
+def step_error(failure: StepFailed, plan: Plan) -> RuntimedError:
+    """The error a failed set-up step stands for, naming the plan op it was applying."""
+    if failure.syscall == "plan":
+        return SandboxError("the sandbox runner refused its plan as malformed")
+    names = _FLAG_NAMES.get(failure.syscall)
+    if failure.flags is None:
+        flags = None
+    elif names is not None:
+        flags = syscalls.format_flags(failure.flags, names)
+    else:
+        flags = str(failure.flags)
+    error = syscalls.kernel_error(
+        failure.errno, syscall=failure.syscall, path=failure.path, flags=flags
+    )
+    if failure.op is None or not 0 <= failure.op < len(plan.ops):
+        return error
+    op = plan.ops[failure.op]
+    return KernelError(
+        f"{op.describe()}: {error.message}",
+        syscall=error.syscall,
+        errno_name=error.errno_name,
+        path=op.destination,
+        flags=error.flags,
+        hint=error.hint,
+    )
+
+
+def exec_error(failure: ExecFailed, plan: Plan) -> ExecFailedError:
+    """The error of an ``execve`` that failed (not found in ``PATH``, not executable...)."""
+    name = errno.errorcode.get(failure.errno, str(failure.errno))
+    return ExecFailedError(
+        f"exec {plan.argv[0]}: {name} ({os.strerror(failure.errno)})",
+        details={"argv0": plan.argv[0], "errno": name, "path": dict(plan.env).get("PATH")},
+    )
