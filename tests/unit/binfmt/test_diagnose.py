@@ -63,7 +63,7 @@ def _facts(
     return replace(facts, **changes)  # type: ignore[arg-type]
 
 
-def _checks(facts: BinfmtFacts) -> dict[str, str | None]:
+def _diagnose(facts: BinfmtFacts) -> Diagnosis:
     report = build_report(
         host=facts.host,
         native=facts.native,
@@ -72,7 +72,11 @@ def _checks(facts: BinfmtFacts) -> dict[str, str | None]:
         entries=facts.entries,
         probes=facts.probes,
     )
-    diagnosis = diagnose(facts, report)
+    return diagnose(facts, report)
+
+
+def _checks(facts: BinfmtFacts) -> dict[str, str | None]:
+    diagnosis = _diagnose(facts)
     return {f.check: f.fix for f in diagnosis.findings if f.severity is not Severity.INFO}
 
 
@@ -252,15 +256,7 @@ def _diagnosis() -> Diagnosis:
         per_userns_binfmt=None,
         per_userns_reason="no probe",
     )
-    report = build_report(
-        host=facts.host,
-        native=facts.native,
-        native_source=NATIVE_BY_PROBE,
-        platforms=[Platform("linux", "amd64"), I386, ARM64],
-        entries=facts.entries,
-        probes=facts.probes,
-    )
-    return diagnose(facts, report)
+    return _diagnose(facts)
 
 
 def test_diagnose_diagnosis_json_round_trip() -> None:
