@@ -142,16 +142,16 @@ class DaemonBackend:
     # --- snapshots ------------------------------------------------------------------------
 
     async def import_snapshot(
-        self, fd: int, *, platform: str | None, progress: ProgressSink
+        self, fd: int, *, platform: str | None, source: str | None, progress: ProgressSink
     ) -> dict[str, Json]:
         def report(line: str) -> None:
             trio.from_thread.run(progress, {"message": line})
 
         def run() -> dict[str, Json]:
             store = self.store
-            name = client_source_name(fd)
-            with readable_source(fd, store.staging_dir) as source:
-                info = store.import_source(source, platform=platform, progress=report, name=name)
+            name = source or client_source_name(fd)
+            with readable_source(fd, store.staging_dir) as path:
+                info = store.import_source(path, platform=platform, progress=report, name=name)
                 return info.to_json()
 
         return await trio.to_thread.run_sync(run)

@@ -209,15 +209,20 @@ class Client:
         fd: int,
         *,
         platform: str | None = None,
+        source: str | None = None,
         progress: Callable[[dict[str, Json]], Awaitable[None]] | None = None,
     ) -> dict[str, Json]:
         """Import from an open file or pipe (the descriptor is passed, not the path).
 
-        ``progress`` receives the daemon's progress objects while it works.
+        ``source`` is what the snapshot records as its origin (see
+        :func:`runtimed.interface.is_source_name`); ``progress`` receives the daemon's
+        progress objects while it works.
         """
         params: dict[str, Json] = {"fileDescriptor": 0}
         if platform is not None:
             params["platform"] = platform
+        if source is not None:
+            params["source"] = source
         async with self.open_stream("io.runtimed.ImportSnapshot", params, fds=[fd]) as replies:
             async for reply, continues in replies:
                 if not continues:
@@ -400,8 +405,10 @@ class SyncClient:
     def uninstall_emulators(self, platforms: Sequence[str] | None = None) -> dict[str, Json]:
         return self._run(lambda c: c.uninstall_emulators(platforms))
 
-    def import_snapshot(self, fd: int, *, platform: str | None = None) -> dict[str, Json]:
-        return self._run(lambda c: c.import_snapshot(fd, platform=platform))
+    def import_snapshot(
+        self, fd: int, *, platform: str | None = None, source: str | None = None
+    ) -> dict[str, Json]:
+        return self._run(lambda c: c.import_snapshot(fd, platform=platform, source=source))
 
     def list_snapshots(self) -> list[Json]:
         return self._run(lambda c: c.list_snapshots())

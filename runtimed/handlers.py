@@ -26,7 +26,12 @@ from runtimed.errors import (
     MethodNotFoundError,
     PermissionDeniedError,
 )
-from runtimed.interface import SERVICE_DESCRIPTION, SERVICE_INTERFACE
+from runtimed.interface import (
+    MAX_SOURCE_NAME,
+    SERVICE_DESCRIPTION,
+    SERVICE_INTERFACE,
+    is_source_name,
+)
 from runtimed.server import Handler, Request
 
 log = logging.getLogger(__name__)
@@ -54,8 +59,10 @@ class Backend(Protocol):
     async def uninstall_emulators(self, platforms: list[str] | None) -> dict[str, Json]: ...
 
     async def import_snapshot(
-        self, fd: int, *, platform: str | None, progress: ProgressSink
-    ) -> dict[str, Json]: ...
+        self, fd: int, *, platform: str | None, source: str | None, progress: ProgressSink
+    ) -> dict[str, Json]:
+        """``source``: the client's name for what it sends, to record (None: the daemon's)."""
+        ...
 
     async def list_snapshots(self) -> list[Json]: ...
 
@@ -100,6 +107,16 @@ def _string(params: Mapping[str, Json], name: str) -> str:
 
 def _optional_string(params: Mapping[str, Json], name: str) -> str | None:
     return None if params.get(name) is None else _string(params, name)
+
+
+def _source_name(params: Mapping[str, Json]) -> str | None:
+    value = _optional_string(params, "source")
+    if value is not None and not is_source_name(value):
+        raise InvalidParamsError(
+            f"source must be printable and at most {MAX_SOURCE_NAME} characters",
+            details={"parameter": "source"},
+        )
+    return value
 
 
 def _strings(params: Mapping[str, Json], name: str) -> list[str]:
@@ -182,13 +199,16 @@ def method_table(
 
     async def import_snapshot(request: Request) -> dict[str, Json]:
         platform = _optional_string(request.parameters, "platform")
+        source = _source_name(request.parameters)
         fd = request.take_fd("fileDescriptor")
         try:
 
             async def progress(state: Mapping[str, Json]) -> None:
                 await request.progress({"progress": dict(state)})
 
-            snapshot = await backend.import_snapshot(fd, platform=platform, progress=progress)
+            snapshot = await backend.import_snapshot(
+                fd, platform=platform, source=source, progress=progress
+            )
         finally:
             os.close(fd)
         return {"snapshot": snapshot}

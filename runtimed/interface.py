@@ -27,6 +27,8 @@ SERVICE_INVALID_PARAMETER: Final = f"{SERVICE_INTERFACE}.InvalidParameter"
 SERVICE_METHOD_NOT_FOUND: Final = f"{SERVICE_INTERFACE}.MethodNotFound"
 SERVICE_INTERFACE_NOT_FOUND: Final = f"{SERVICE_INTERFACE}.InterfaceNotFound"
 SERVICE_METHOD_NOT_IMPLEMENTED: Final = f"{SERVICE_INTERFACE}.MethodNotImplemented"
+# ImportSnapshot's source: a label the daemon records and shows, never a path it opens.
+MAX_SOURCE_NAME: Final = 4096
 
 SERVICE_DESCRIPTION: Final = """\
 # The Varlink Service Interface is provided by every varlink service. It
@@ -59,6 +61,12 @@ error MethodNotImplemented (method: string)
 # One of the passed parameters is invalid.
 error InvalidParameter (parameter: string)
 """
+
+
+def is_source_name(text: str) -> bool:
+    """Whether ``text`` may be sent as ImportSnapshot's ``source``: non-empty, printable (no
+    control characters that could forge lines in a listing or a log) and bounded."""
+    return 0 < len(text) <= MAX_SOURCE_NAME and text.isprintable()
 
 
 def error_reply(

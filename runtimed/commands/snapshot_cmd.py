@@ -9,8 +9,10 @@ the root daemon never opens a path we name:
   anonymous temporary file (``$TMPDIR``) first, which is then passed: a tree that cannot be
   read completely fails here, before the daemon sees anything, instead of arriving as a
   truncated stream the daemon would import. The daemon sniffs what it got (tarball, OCI
-  layout tar), as it does for any file. The tar is the layer format, so a 0/0 character
-  device (overlayfs' whiteout) in the tree becomes an OCI whiteout, which a first layer drops.
+  layout tar), as it does for any file, and records as the snapshot's source the absolute
+  path the user named (ImportSnapshot's ``source``, sent when it is printable). The tar is
+  the layer format, so a 0/0 character device (overlayfs' whiteout) in the tree becomes an
+  OCI whiteout, which a first layer drops.
 - ``export -o PATH`` creates PATH itself (``O_EXCL``: an existing PATH is a usage error) and
   passes it for writing. ``--format oci`` writes an OCI layout *directory* at PATH unless PATH
   ends in ``.tar``: the daemon writes the layout as a tar into a temporary file next to PATH,
@@ -37,6 +39,7 @@ from typing import IO, Any, Final
 from runtimed.client import Client
 from runtimed.commands.options import add_state_dir_argument
 from runtimed.errors import Json, RpcError, SnapshotError, UsageError
+from runtimed.interface import is_source_name
 from runtimed.session import add_session_arguments, run_session
 from sandbox import fstree, layertar
 from sandbox.store import ExportFormat, Store
@@ -261,11 +264,17 @@ def open_import_source(source: Path) -> Iterator[IO[bytes]]:
 
 def _import(args: argparse.Namespace) -> int:
     progress = _Progress()
+    # The daemon sees only a descriptor (an anonymous spool file for a directory): tell it
+    # what the user named, when the name can travel (printable, not too long).
+    name = str(args.source.absolute())
     with open_import_source(args.source) as source:
 
         async def call(client: Client) -> dict[str, Json]:
             return await client.import_snapshot(
-                source.fileno(), platform=args.platform, progress=progress
+                source.fileno(),
+                platform=args.platform,
+                source=name if is_source_name(name) else None,
+                progress=progress,
             )
 
         try:

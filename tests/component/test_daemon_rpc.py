@@ -64,7 +64,7 @@ class FakeBackend:
         return {"changes": [], "report": {}}
 
     async def import_snapshot(
-        self, fd: int, *, platform: str | None, progress: ProgressSink
+        self, fd: int, *, platform: str | None, source: str | None, progress: ProgressSink
     ) -> dict[str, Json]:
         raise AssertionError("descriptors do not pass over memory streams")
 
@@ -235,6 +235,10 @@ async def test_daemon_rpc_internal_error_is_logged_not_sent(
         ("io.runtimed.InstallEmulators", {"force": "yes"}, "force"),
         ("io.runtimed.Exec", {"spec": []}, "spec"),
         ("io.runtimed.ImportSnapshot", {"fileDescriptor": 0}, "fileDescriptor"),
+        # Checked before the descriptor is taken: a label, never a path, of bounded length.
+        ("io.runtimed.ImportSnapshot", {"fileDescriptor": 0, "source": 5}, "source"),
+        ("io.runtimed.ImportSnapshot", {"fileDescriptor": 0, "source": "a\nb"}, "source"),
+        ("io.runtimed.ImportSnapshot", {"fileDescriptor": 0, "source": "x" * 4097}, "source"),
         ("io.runtimed.ExportSnapshot", {"ids": []}, "ids"),
         ("io.runtimed.ExportSnapshot", {"ids": ["s1"], "format": "zip"}, "format"),
         ("io.runtimed.CollectGarbage", {"all": True}, "all"),

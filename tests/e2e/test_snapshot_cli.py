@@ -39,11 +39,16 @@ def test_snapshot_cli_import_ls_inspect_export_rm(tmp_path: Path) -> None:
         "linux/s390x",
         "detected from /bin/busybox",
     )
+    assert info["source"] == str(tarball)
     plain = _ctl(state, "import", tarball)
     assert plain.stdout.splitlines() == [
         info["id"],
         "platform: linux/s390x (detected from /bin/busybox)",
     ]
+    # A directory reaches the daemon as an anonymous tar; runtimectl names its source.
+    from_dir = _ctl(state, "import", tmp_path / "root", "--json")
+    assert from_dir.returncode == 0, from_dir.stderr
+    assert json.loads(from_dir.stdout)["source"] == str(tmp_path / "root")
 
     listed = _ctl(state, "ls")
     assert info["id"][7:19] in listed.stdout

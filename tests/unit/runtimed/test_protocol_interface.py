@@ -20,9 +20,11 @@ from runtimed.errors import (
     all_error_classes,
 )
 from runtimed.interface import (
+    MAX_SOURCE_NAME,
     SERVICE_DESCRIPTION,
     error_from_reply,
     error_reply,
+    is_source_name,
 )
 
 DESCRIPTION = resources.files("runtimed").joinpath("io.runtimed.varlink").read_text()
@@ -55,6 +57,32 @@ def test_protocol_interface_declares_every_error_the_daemon_can_send() -> None:
 def test_protocol_interface_declares_methods_and_types() -> None:
     assert {"GetPlatforms", "Exec", "ImportSnapshot"} <= declared("method")
     assert "Stream" in declared("type")
+
+
+def test_protocol_interface_import_source_is_optional() -> None:
+    found = re.search(r"^method ImportSnapshot\(([^)]*)\)", DESCRIPTION, re.MULTILINE)
+    assert found is not None
+    parameters = [p.strip() for p in found.group(1).split(",")]
+    assert parameters == ["fileDescriptor: int", "platform: ?string", "source: ?string"]
+    assert f"at most {MAX_SOURCE_NAME} characters" in DESCRIPTION
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ("/home/me/rootfs", True),
+        ("build step 3: café", True),
+        ("x" * MAX_SOURCE_NAME, True),
+        ("", False),
+        ("x" * (MAX_SOURCE_NAME + 1), False),
+        ("a\nforged line", False),
+        ("tab\there", False),
+        ("esc\x1b[2J", False),
+        ("nul\x00", False),
+    ],
+)
+def test_protocol_interface_source_name(text: str, valid: bool) -> None:
+    assert is_source_name(text) is valid
 
 
 @pytest.mark.parametrize(
