@@ -119,7 +119,11 @@ class _Decoder:
             self.raw_hash.update(self._input)
         self._decoder: _Decompressor | None = None
         self.queue: queue.Queue[_Item] = queue.Queue(_QUEUE_CHUNKS)
-        self.hash_queue: queue.Queue[bytes | None] = queue.Queue(_QUEUE_CHUNKS)
+        # (hash, data) pairs for the hasher thread; both digests are computed there, which
+        # keeps the decoder (the slowest stage for zstd) doing nothing but read and decode.
+        self.hash_queue: queue.Queue[tuple[hashlib._Hash, bytes] | None] = queue.Queue(
+            2 * _QUEUE_CHUNKS
+        )
         self.stopped = threading.Event()
 
     @property
@@ -137,7 +141,7 @@ class _Decoder:
 
     def _read_compressed(self) -> bytes:
         data = self._read_raw()
-        self.raw_hash.update(data)
+        self._put(self.hash_queue, (self.raw_hash, data))
         return data
 
     def invalid(self, why: str) -> InvalidArchiveError:
@@ -201,7 +205,7 @@ class _Decoder:
                         f"{self.name}: more than {self._limits.max_bytes} uncompressed bytes",
                         details={"blob": self.name, "limit": "max_bytes"},
                     )
-                self._put(self.hash_queue, item)
+                self._put(self.hash_queue, (self.hash, item))
                 self._put(self.queue, item)
         except BaseException as exc:  # handed to the consumer, which raises it
             item = exc
@@ -209,9 +213,10 @@ class _Decoder:
         self._put(self.queue, item)
 
     def hash_all(self) -> None:
-        """Hasher thread: sha256 runs beside decompression, as a third stage of the pipe."""
-        while (chunk := self.hash_queue.get()) is not None:
-            self.hash.update(chunk)
+        """Hasher thread: both sha256 digests (compressed bytes and diff_id) run beside
+        decompression, as a third stage of the pipe."""
+        while (item := self.hash_queue.get()) is not None:
+            item[0].update(item[1])
 
     def _put(self, into: queue.Queue[_T], item: _T) -> None:
         while not self.stopped.is_set():
