@@ -7,12 +7,15 @@ tar.gz / tar.zst archives under /var/cache/runtimed-tests; later runs reuse them
 
 Every number is the median of ``--runs`` runs, each into a fresh directory on the same file
 system as the comparison; our import includes its ``syncfs`` (GNU tar does not sync; the
-"tar+sync" row adds one ``sync -f`` so both end with data on disk).
+"tar+sync" row adds one ``sync -f`` so both end with data on disk). The three are run in
+turn within each round and a ratio is the median of the per-round ratios, so that a load
+spike on a shared machine hits all of them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
@@ -58,19 +61,22 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def median_of(runs: int, setup: Callable[[], Path], action: Callable[[Path], object]) -> float:
-    times = []
+def rounds(runs: int, base: Path, actions: list[Callable[[Path], object]]) -> list[list[float]]:
+    """Seconds per round for each action, the actions taking turns within a round, each in a
+    fresh directory under ``base``."""
+    times: list[list[float]] = [[] for _ in actions]
     for _ in range(runs):
-        where = setup()
-        try:
-            times.append(timed(lambda w=where: action(w)))  # type: ignore[misc]
-        finally:
-            shutil.rmtree(where, ignore_errors=True)
-    return statistics.median(times)
+        for action, spent in zip(actions, times, strict=True):
+            where = Path(tempfile.mkdtemp(dir=base))
+            try:
+                spent.append(timed(functools.partial(action, where)))
+            finally:
+                shutil.rmtree(where, ignore_errors=True)
+    return times
 
 
-def fresh(base: Path) -> Callable[[], Path]:
-    return lambda: Path(tempfile.mkdtemp(dir=base))
+def paired_ratio(ours: list[float], reference: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(ours, reference, strict=True))
 
 
 def gnu_tar(archive: Path, flags: list[str], sync: bool) -> Callable[[Path], None]:
@@ -90,9 +96,9 @@ def our_import(archive: Path) -> Callable[[Path], None]:
     return run
 
 
-def row(name: str, seconds: float, reference: float | None = None) -> None:
-    ratio = f"{seconds / reference:6.2f}x" if reference else ""
-    print(f"  {name:<34} {seconds * 1000:10.1f} ms  {ratio}")
+def row(name: str, seconds: float, ratio: float | None = None) -> None:
+    shown = f"{ratio:6.2f}x" if ratio is not None else ""
+    print(f"  {name:<34} {seconds * 1000:10.1f} ms  {shown}")
 
 
 def main() -> int:
@@ -116,13 +122,27 @@ def main() -> int:
             for kind, archive in archives.items():
                 flags = ARCHIVES[kind]
                 print(f"\nimport {kind} on {fs_name} (median of {args.runs})")
-                tar = median_of(args.runs, fresh(base), gnu_tar(archive, flags, sync=False))
-                tar_sync = median_of(args.runs, fresh(base), gnu_tar(archive, flags, sync=True))
-                ours = median_of(args.runs, fresh(base), our_import(archive))
-                row("GNU tar -x", tar)
-                row("GNU tar -x + sync -f", tar_sync)
-                row("runtimed import (incl. syncfs)", ours, tar)
-                row("  ... against tar + sync", ours, tar_sync)
+                tar, tar_sync, ours = rounds(
+                    args.runs,
+                    base,
+                    [
+                        gnu_tar(archive, flags, sync=False),
+                        gnu_tar(archive, flags, sync=True),
+                        our_import(archive),
+                    ],
+                )
+                row("GNU tar -x", statistics.median(tar))
+                row("GNU tar -x + sync -f", statistics.median(tar_sync))
+                row(
+                    "runtimed import (incl. syncfs)",
+                    statistics.median(ours),
+                    paired_ratio(ours, tar),
+                )
+                row(
+                    "  ... against tar + sync",
+                    statistics.median(ours),
+                    paired_ratio(ours, tar_sync),
+                )
 
         print(f"\nrepeated import and views (on disk, median of {max(args.runs, 10)})")
         state = Path(tempfile.mkdtemp(dir=disk))
@@ -145,7 +165,7 @@ def main() -> int:
             row(
                 "view (mount, incl. mount(8) exec)",
                 statistics.median(view_times),
-                statistics.median(copy_times),
+                statistics.median(view_times) / statistics.median(copy_times),
             )
             store.remove(info.id)
     finally:
