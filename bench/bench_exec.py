@@ -10,9 +10,9 @@ turn, for the same command; the table shows per-exec medians and the median of t
 per-round ratios ours/peer (below 1.0: we are faster).
 
 Ours is measured the way the daemon runs it: ``sandbox.launch.open_run`` from a live trio
-process, which starts the native runner per run: snapshot lookup, mode decision, cgroups,
-overlay and mounts, output read, result with the execution report, run directory and cgroups
-removed.
+process with a pool of runners (``open_runners``: a spare runner started ahead, already in
+fresh cgroups; clean-up in the background): snapshot lookup, mode decision, limits, overlay
+and mounts, output read, result with the execution report.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import trio
 from binfmt.detect import platform_report
 from binfmt.report import PlatformReport
 from runtimed.errors import Json
-from sandbox.launch import open_run
+from sandbox.launch import Runners, open_run, open_runners
 from sandbox.spec import ExecSpec
 from sandbox.store import Store
 
@@ -109,10 +109,12 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-async def run_ours(store: Store, snapshot: str, argv: list[str], report: PlatformReport) -> float:
+async def run_ours(
+    runners: Runners, store: Store, snapshot: str, argv: list[str], report: PlatformReport
+) -> float:
     spec = ExecSpec.from_json({"snapshot": snapshot, "args": list[Json](argv)})
     start = time.perf_counter()
-    async with open_run(spec, store, report) as execution:
+    async with open_run(spec, store, report, runners=runners) as execution:
         async for _ in execution.output:
             pass
         result = await execution.wait()
@@ -127,7 +129,8 @@ async def inner(args: argparse.Namespace) -> None:
     report = platform_report(Path(args.binfmt_misc))
     store = Store(work / "state")
     snapshots = json.loads((work / "snapshots.json").read_text())
-    rows = await measure(args, store, snapshots, report, work)
+    async with open_runners() as runners:
+        rows = await measure(args, runners, store, snapshots, report, work)
     print(f"per-exec medians over {args.runs} rounds (ms); ratio = median of ours/peer per round")
     print(f"{'platform':14} {'command':9} {'ours':>7} " + " ".join(f"{p:>15}" for p in PEERS))
     for platform, label, times in rows:
@@ -145,6 +148,7 @@ Row = tuple[str, str, dict[str, list[float]]]
 
 async def measure(
     args: argparse.Namespace,
+    runners: Runners,
     store: Store,
     snapshots: dict[str, str],
     report: PlatformReport,
@@ -162,7 +166,7 @@ async def measure(
             bundle = work / "bundles" / f"{arch}-{label.replace(' ', '_')}"
             times: dict[str, list[float]] = {"ours": [], **{p: [] for p in PEERS}}
             for _ in range(args.runs + 1):  # the first round warms caches and is dropped
-                ours = await run_ours(store, snapshots[arch], argv, report)
+                ours = await run_ours(runners, store, snapshots[arch], argv, report)
                 round_times = {"ours": ours}
                 for peer in PEERS:
                     counter += 1

@@ -23,8 +23,8 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -44,7 +44,7 @@ from runtimed.errors import (
     SnapshotError,
 )
 from runtimed.handlers import OutputSink, ProgressSink
-from sandbox.launch import RunResult, open_run
+from sandbox.launch import Runners, RunResult, open_run, open_runners
 from sandbox.spec import ExecSpec
 from sandbox.store import ExportFormat, Store
 
@@ -68,6 +68,18 @@ class DaemonBackend:
         self.config = config
         self._report: PlatformReport | None = None
         self._store: Store | None = None
+        self._runners: Runners | None = None
+
+    @asynccontextmanager
+    async def open_runners(self) -> AsyncIterator[None]:
+        """Keep a pool of sandbox runners for the daemon's lifetime: a spare started ahead of
+        the next exec, clean-ups after each exec in the background (finished on exit)."""
+        async with open_runners() as runners:
+            self._runners = runners
+            try:
+                yield
+            finally:
+                self._runners = None
 
     @contextmanager
     def open_state(self) -> Iterator[Store]:
@@ -210,7 +222,7 @@ class DaemonBackend:
         report: PlatformReport,
         output: OutputSink,
     ) -> RunResult:
-        async with open_run(request, self.store, report) as execution:
+        async with open_run(request, self.store, report, runners=self._runners) as execution:
             async for chunk in execution.output:
                 await output(str(chunk.stream), chunk.data)
             return await execution.wait()

@@ -257,7 +257,9 @@ class Daemon:
         )
         await trio.to_thread.run_sync(self.recover)
         try:
-            await self.listen_and_serve(task_status)
+            # Runners started ahead of the execs, and their clean-ups, for the daemon's life.
+            async with self.backend.open_runners():
+                await self.listen_and_serve(task_status)
         finally:
             self.state.close()
 

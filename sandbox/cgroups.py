@@ -177,7 +177,10 @@ class RunCgroup:
             )
         return path
 
-    def setup(self, *, memory: int | None, pids: int | None, cpus: float | None) -> None:
+    def setup(self, *, every_controller: bool = False) -> None:
+        """Create the directories: v2's, memory and pids (for accounting), the v1 cpuacct and
+        freezer without v2; with ``every_controller`` cpu's too, so that :meth:`limit` never
+        needs a new one (for a group joined before its limits are known)."""
         h = self.hierarchies
         if h.unified is not None:
             self._v2 = self._make(v2_parent(h))
@@ -185,6 +188,27 @@ class RunCgroup:
             with contextlib.suppress(OSError):
                 enabled = frozenset((self._v2 / "cgroup.controllers").read_text().split())
             self.hierarchies = dataclasses.replace(h, unified_controllers=enabled)
+        for controller in ("memory", "pids", *(("cpu",) if every_controller else ())):
+            self._controller_dir(controller)
+        if self._v2 is None:
+            self._controller_dir("cpuacct")
+            self._controller_dir("freezer")
+
+    def join(self, pid: int) -> None:
+        """Move process ``pid`` into every directory of the group.
+
+        Raises:
+            SandboxError: the kernel refused the move.
+        """
+        for path in self.dirs:
+            _write(path / "cgroup.procs", str(pid))
+
+    def limit(self, *, memory: int | None, pids: int | None, cpus: float | None) -> None:
+        """Apply the limits asked for.
+
+        Raises:
+            SandboxError: a limit no hierarchy can enforce, or the kernel refused it.
+        """
         if memory is not None:
             path = self._require("memory", "memory")
             if path == self._v2:
@@ -193,12 +217,8 @@ class RunCgroup:
             else:
                 _write(path / "memory.limit_in_bytes", str(memory))
                 _write_optional(path / "memory.memsw.limit_in_bytes", str(memory))
-        else:
-            self._controller_dir("memory")  # accounting for the peak
         if pids is not None:
             _write(self._require("pids", "the number of processes") / "pids.max", str(pids))
-        else:
-            self._controller_dir("pids")
         if cpus is not None:
             path = self._require("cpu", "CPU")
             quota = max(1000, int(cpus * CFS_PERIOD_US))
@@ -207,9 +227,6 @@ class RunCgroup:
             else:
                 _write(path / "cpu.cfs_period_us", str(CFS_PERIOD_US))
                 _write(path / "cpu.cfs_quota_us", str(quota))
-        if self._v2 is None:
-            self._controller_dir("cpuacct")
-            self._controller_dir("freezer")
 
     def pids(self) -> list[int]:
         """Every process of the run (host PIDs)."""
@@ -321,23 +338,6 @@ def _read_keyed(path: Path) -> dict[str, int]:
     return out
 
 
-def warm_attach_lock(h: Hierarchies) -> None:
-    """Start the RCU grace period that the first move of a process into a run's cgroup
-    waits for, ahead of time: move this process into the cgroup it is already in (a no-op).
-
-    Every write to ``cgroup.procs`` takes ``cgroup_threadgroup_rwsem`` for writing, and when
-    no write happened in the last grace period that waits for one (``percpu_down_write`` ->
-    ``rcu_sync_enter`` -> ``synchronize_rcu``: about 10 ms on a busy 2-core host). A write in
-    flight keeps the lock's fast path open for the ones that follow, so this, started in a
-    thread when a run is requested, overlaps that wait with the run's preparation. Failing
-    does no harm (the run's own move then waits as before): errors are ignored.
-    """
-    own = h.unified if h.unified is not None else next(iter(h.v1.values()), None)
-    if own is not None:
-        with contextlib.suppress(OSError):
-            (own / "cgroup.procs").write_text(str(os.getpid()))
-
-
 def create(
     name: str,
     hierarchies: Hierarchies,
@@ -345,6 +345,7 @@ def create(
     memory: int | None = None,
     pids: int | None = None,
     cpus: float | None = None,
+    every_controller: bool = False,
 ) -> RunCgroup:
     """The cgroups of a run named ``name`` in ``hierarchies`` (from :func:`detect`), limits
     applied; remove() them when done.
@@ -354,7 +355,8 @@ def create(
     """
     group = RunCgroup(hierarchies, f"runtimed-{name}")
     try:
-        group.setup(memory=memory, pids=pids, cpus=cpus)
+        group.setup(every_controller=every_controller)
+        group.limit(memory=memory, pids=pids, cpus=cpus)
     except BaseException:
         group.remove()
         raise

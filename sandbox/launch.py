@@ -34,7 +34,7 @@ import logging
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -55,7 +55,7 @@ from sandbox.mode import ExecMode, Mode, check_platform, decide
 from sandbox.plan import Plan, build_plan
 from sandbox.rootfs import LayeredRoot
 from sandbox.spec import ExecSpec, command, merge_env, resolve_user
-from sandbox.wire import ExecFailed, Exited, Started, StepFailed, parse_status
+from sandbox.wire import ExecFailed, Exited, Finished, Started, StepFailed, parse_status
 
 log = logging.getLogger(__name__)
 
@@ -413,11 +413,16 @@ class Execution:
     """A running sandbox: ``output`` yields chunks until both streams end; then ``wait()``."""
 
     def __init__(
-        self, prepared: PreparedRun, group: cgroups.RunCgroup, source: SnapshotSource | None
+        self,
+        prepared: PreparedRun,
+        group: cgroups.RunCgroup,
+        source: SnapshotSource | None,
+        runner: _Runner | None = None,
     ) -> None:
         self.prepared = prepared
         self.group = group
         self.source = source
+        self._runner = runner  # a spare already in ``group`` (Runners), else started by run()
         send, self.output = trio.open_memory_channel[OutputChunk](OUTPUT_BUFFER)
         self._send = send
         self._stop_requested = trio.Event()
@@ -428,7 +433,7 @@ class Execution:
         self._started = False
         self._command_exe: str | None = None
         self._exit: Exited | None = None
-        self._runner_pid = 0
+        self._finished = trio.Event()
         self._usage: tuple[cgroups.ResourceUsage, dict[str, int]] | None = None
         self.timed_out = False
         self.cancelled = False
@@ -471,6 +476,7 @@ class Execution:
             oom_kills=events.get("oom_kill", 0),
         )
         if self.prepared.spec.commit and code == 0 and self.source is not None:
+            await self.release()  # the overlay goes with the runner's mount namespace
             upper = self.prepared.run_dir / "upper"
             info = await trio.to_thread.run_sync(
                 self.source.commit_upper, self.prepared.snapshot_id, upper
@@ -493,8 +499,10 @@ class Execution:
         return 128 + signal.SIGKILL, signal.SIGKILL
 
     async def _supervise(self, pidfd: int) -> None:
-        """Wait for the runner to exit; on stop: SIGTERM, grace, then kill the whole tree
-        (what trio's ``deliver_cancel`` does for ``run_process``)."""
+        """Wait until the sandbox is gone: the runner reaped PID 1 (``finished``: the PID
+        namespace is empty, only the runner's own exit, which tears down the mount namespace,
+        is left) or the runner died. On stop: SIGTERM, grace, then kill the whole tree (what
+        trio's ``deliver_cancel`` does for ``run_process``)."""
         async with trio.open_nursery() as nursery:
 
             async def stop() -> None:
@@ -504,9 +512,31 @@ class Execution:
                 await trio.to_thread.run_sync(self.group.kill)
                 _pidfd_signal(pidfd, signal.SIGKILL)
 
+            async def runner_exit() -> None:
+                await trio.lowlevel.wait_readable(pidfd)
+                self._finished.set()
+
             nursery.start_soon(stop)
-            await trio.lowlevel.wait_readable(pidfd)
+            nursery.start_soon(runner_exit)
+            await self._finished.wait()
             nursery.cancel_scope.cancel()
+
+    async def release(self) -> None:
+        """Reap the runner once it has exited (its mount namespace torn down with it); one
+        still there after :data:`CLEANUP_TIMEOUT` is killed. Call it once the run ended."""
+        runner = self._runner
+        if runner is None:
+            return
+        self._runner = None
+        if runner.fds:  # a spare that never got its plan: it waits for one
+            runner.discard()
+            return
+        with trio.move_on_after(CLEANUP_TIMEOUT):
+            await trio.lowlevel.wait_readable(runner.pidfd)
+        _pidfd_signal(runner.pidfd, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            await trio.to_thread.run_sync(os.waitid, os.P_PIDFD, runner.pidfd, os.WEXITED)
+        os.close(runner.pidfd)
 
     async def _pump(
         self,
@@ -543,9 +573,10 @@ class Execution:
             self._started = True
             self._command_exe = message.exe
             self._observer.command_pid = message.pid
-            self._observer.exclude = {self._runner_pid}
         elif isinstance(message, Exited):
             self._exit = message
+        elif isinstance(message, Finished):
+            self._finished.set()
 
     async def _observe(self) -> None:
         while not self._exited.is_set():
@@ -562,69 +593,101 @@ class Execution:
         self._stop_requested.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """Start the sandbox's runner and relay everything until it has ended."""
-        plan = dataclasses.replace(self.prepared.plan, cgroups=tuple(map(str, self.group.dirs)))
+        """Hand the plan to the runner (a spare, or one started now) and relay everything
+        until the sandbox has ended. :meth:`release` reaps the runner afterwards."""
+        dirs = () if self._runner is not None else tuple(map(str, self.group.dirs))
+        plan = dataclasses.replace(self.prepared.plan, cgroups=dirs)
         if log.isEnabledFor(logging.DEBUG):  # not built on every run for nothing
             for line in plan.describe():
                 log.debug("%s", line)
         encoded = runner.encode(plan)
-        stdin_data = self.prepared.spec.stdin
-        child_fds: list[int] = []
-        ours: list[int] = []
-        try:
-            if stdin_data is None:
-                child_fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-            else:
-                stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
-                child_fds.append(stdin_r)
-                ours.append(stdin_w)
-            for _ in range(3):  # stdout, stderr, status
-                read_end, write_end = os.pipe2(os.O_CLOEXEC)
-                ours.append(read_end)
-                child_fds.append(write_end)
+        if self._runner is None:
             # From the trio thread, which lives as long as the run (the runner's PDEATHSIG).
-            self._runner_pid, pidfd = runner.spawn(encoded, child_fds)
-        except BaseException:
-            for fd in ours:
-                os.close(fd)
-            raise
-        finally:
-            for fd in child_fds:
-                os.close(fd)
-        streams = [trio.lowlevel.FdStream(fd) for fd in ours]
+            self._runner = _start_runner()
+        proc = self._runner
+        stdin, stdout, stderr, status, plan_pipe = (
+            trio.lowlevel.FdStream(fd) for fd in proc.take_fds()
+        )
         try:
-            async with trio.open_nursery() as nursery:
-                if stdin_data is not None:
-                    nursery.start_soon(_feed, streams.pop(0), stdin_data)
-                stdout, stderr, status = streams
-                nursery.start_soon(self._pump, stdout, Stream.STDOUT, self._send.clone())
-                nursery.start_soon(self._pump, stderr, Stream.STDERR, self._send.clone())
-                nursery.start_soon(self._read_status, status)
-                nursery.start_soon(self._observe)
-                if self.prepared.spec.timeout is not None:
-                    nursery.start_soon(self._enforce_timeout, self.prepared.spec.timeout)
-                self._send.close()
-                task_status.started()
-                await self._supervise(pidfd)
-                _reap(pidfd)
-                # The runner is gone: whatever is left in the cgroup dies now, so the output
-                # pipes reach EOF; the accounting is read in the same trip to a thread.
-                self._exited.set()
-                self._usage = await trio.to_thread.run_sync(self._finish_cgroup)
+            streams = (stdin, stdout, stderr, status, plan_pipe)
+            await self._relay(proc, encoded, streams, task_status)
         finally:
             self._exited.set()
             self._done.set()
-            _reap(pidfd, kill=True)
-            os.close(pidfd)
+
+    async def _relay(
+        self,
+        proc: _Runner,
+        encoded: bytes,
+        streams: tuple[trio.lowlevel.FdStream, ...],
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        stdin, stdout, stderr, status, plan_pipe = streams
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_feed, plan_pipe, encoded)
+            stdin_data = self.prepared.spec.stdin
+            if stdin_data is None:
+                await stdin.aclose()
+            else:
+                nursery.start_soon(_feed, stdin, stdin_data)
+            nursery.start_soon(self._pump, stdout, Stream.STDOUT, self._send.clone())
+            nursery.start_soon(self._pump, stderr, Stream.STDERR, self._send.clone())
+            nursery.start_soon(self._read_status, status)
+            nursery.start_soon(self._observe)
+            if self.prepared.spec.timeout is not None:
+                nursery.start_soon(self._enforce_timeout, self.prepared.spec.timeout)
+            self._send.close()
+            task_status.started()
+            await self._supervise(proc.pidfd)
+            # The sandbox is gone: whatever is left in the cgroup dies now, so the output
+            # pipes reach EOF; the accounting is read in the same trip to a thread.
+            self._exited.set()
+            self._usage = await trio.to_thread.run_sync(self._finish_cgroup)
 
 
-def _reap(pidfd: int, *, kill: bool = False) -> None:
-    """Collect the exited runner (at once: its pidfd was readable), or, with ``kill``, one
-    still running after a failure in the relay: no zombie outlives a run."""
-    if kill:
-        _pidfd_signal(pidfd, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+@dataclass(slots=True)
+class _Runner:
+    """A started runner: its PID and pidfd, and until :meth:`take_fds` the launcher's ends of
+    its stdin, stdout, stderr, status and plan pipes."""
+
+    pid: int
+    pidfd: int
+    fds: list[int]
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    def discard(self) -> None:
+        """Kill a runner that never got a plan (it waits for one) and reap it."""
+        for fd in self.take_fds():
+            os.close(fd)
+        _pidfd_signal(self.pidfd, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)  # at once: SIGKILL while it waits
+        os.close(self.pidfd)
+
+
+def _start_runner() -> _Runner:
+    """Pipes, and a runner on their other ends waiting for its plan; call from the trio
+    thread (see :func:`sandbox.runner.spawn`)."""
+    ours: list[int] = []
+    theirs: list[int] = []
+    try:
+        for child_reads in (True, False, False, False, True):  # stdin out err status plan
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            ours.append(write_end if child_reads else read_end)
+            theirs.append(read_end if child_reads else write_end)
+        stdin, stdout, stderr, status, plan = theirs
+        pid, pidfd = runner.spawn([stdin, stdout, stderr, status], plan)
+    except BaseException:
+        for fd in ours:
+            os.close(fd)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
+    return _Runner(pid=pid, pidfd=pidfd, fds=ours)
 
 
 def _pidfd_signal(pidfd: int, signum: int) -> None:
@@ -657,39 +720,144 @@ async def _single_errors() -> AsyncIterator[None]:
         raise
 
 
+class Runners:
+    """Runs started ahead of their requests, and their clean-up taken off their path.
+
+    One spare runner waits for its plan, already in a fresh set of cgroups (every controller,
+    no limits yet): moving a process into a cgroup waits for an RCU grace period (milliseconds)
+    unless a move is in flight, and a run that takes the spare pays neither that nor the
+    runner's start; its limits are written when the request comes. After a run, reaping the
+    runner (whose exit tears down the mount namespace) and removing the run directory and
+    cgroups happen here, in the background. Open with :func:`open_runners`.
+    """
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._spare: tuple[_Runner, cgroups.RunCgroup, cgroups.Hierarchies] | None = None
+        self._refilling = False
+        self._closed = False
+
+    def take(self) -> tuple[_Runner, cgroups.RunCgroup, cgroups.Hierarchies] | None:
+        """The spare runner, its cgroups and the hierarchies they were made in, if one is
+        ready; a new one is started for the next run either way."""
+        spare, self._spare = self._spare, None
+        if not self._refilling and not self._closed:
+            self._refilling = True
+            self._nursery.start_soon(self._refill)
+        return spare
+
+    def defer(self, clean_up: Callable[[], Awaitable[None]]) -> None:
+        """Run ``clean_up`` in the background (shielded from cancellation)."""
+        self._nursery.start_soon(_shielded, clean_up)
+
+    async def _refill(self) -> None:
+        try:
+            hierarchies = await trio.to_thread.run_sync(cgroups.detect)
+            name = f"spare-{uuid.uuid4().hex[:12]}"
+            group = await trio.to_thread.run_sync(
+                partial(cgroups.create, name, hierarchies, every_controller=True)
+            )
+            try:
+                proc = _start_runner()
+                try:
+                    await trio.to_thread.run_sync(group.join, proc.pid)
+                except BaseException:
+                    proc.discard()
+                    raise
+            except BaseException:
+                await _shielded(partial(trio.to_thread.run_sync, group.remove))
+                raise
+            if self._closed:
+                proc.discard()
+                await trio.to_thread.run_sync(group.remove)
+            else:
+                self._spare = (proc, group, hierarchies)
+        except RuntimedError as exc:
+            log.warning("no spare runner: %s", exc)  # runs start their own meanwhile
+        finally:
+            self._refilling = False
+
+    async def aclose(self) -> None:
+        self._closed = True
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            proc, group, _ = spare
+            proc.discard()
+            await trio.to_thread.run_sync(group.remove)
+
+
+async def _shielded(action: Callable[[], Awaitable[object]]) -> None:
+    with trio.CancelScope(shield=True):
+        await action()
+
+
+@contextlib.asynccontextmanager
+async def open_runners() -> AsyncIterator[Runners]:
+    """A :class:`Runners` pool for many runs (the daemon keeps one for its lifetime); on exit
+    the spare is discarded and every deferred clean-up has finished."""
+    async with trio.open_nursery() as nursery:
+        pool = Runners(nursery)
+        try:
+            yield pool
+        finally:
+            await _shielded(pool.aclose)
+
+
 @contextlib.asynccontextmanager
 async def open_run(
     spec: ExecSpec,
     source: SnapshotSource,
     report: PlatformReport,
+    *,
+    runners: Runners | None = None,
 ) -> AsyncIterator[Execution]:
     """Prepare and start a run; on leaving, the run directory is removed (after any commit).
+
+    With ``runners``, the run takes the spare runner when there is one, and the clean-up
+    after it (reaping the runner, removing the run directory and cgroups) happens in the
+    pool's background, once the result is out.
 
     Raises:
         RuntimedError: every refusal of :func:`prepare_run` and :func:`open_execution`.
     """
-    # One trip to a worker thread each for the set-up and the clean-up (they add up: on a
-    # busy host every hand-off to a thread costs milliseconds).
-    prepared, group = await trio.to_thread.run_sync(_prepare_with_cgroups, spec, source, report)
-    async with _single_errors(), trio.open_nursery() as nursery:
-        # The runner's move of PID 1 into the run's cgroups waits for an RCU grace period
-        # unless a cgroup move is in flight: start one now, while the runner starts and
-        # unshares (not earlier: a move holds cgroup_mutex, which creating the cgroups needs).
-        nursery.start_soon(
-            partial(
-                trio.to_thread.run_sync,
-                cgroups.warm_attach_lock,
-                prepared.hierarchies,
-                abandon_on_cancel=True,
-            )
+    spare = runners.take() if runners is not None else None
+    try:
+        # One trip to a worker thread for the set-up (on a busy host every hand-off to a
+        # thread costs milliseconds).
+        prepared, group, spare_runner = await trio.to_thread.run_sync(
+            _prepare_with_cgroups, spec, source, report, spare
         )
+    except BaseException:
+        if spare is not None:
+            await _shielded(partial(_discard_spare, spare))
+        raise
+    execution = Execution(prepared, group, source, spare_runner)
+    try:
+        async with _executing(execution):
+            yield execution
+    finally:
+        clean_up = partial(_clean_up, execution, source)
+        if runners is not None:
+            runners.defer(clean_up)
+        else:
+            await _shielded(clean_up)
+
+
+async def _discard_spare(spare: tuple[_Runner, cgroups.RunCgroup, cgroups.Hierarchies]) -> None:
+    proc, group, _ = spare
+    proc.discard()
+    await trio.to_thread.run_sync(group.remove)
+
+
+@contextlib.asynccontextmanager
+async def _executing(execution: Execution) -> AsyncIterator[None]:
+    """Run ``execution`` in a nursery of its own; leaving the block early cancels it."""
+    async with _single_errors(), trio.open_nursery() as nursery:
+        await nursery.start(execution.run)
         try:
-            async with open_execution(prepared, source=source, group=group) as execution:
-                yield execution
+            yield
         finally:
-            with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
-                cleanup.shield = True
-                await trio.to_thread.run_sync(_clean_up, prepared, source, group)
+            execution.cancel()
 
 
 def _create_cgroups(prepared: PreparedRun) -> cgroups.RunCgroup:
@@ -701,21 +869,43 @@ def _create_cgroups(prepared: PreparedRun) -> cgroups.RunCgroup:
 
 
 def _prepare_with_cgroups(
-    spec: ExecSpec, source: SnapshotSource, report: PlatformReport
-) -> tuple[PreparedRun, cgroups.RunCgroup]:
+    spec: ExecSpec,
+    source: SnapshotSource,
+    report: PlatformReport,
+    spare: tuple[_Runner, cgroups.RunCgroup, cgroups.Hierarchies] | None,
+) -> tuple[PreparedRun, cgroups.RunCgroup, _Runner | None]:
+    """Prepare the run and give it cgroups: the spare's, limited now, when it was made in
+    the hierarchies the run has; else new ones (the spare is then discarded)."""
     prepared = prepare_run(spec, source, report)
     try:
-        return prepared, _create_cgroups(prepared)
+        if spare is not None:
+            proc, group, hierarchies = spare
+            if hierarchies == prepared.hierarchies:
+                group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
+                return prepared, group, proc
+            proc.discard()
+            group.remove()
+        return prepared, _create_cgroups(prepared), None
     except BaseException:
         source.remove_run_dir(prepared.run_dir)
         raise
 
 
-def _clean_up(prepared: PreparedRun, source: SnapshotSource, group: cgroups.RunCgroup) -> None:
+async def _clean_up(execution: Execution, source: SnapshotSource) -> None:
+    """After a run: reap its runner (the mounts go with it), then remove its cgroups and its
+    run directory. Errors are logged: nobody is waiting for them."""
     try:
-        group.remove()
+        await execution.release()
+        await trio.to_thread.run_sync(_remove_run, execution, source)
+    except (RuntimedError, OSError) as exc:
+        log.error("clean-up after the run in %s: %s", execution.prepared.run_dir, exc)
+
+
+def _remove_run(execution: Execution, source: SnapshotSource) -> None:
+    try:
+        execution.group.remove()
     finally:
-        source.remove_run_dir(prepared.run_dir)
+        source.remove_run_dir(execution.prepared.run_dir)
 
 
 @contextlib.asynccontextmanager
@@ -725,7 +915,8 @@ async def open_execution(
     source: SnapshotSource | None = None,
     group: cgroups.RunCgroup | None = None,
 ) -> AsyncIterator[Execution]:
-    """Start a prepared run; leaving the block early cancels it (whole tree killed).
+    """Start a prepared run; leaving the block early cancels it (whole tree killed). The
+    runner is reaped on leaving.
 
     The run's cgroups are created here unless ``group`` is given; then the caller removes it.
 
@@ -735,16 +926,11 @@ async def open_execution(
     owned = group is None
     if group is None:
         group = await trio.to_thread.run_sync(_create_cgroups, prepared)
+    execution = Execution(prepared, group, source)
     try:
-        async with _single_errors(), trio.open_nursery() as nursery:
-            execution = Execution(prepared, group, source)
-            await nursery.start(execution.run)
-            try:
-                yield execution
-            finally:
-                execution.cancel()
+        async with _executing(execution):
+            yield execution
     finally:
+        await _shielded(execution.release)
         if owned:
-            with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
-                cleanup.shield = True
-                await trio.to_thread.run_sync(group.remove)
+            await _shielded(partial(trio.to_thread.run_sync, group.remove))

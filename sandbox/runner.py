@@ -3,9 +3,9 @@
 The runner (``sandbox/native/runner.c``, built with the package as ``runtimed-runner``) does
 steps 2 to 10 of a run: namespaces, the overlay root and the plan's mounts, ``pivot_root``,
 capabilities, the command under a PID 1 of its own. It is started with ``posix_spawn`` (a
-vfork: cheap even from the daemon's large process) and gets its plan on fd 3 (a memfd) and
-the status pipe on fd 4 (``sandbox.wire``). Namespaces are never set up by the daemon itself:
-``unshare`` of some of them fails with EINVAL in a threaded process.
+vfork: cheap even from the daemon's large process) and gets its plan on fd 3 (a pipe it
+reads to the end) and the status pipe on fd 4 (``sandbox.wire``). Namespaces are never set
+up by the daemon itself: ``unshare`` of some of them fails with EINVAL in a threaded process.
 """
 
 from __future__ import annotations
@@ -68,37 +68,33 @@ def encode(plan: Plan) -> bytes:
     return encode_plan(plan, capabilities=mask, **maps)
 
 
-def spawn(plan: bytes, fds: Sequence[int]) -> tuple[int, int]:
-    """Start the runner with ``fds`` (stdin, stdout, stderr, status); its PID and a pidfd.
+def spawn(fds: Sequence[int], plan: int) -> tuple[int, int]:
+    """Start the runner with ``fds`` (stdin, stdout, stderr, status) and the read end of the
+    pipe its plan will come through (it waits for the plan, so a runner can be started ahead
+    of its request); its PID and a pidfd.
 
     Call it from the thread that lives as long as the runs it starts (the trio thread): the
     runner asks the kernel to kill it when its parent thread exits (``PR_SET_PDEATHSIG``).
-    The caller reaps it (``os.waitpid``) once the pidfd is readable.
+    The caller reaps it once the pidfd is readable.
 
     Raises:
         SandboxError: the runner is missing or could not be started.
     """
     path = runner_path()
-    memfd = os.memfd_create("runtimed-plan", os.MFD_CLOEXEC)
+    actions = [
+        (os.POSIX_SPAWN_DUP2, fd, target)
+        for fd, target in zip((*fds, plan), (0, 1, 2, STATUS_FD, PLAN_FD), strict=True)
+    ]
     try:
-        os.write(memfd, plan)
-        os.lseek(memfd, 0, os.SEEK_SET)
-        actions = [
-            (os.POSIX_SPAWN_DUP2, fd, target)
-            for fd, target in zip((*fds, memfd), (0, 1, 2, STATUS_FD, PLAN_FD), strict=True)
-        ]
-        try:
-            pid = os.posix_spawn(
-                path,
-                [path.name, str(os.getpid())],
-                {},
-                file_actions=actions,
-                setsigdef=_RESTORED_SIGNALS,  # Python ignores them; the command must not
-            )
-        except OSError as exc:
-            raise SandboxError(f"cannot start the sandbox runner {path}: {exc}") from exc
-    finally:
-        os.close(memfd)
+        pid = os.posix_spawn(
+            path,
+            [path.name, str(os.getpid())],
+            {},
+            file_actions=actions,
+            setsigdef=_RESTORED_SIGNALS,  # Python ignores them; the command must not
+        )
+    except OSError as exc:
+        raise SandboxError(f"cannot start the sandbox runner {path}: {exc}") from exc
     try:
         return pid, os.pidfd_open(pid)
     except OSError as exc:  # never: the child stays a zombie until reaped

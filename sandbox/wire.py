@@ -128,7 +128,12 @@ class Exited:
     signal: int | None
 
 
-Status = StepFailed | ExecFailed | Started | Exited
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Finished:
+    """PID 1 was reaped: the PID namespace is empty. The runner's own exit comes next."""
+
+
+Status = StepFailed | ExecFailed | Started | Exited | Finished
 
 
 def _int(message: dict[str, Json], name: str, *, optional: bool = False) -> int | None:
@@ -177,6 +182,8 @@ def parse_status(line: bytes) -> Status:
         return ExecFailed(errno=_int(message, "errno") or 0)
     if kind == "started":
         return Started(pid=_int(message, "pid") or 0, exe=_hex(message, "exe") or "")
+    if kind == "finished":
+        return Finished()
     if kind == "exited":
         return Exited(
             code=_int(message, "code", optional=True), signal=_int(message, "signal", optional=True)

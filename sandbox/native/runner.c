@@ -27,6 +27,7 @@
  *     {"type":"exec_error","errno":N}
  *     {"type":"started","pid":N,"exe":HEX}
  *     {"type":"exited","code":N}  /  {"type":"exited","signal":N}
+ *     {"type":"finished"}         PID 1 was reaped: the sandbox's processes are all gone
  * Paths travel hex-encoded: any byte string is a valid Linux path, not every one valid JSON.
  *
  * Every destination below the new root is resolved with openat2(RESOLVE_IN_ROOT) and mounted
@@ -874,6 +875,13 @@ static int serve_init(pid_t command, int early) {
     return WEXITSTATUS(status);
 }
 
+/* The command's stdio is the command's: once it has its copies, the runner's processes let go
+ * of theirs, so the launcher sees EOF as soon as the sandbox's own processes are done. */
+static void close_stdio(void) {
+    for (int fd = 0; fd < 3; fd++)
+        close(fd);
+}
+
 /* --- namespaces --------------------------------------------------------------------------- */
 
 /* Hermetic emulation: fork a child into a new, identity-mapped user namespace; its PID (0 in
@@ -991,6 +999,7 @@ static _Noreturn void init(const struct plan *plan, int joined) {
     drop_capabilities(plan);
     int early;
     pid_t command = start_command(plan, &early);
+    close_stdio();
     attach(command);
     set_capabilities(plan->capabilities);
     _exit(serve_init(command, early));
@@ -1017,6 +1026,7 @@ int main(int argc, char **argv) {
     if (plan.user) {
         pid_t child = enter_user_namespace(&plan);
         if (child > 0) {
+            close_stdio();
             install_forwarding();
             attach(child);
             return supervise(child);
@@ -1054,6 +1064,7 @@ int main(int argc, char **argv) {
         init(&plan, joined[0]);
     }
     close(joined[0]);
+    close_stdio();
     attach(pid1);
     /* Move PID 1 into the run's cgroups while it builds the root: the first write to a
      * cgroup.procs waits for an RCU grace period, overlapped with the mounts this way. */
@@ -1072,5 +1083,7 @@ int main(int argc, char **argv) {
     }
     (void)!write(joined[1], "j", 1);
     close(joined[1]);
-    return supervise(pid1);
+    int code = supervise(pid1);
+    send_fmt("{\"type\":\"finished\"}\n");
+    return code;
 }

@@ -30,13 +30,17 @@ def idle_level(proc: psutil.Process) -> tuple[list[str], int, int]:
 
 
 def open_files(pid: int) -> list[str]:
-    """What each descriptor of ``pid`` points at; one closed while we list is not open."""
+    """What each descriptor of ``pid`` points at; one closed while we list is not open.
+
+    Pipes are counted, not named: the spare runner the daemon keeps ready (and the pipes to
+    it) is a new one after every exec."""
     targets = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except FileNotFoundError:
             continue
+        targets.append("pipe" if target.startswith("pipe:") else target)
     return targets
 
 

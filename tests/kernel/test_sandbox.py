@@ -29,6 +29,7 @@ from sandbox.launch import (
     Stream,
     open_execution,
     open_run,
+    open_runners,
     prepare_run,
 )
 from sandbox.plan import BindMount
@@ -438,6 +439,36 @@ async def test_sandbox_each_run_gets_a_fresh_network_namespace_with_lo_up(
     assert len(namespaces) == 3
     assert os.readlink("/proc/self/ns/net") not in namespaces
     assert [lines[1:] for lines in seen] == [["1", "lo"]] * 3
+
+
+async def test_sandbox_runners_hand_a_spare_its_limits_and_clean_up_after(
+    source: DirectorySource,
+) -> None:
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo $$"], "pids": 9})
+    groups: list[str] = []
+    left: list[Path] = []
+    async with open_runners() as runners:
+        for _ in range(3):
+            async with open_run(spec, source, NATIVE_REPORT, runners=runners) as execution:
+                chunks = [chunk.data async for chunk in execution.output]
+                pids_max = [d / "pids.max" for d in execution.group.dirs]
+                assert [p.read_text() for p in pids_max if p.exists()] == ["9\n"]
+                result = await execution.wait()
+                groups.append(execution.group.name)
+                left += [*execution.group.dirs, execution.prepared.run_dir]
+            assert (result.exit_code, b"".join(chunks)) == (0, b"2\n")
+            await trio.sleep(0.3)  # time to start the next spare
+    # The first run started its own runner; the next ones took the spare started meanwhile.
+    assert not groups[0].startswith("runtimed-spare-")
+    assert all(name.startswith("runtimed-spare-") for name in groups[1:])
+    # Closing the pool waited for every clean-up and discarded the last spare.
+    assert not any(path.exists() for path in left)
+    assert psutil.Process().children(recursive=True) == []
+    assert not any(p.name.startswith("runtimed-spare-") for p in _cgroup_dirs())
+
+
+def _cgroup_dirs() -> list[Path]:
+    return [d for root in Path("/sys/fs/cgroup").iterdir() for d in root.glob("**/runtimed-*")]
 
 
 async def test_sandbox_cancel_stops_the_command_with_sigterm(source: DirectorySource) -> None:

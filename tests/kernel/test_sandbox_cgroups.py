@@ -34,7 +34,8 @@ def _hierarchies(version: int) -> cgroups.Hierarchies:
 def test_cgroups_kill_reaches_setsid_grandchildren_and_remove_cleans_up(version: int) -> None:
     group = cgroups.RunCgroup(_hierarchies(version), f"runtimed-test-{uuid.uuid4().hex[:8]}")
     try:
-        group.setup(memory=64 << 20, pids=32, cpus=None)
+        group.setup()
+        group.limit(memory=64 << 20, pids=32, cpus=None)
         procs = " ".join(str(d / "cgroup.procs") for d in group.dirs)
         tree = subprocess.Popen(
             [
@@ -70,9 +71,34 @@ def test_cgroups_refuse_a_limit_nothing_can_enforce() -> None:
     found = _hierarchies(1)
     bare = dataclasses.replace(found, v1={}, unified=None, unified_controllers=frozenset())
     group = cgroups.RunCgroup(bare, "runtimed-test-none")
+    group.setup()
     with pytest.raises(SandboxError, match="no cgroup memory controller"):
-        group.setup(memory=1 << 20, pids=None, cpus=None)
+        group.limit(memory=1 << 20, pids=None, cpus=None)
     group.remove()
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_cgroups_a_group_joined_before_its_limits_gets_them(version: int) -> None:
+    # A spare runner joins its cgroups before the request that sets the limits: every
+    # directory a limit needs exists from the start, so limit() never adds one it is not in.
+    group = cgroups.create(
+        f"test-{uuid.uuid4().hex[:8]}", _hierarchies(version), every_controller=True
+    )
+    try:
+        sleeper = subprocess.Popen(["sleep", "987663"])
+        try:
+            group.join(sleeper.pid)
+            dirs = list(group.dirs)
+            group.limit(memory=64 << 20, pids=7, cpus=0.5)
+            assert group.dirs == dirs
+            assert set(group.pids()) == {sleeper.pid}
+            for d in dirs:
+                assert str(sleeper.pid) in (d / "cgroup.procs").read_text().split()
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+    finally:
+        group.remove()
 
 
 def _fake_v2(tmp_path: Path, *, own_can_delegate: bool) -> cgroups.Hierarchies:

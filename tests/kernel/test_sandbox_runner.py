@@ -13,12 +13,15 @@ from sandbox.wire import StepFailed, parse_status
 
 def _spawn(plan: bytes) -> tuple[int, list[bytes]]:
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    plan_r, plan_w = os.pipe2(os.O_CLOEXEC)
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
-        pid, pidfd = runner.spawn(plan, [null, null, null, status_w])
+        pid, pidfd = runner.spawn([null, null, null, status_w], plan_r)
     finally:
-        os.close(status_w)
-        os.close(null)
+        for fd in (status_w, plan_r, null):
+            os.close(fd)
+    os.write(plan_w, plan)
+    os.close(plan_w)
     os.close(pidfd)
     _, wait_status = os.waitpid(pid, 0)
     with os.fdopen(status_r, "rb") as status:

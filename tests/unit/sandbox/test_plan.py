@@ -4,34 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from runtimed.errors import Json, SandboxError
+from runtimed.errors import SandboxError
 from sandbox.plan import (
     BindMount,
     MaskPath,
     Op,
     OverlayMount,
-    Plan,
     ProcMount,
     TmpfsMount,
     build_plan,
     optimize,
 )
 from sandbox.spec import ExecSpec, Identity
+from tests.unit.sandbox.plans import sample_plan
 
-
-def _plan(**request: Json) -> Plan:
-    spec = ExecSpec.from_json({"snapshot": "s", **request})
-    return build_plan(
-        spec=spec,
-        layers=["/store/l1", "/store/l2"],
-        run_dir="/store/runs/r1",
-        argv=["sh"],
-        env={"PATH": "/bin"},
-        identity=Identity(uid=1000, gid=1000, groups=(10,)),
-        resolv_conf="nameserver 10.0.0.1\n",
-        cgroups=["/sys/fs/cgroup/pids/runtimed/r1"],
-        cgroup_namespace=False,
-    )
+_plan = sample_plan
 
 
 def test_plan_overlay_lists_top_layer_first_with_explicit_options() -> None:

@@ -9,31 +9,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runtimed.errors import Json, SandboxError
-from sandbox.plan import Plan, build_plan
-from sandbox.spec import ExecSpec, Identity
+from sandbox.plan import Plan
+from sandbox.spec import Identity
 from sandbox.wire import (
     MAGIC,
     ExecFailed,
     Exited,
+    Finished,
     Started,
     StepFailed,
     encode_plan,
     parse_status,
 )
+from tests.unit.sandbox.plans import sample_plan
 
 
 def _plan(**request: Json) -> Plan:
-    spec = ExecSpec.from_json({"snapshot": "s", **request})
-    return build_plan(
-        spec=spec,
-        layers=["/store/l1", "/store/l2"],
-        run_dir="/store/runs/r1",
+    return sample_plan(
         argv=["sh", "-c", "echo hi"],
         env={"PATH": "/bin", "A": "x=y"},
         identity=Identity(uid=1000, gid=1001, groups=(10, 20)),
-        resolv_conf="nameserver 10.0.0.1\n",
-        cgroups=["/sys/fs/cgroup/pids/runtimed/r1"],
-        cgroup_namespace=False,
+        **request,
     )
 
 
@@ -117,6 +113,7 @@ def test_wire_status_paths_survive_any_bytes(raw: bytes) -> None:
         (b'{"type":"exec_error","errno":13}', ExecFailed(errno=13)),
         (b'{"type":"exited","code":3}', Exited(code=3, signal=None)),
         (b'{"type":"exited","signal":9}', Exited(code=None, signal=9)),
+        (b'{"type":"finished"}', Finished()),
     ],
 )
 def test_wire_status_lines(line: bytes, expected: object) -> None:
