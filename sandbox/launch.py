@@ -55,7 +55,15 @@ from sandbox.mode import ExecMode, Mode, check_platform, decide
 from sandbox.plan import Plan, build_plan
 from sandbox.rootfs import LayeredRoot
 from sandbox.spec import ExecSpec, command, merge_env, resolve_user
-from sandbox.wire import ExecFailed, Exited, Finished, Started, StepFailed, parse_status
+from sandbox.wire import (
+    EncodedPlan,
+    ExecFailed,
+    Exited,
+    Finished,
+    Started,
+    StepFailed,
+    parse_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +99,13 @@ class SnapshotView(Protocol):
 
 
 class SnapshotSource(Protocol):
-    """What a run needs from the snapshot store (``sandbox.store.Store``)."""
+    """What a run needs from the snapshot store (``sandbox.store.Store``).
+
+    ``runs_dir``: a directory on which every run that keeps no changes mounts its private
+    tmpfs, each in its own mount namespace (so one serves them all).
+    """
+
+    runs_dir: Path
 
     def get(self, ref: str) -> SnapshotView: ...
     def layer_paths(self, snapshot_id: str) -> list[Path]: ...
@@ -113,13 +127,14 @@ class OutputChunk:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PreparedRun:
-    """A decided, planned run; its run directory exists until :func:`finish_run`."""
+    """A decided, planned run; a run that keeps its changes has a run directory on disk (the
+    upper directory a commit takes) until the clean-up after it."""
 
     spec: ExecSpec
     snapshot_id: str
     mode: ExecMode
     plan: Plan
-    run_dir: Path
+    run_dir: Path | None
     interpreters: frozenset[str]
     hierarchies: cgroups.Hierarchies  # read once per run: the plan, the cgroups, the warm-up
 
@@ -283,13 +298,17 @@ def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) 
             )
     resolv_conf = HOST_RESOLV_CONF.read_text() if HOST_RESOLV_CONF.exists() else ""
     hierarchies = cgroups.detect()
-    run_dir = source.new_run_dir()
+    # Only a commit needs the upper directory after the run: the others keep it on the run's
+    # private tmpfs, with nothing to create or remove on disk.
+    run_dir = source.new_run_dir() if spec.commit else None
     try:
-        (run_dir / "mnt").mkdir()
+        if run_dir is not None:
+            (run_dir / "mnt").mkdir()
         plan = build_plan(
             spec=dataclasses.replace(spec, cwd=cwd),
             layers=[os.fspath(p) for p in layers],
-            run_dir=os.fspath(run_dir.absolute()),
+            run_dir=os.fspath((run_dir or source.runs_dir).absolute()),
+            scratch=run_dir is None,
             argv=argv,
             env=env,
             identity=identity,
@@ -299,7 +318,8 @@ def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) 
             binfmt=binfmt,
         )
     except BaseException:
-        source.remove_run_dir(run_dir)
+        if run_dir is not None:
+            source.remove_run_dir(run_dir)
         raise
     return PreparedRun(
         spec=spec,
@@ -417,12 +437,15 @@ class Execution:
         prepared: PreparedRun,
         group: cgroups.RunCgroup,
         source: SnapshotSource | None,
-        runner: _Runner | None = None,
+        spare: tuple[_Runner, EncodedPlan] | None = None,
     ) -> None:
         self.prepared = prepared
         self.group = group
         self.source = source
-        self._runner = runner  # a spare already in ``group`` (Runners), else started by run()
+        # A spare runner that built this run's sandbox already in ``group`` (Runners) and the
+        # plan whose command it waits for; without one, run() starts a runner.
+        self._runner: _Runner | None = spare[0] if spare else None
+        self._encoded: EncodedPlan | None = spare[1] if spare else None
         send, self.output = trio.open_memory_channel[OutputChunk](OUTPUT_BUFFER)
         self._send = send
         self._stop_requested = trio.Event()
@@ -475,9 +498,10 @@ class Execution:
             resources=usage,
             oom_kills=events.get("oom_kill", 0),
         )
-        if self.prepared.spec.commit and code == 0 and self.source is not None:
+        run_dir = self.prepared.run_dir
+        if run_dir is not None and code == 0 and self.source is not None:
             await self.release()  # the overlay goes with the runner's mount namespace
-            upper = self.prepared.run_dir / "upper"
+            upper = run_dir / "upper"
             info = await trio.to_thread.run_sync(
                 self.source.commit_upper, self.prepared.snapshot_id, upper
             )
@@ -528,15 +552,15 @@ class Execution:
         if runner is None:
             return
         self._runner = None
-        if runner.fds:  # a spare that never got its plan: it waits for one
-            runner.discard()
+        if runner.fds:  # a spare that never got its command: it waits for one
+            await runner.discard()
             return
-        with trio.move_on_after(CLEANUP_TIMEOUT):
+        with trio.move_on_after(CLEANUP_TIMEOUT) as waiting:
             await trio.lowlevel.wait_readable(runner.pidfd)
-        _pidfd_signal(runner.pidfd, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            await trio.to_thread.run_sync(os.waitid, os.P_PIDFD, runner.pidfd, os.WEXITED)
-        os.close(runner.pidfd)
+        if waiting.cancelled_caught:
+            await runner.discard()
+            return
+        runner.collect()
 
     async def _pump(
         self,
@@ -595,60 +619,61 @@ class Execution:
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Hand the plan to the runner (a spare, or one started now) and relay everything
         until the sandbox has ended. :meth:`release` reaps the runner afterwards."""
-        dirs = () if self._runner is not None else tuple(map(str, self.group.dirs))
-        plan = dataclasses.replace(self.prepared.plan, cgroups=dirs)
         if log.isEnabledFor(logging.DEBUG):  # not built on every run for nothing
-            for line in plan.describe():
+            for line in self.prepared.plan.describe():
                 log.debug("%s", line)
-        encoded = runner.encode(plan)
-        if self._runner is None:
+        shape: bytes | None = None  # a spare has built its sandbox already
+        if self._runner is None or self._encoded is None:
+            dirs = tuple(map(str, self.group.dirs))
+            self._encoded = runner.encode(dataclasses.replace(self.prepared.plan, cgroups=dirs))
+            shape = self._encoded.shape
             # From the trio thread, which lives as long as the run (the runner's PDEATHSIG).
             self._runner = _start_runner()
-        proc = self._runner
-        stdin, stdout, stderr, status, plan_pipe = (
-            trio.lowlevel.FdStream(fd) for fd in proc.take_fds()
-        )
+        stdin, stdout, stderr, status, shape_fd, command_fd = self._runner.take_fds()
+        streams = [trio.lowlevel.FdStream(fd) for fd in (stdin, stdout, stderr, status)]
         try:
-            streams = (stdin, stdout, stderr, status, plan_pipe)
-            await self._relay(proc, encoded, streams, task_status)
+            async with trio.open_nursery() as nursery:
+                if shape is not None:
+                    nursery.start_soon(_feed, trio.lowlevel.FdStream(shape_fd), shape)
+                command = trio.lowlevel.FdStream(command_fd)
+                nursery.start_soon(_feed, command, self._encoded.command)
+                await self._relay(nursery, streams, self._runner.pidfd, task_status)
         finally:
             self._exited.set()
             self._done.set()
 
     async def _relay(
         self,
-        proc: _Runner,
-        encoded: bytes,
-        streams: tuple[trio.lowlevel.FdStream, ...],
+        nursery: trio.Nursery,
+        streams: list[trio.lowlevel.FdStream],
+        pidfd: int,
         task_status: trio.TaskStatus[None],
     ) -> None:
-        stdin, stdout, stderr, status, plan_pipe = streams
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_feed, plan_pipe, encoded)
-            stdin_data = self.prepared.spec.stdin
-            if stdin_data is None:
-                await stdin.aclose()
-            else:
-                nursery.start_soon(_feed, stdin, stdin_data)
-            nursery.start_soon(self._pump, stdout, Stream.STDOUT, self._send.clone())
-            nursery.start_soon(self._pump, stderr, Stream.STDERR, self._send.clone())
-            nursery.start_soon(self._read_status, status)
-            nursery.start_soon(self._observe)
-            if self.prepared.spec.timeout is not None:
-                nursery.start_soon(self._enforce_timeout, self.prepared.spec.timeout)
-            self._send.close()
-            task_status.started()
-            await self._supervise(proc.pidfd)
-            # The sandbox is gone: whatever is left in the cgroup dies now, so the output
-            # pipes reach EOF; the accounting is read in the same trip to a thread.
-            self._exited.set()
-            self._usage = await trio.to_thread.run_sync(self._finish_cgroup)
+        stdin, stdout, stderr, status = streams
+        stdin_data = self.prepared.spec.stdin
+        if stdin_data is None:
+            await stdin.aclose()
+        else:
+            nursery.start_soon(_feed, stdin, stdin_data)
+        nursery.start_soon(self._pump, stdout, Stream.STDOUT, self._send.clone())
+        nursery.start_soon(self._pump, stderr, Stream.STDERR, self._send.clone())
+        nursery.start_soon(self._read_status, status)
+        nursery.start_soon(self._observe)
+        if self.prepared.spec.timeout is not None:
+            nursery.start_soon(self._enforce_timeout, self.prepared.spec.timeout)
+        self._send.close()
+        task_status.started()
+        await self._supervise(pidfd)
+        # The sandbox is gone: whatever is left in the cgroup dies now, so the output pipes
+        # reach EOF; the accounting is read in the same trip to a thread.
+        self._exited.set()
+        self._usage = await trio.to_thread.run_sync(self._finish_cgroup)
 
 
 @dataclass(slots=True)
 class _Runner:
     """A started runner: its PID and pidfd, and until :meth:`take_fds` the launcher's ends of
-    its stdin, stdout, stderr, status and plan pipes."""
+    its stdin, stdout, stderr, status, shape and command pipes (-1 for one already used)."""
 
     pid: int
     pidfd: int
@@ -658,13 +683,19 @@ class _Runner:
         fds, self.fds = self.fds, []
         return fds
 
-    def discard(self) -> None:
-        """Kill a runner that never got a plan (it waits for one) and reap it."""
+    async def discard(self) -> None:
+        """Kill a runner that never got its command and reap it."""
         for fd in self.take_fds():
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         _pidfd_signal(self.pidfd, signal.SIGKILL)
+        await trio.lowlevel.wait_readable(self.pidfd)  # its exit unmounts what it built
+        self.collect()
+
+    def collect(self) -> None:
+        """Reap the runner, which has exited (its pidfd was readable), and close the pidfd."""
         with contextlib.suppress(ChildProcessError):
-            os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)  # at once: SIGKILL while it waits
+            os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
         os.close(self.pidfd)
 
 
@@ -674,12 +705,12 @@ def _start_runner() -> _Runner:
     ours: list[int] = []
     theirs: list[int] = []
     try:
-        for child_reads in (True, False, False, False, True):  # stdin out err status plan
+        # stdin, stdout, stderr, status, shape, command
+        for child_reads in (True, False, False, False, True, True):
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
             ours.append(write_end if child_reads else read_end)
             theirs.append(read_end if child_reads else write_end)
-        stdin, stdout, stderr, status, plan = theirs
-        pid, pidfd = runner.spawn([stdin, stdout, stderr, status], plan)
+        pid, pidfd = runner.spawn(theirs)
     except BaseException:
         for fd in ours:
             os.close(fd)
@@ -720,58 +751,74 @@ async def _single_errors() -> AsyncIterator[None]:
         raise
 
 
-class Runners:
-    """Runs started ahead of their requests, and their clean-up taken off their path.
+@dataclass(slots=True, kw_only=True)
+class _Spare:
+    """A runner that built a sandbox ahead of its request, in cgroups of its own."""
 
-    One spare runner waits for its plan, already in a fresh set of cgroups (every controller,
-    no limits yet): moving a process into a cgroup waits for an RCU grace period (milliseconds)
-    unless a move is in flight, and a run that takes the spare pays neither that nor the
-    runner's start; its limits are written when the request comes. After a run, reaping the
-    runner (whose exit tears down the mount namespace) and removing the run directory and
-    cgroups happen here, in the background. Open with :func:`open_runners`.
+    runner: _Runner
+    group: cgroups.RunCgroup
+    hierarchies: cgroups.Hierarchies
+    key: bytes  # the shape it built (sandbox.wire.EncodedPlan.key)
+
+
+class Runners:
+    """Sandboxes built ahead of their requests, and the clean-up after runs taken off their
+    path. Open with :func:`open_runners`; the daemon keeps one for its lifetime.
+
+    After each run, a spare runner builds the same sandbox again (the same snapshot, mounts
+    and profile: the shape of :class:`sandbox.wire.EncodedPlan`) in a fresh set of cgroups
+    (every controller, no limits yet), and waits for a command. The next run with that shape
+    takes it: it writes its limits and sends its command, and pays neither the runner's
+    start, nor the namespaces and mounts, nor the move into new cgroups (which waits for an
+    RCU grace period, milliseconds, unless a move is in flight). Runs with bind mounts of
+    host paths never use a spare (a path bound ahead of time could be replaced since).
+    After a run, reaping its runner (whose exit tears down the mount namespace) and
+    removing its cgroups and run directory happen in the background.
     """
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        self._spare: tuple[_Runner, cgroups.RunCgroup, cgroups.Hierarchies] | None = None
+        self._spare: _Spare | None = None
         self._refilling = False
         self._closed = False
 
-    def take(self) -> tuple[_Runner, cgroups.RunCgroup, cgroups.Hierarchies] | None:
-        """The spare runner, its cgroups and the hierarchies they were made in, if one is
-        ready; a new one is started for the next run either way."""
+    def take(self, key: bytes, hierarchies: cgroups.Hierarchies) -> _Spare | None:
+        """The spare, if it built the sandbox ``key`` in these cgroup hierarchies; a spare
+        for ``key`` is built for the next run either way."""
         spare, self._spare = self._spare, None
+        if spare is not None and (spare.key != key or spare.hierarchies != hierarchies):
+            self.defer(partial(_discard_spare, spare))
+            spare = None
         if not self._refilling and not self._closed:
             self._refilling = True
-            self._nursery.start_soon(self._refill)
+            self._nursery.start_soon(self._refill, key)
         return spare
 
     def defer(self, clean_up: Callable[[], Awaitable[None]]) -> None:
         """Run ``clean_up`` in the background (shielded from cancellation)."""
         self._nursery.start_soon(_shielded, clean_up)
 
-    async def _refill(self) -> None:
+    async def _refill(self, key: bytes) -> None:
         try:
             hierarchies = await trio.to_thread.run_sync(cgroups.detect)
             name = f"spare-{uuid.uuid4().hex[:12]}"
             group = await trio.to_thread.run_sync(
                 partial(cgroups.create, name, hierarchies, every_controller=True)
             )
+            proc: _Runner | None = None
             try:
                 proc = _start_runner()
-                try:
-                    await trio.to_thread.run_sync(group.join, proc.pid)
-                except BaseException:
-                    proc.discard()
-                    raise
+                await trio.to_thread.run_sync(group.join, proc.pid)
+                shape_fd, proc.fds[4] = proc.fds[4], -1
+                await _feed(trio.lowlevel.FdStream(shape_fd), key)  # it builds the sandbox now
             except BaseException:
-                await _shielded(partial(trio.to_thread.run_sync, group.remove))
+                await _shielded(partial(_discard_spare_parts, proc, group))
                 raise
+            spare = _Spare(runner=proc, group=group, hierarchies=hierarchies, key=key)
             if self._closed:
-                proc.discard()
-                await trio.to_thread.run_sync(group.remove)
+                await _discard_spare(spare)
             else:
-                self._spare = (proc, group, hierarchies)
+                self._spare = spare
         except RuntimedError as exc:
             log.warning("no spare runner: %s", exc)  # runs start their own meanwhile
         finally:
@@ -781,9 +828,7 @@ class Runners:
         self._closed = True
         spare, self._spare = self._spare, None
         if spare is not None:
-            proc, group, _ = spare
-            proc.discard()
-            await trio.to_thread.run_sync(group.remove)
+            await _discard_spare(spare)
 
 
 async def _shielded(action: Callable[[], Awaitable[object]]) -> None:
@@ -820,18 +865,28 @@ async def open_run(
     Raises:
         RuntimedError: every refusal of :func:`prepare_run` and :func:`open_execution`.
     """
-    spare = runners.take() if runners is not None else None
+    prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
+    spare: _Spare | None = None
     try:
-        # One trip to a worker thread for the set-up (on a busy host every hand-off to a
-        # thread costs milliseconds).
-        prepared, group, spare_runner = await trio.to_thread.run_sync(
-            _prepare_with_cgroups, spec, source, report, spare
-        )
-    except BaseException:
+        if runners is not None and not spec.mounts:
+            encoded = runner.encode(dataclasses.replace(prepared.plan, cgroups=()))
+            spare = runners.take(encoded.key, prepared.hierarchies)
         if spare is not None:
-            await _shielded(partial(_discard_spare, spare))
+            # A few small writes to cgroupfs: not worth a trip to a thread.
+            spare.group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
+            group = spare.group
+        else:
+            group = await trio.to_thread.run_sync(_create_cgroups, prepared)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            if spare is not None:
+                await _discard_spare(spare)
+            if prepared.run_dir is not None:
+                await trio.to_thread.run_sync(source.remove_run_dir, prepared.run_dir)
         raise
-    execution = Execution(prepared, group, source, spare_runner)
+    execution = Execution(
+        prepared, group, source, None if spare is None else (spare.runner, encoded)
+    )
     try:
         async with _executing(execution):
             yield execution
@@ -843,9 +898,15 @@ async def open_run(
             await _shielded(clean_up)
 
 
-async def _discard_spare(spare: tuple[_Runner, cgroups.RunCgroup, cgroups.Hierarchies]) -> None:
-    proc, group, _ = spare
-    proc.discard()
+async def _discard_spare(spare: _Spare) -> None:
+    await _discard_spare_parts(spare.runner, spare.group)
+
+
+async def _discard_spare_parts(proc: _Runner | None, group: cgroups.RunCgroup) -> None:
+    """Kill a spare runner (it may have built a sandbox: wait for it to go) and remove its
+    cgroups."""
+    if proc is not None:
+        await proc.discard()
     await trio.to_thread.run_sync(group.remove)
 
 
@@ -862,33 +923,10 @@ async def _executing(execution: Execution) -> AsyncIterator[None]:
 
 def _create_cgroups(prepared: PreparedRun) -> cgroups.RunCgroup:
     spec = prepared.spec
-    name = f"{prepared.run_dir.name}-{uuid.uuid4().hex[:8]}"
+    name = f"run-{uuid.uuid4().hex[:12]}"
     return cgroups.create(
         name, prepared.hierarchies, memory=spec.memory, pids=spec.pids, cpus=spec.cpus
     )
-
-
-def _prepare_with_cgroups(
-    spec: ExecSpec,
-    source: SnapshotSource,
-    report: PlatformReport,
-    spare: tuple[_Runner, cgroups.RunCgroup, cgroups.Hierarchies] | None,
-) -> tuple[PreparedRun, cgroups.RunCgroup, _Runner | None]:
-    """Prepare the run and give it cgroups: the spare's, limited now, when it was made in
-    the hierarchies the run has; else new ones (the spare is then discarded)."""
-    prepared = prepare_run(spec, source, report)
-    try:
-        if spare is not None:
-            proc, group, hierarchies = spare
-            if hierarchies == prepared.hierarchies:
-                group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
-                return prepared, group, proc
-            proc.discard()
-            group.remove()
-        return prepared, _create_cgroups(prepared), None
-    except BaseException:
-        source.remove_run_dir(prepared.run_dir)
-        raise
 
 
 async def _clean_up(execution: Execution, source: SnapshotSource) -> None:
@@ -898,14 +936,15 @@ async def _clean_up(execution: Execution, source: SnapshotSource) -> None:
         await execution.release()
         await trio.to_thread.run_sync(_remove_run, execution, source)
     except (RuntimedError, OSError) as exc:
-        log.error("clean-up after the run in %s: %s", execution.prepared.run_dir, exc)
+        log.error("clean-up after the run %s: %s", execution.group.name, exc)
 
 
 def _remove_run(execution: Execution, source: SnapshotSource) -> None:
     try:
         execution.group.remove()
     finally:
-        source.remove_run_dir(execution.prepared.run_dir)
+        if execution.prepared.run_dir is not None:
+            source.remove_run_dir(execution.prepared.run_dir)
 
 
 @contextlib.asynccontextmanager

@@ -293,6 +293,8 @@ class Plan:
     capabilities: tuple[str, ...]
     cgroups: tuple[str, ...]
     binfmt: tuple[str, ...] = ()
+    scratch: bool = False
+    """Upper and work directories on the workspace tmpfs (made there by the runner)."""
 
     def describe(self) -> list[str]:
         """One line per step, in execution order (logged by the launcher in debug mode)."""
@@ -304,6 +306,7 @@ def build_plan(
     spec: ExecSpec,
     layers: Sequence[str],
     run_dir: str,
+    scratch: bool = False,
     argv: Sequence[str],
     env: Mapping[str, str],
     identity: Identity,
@@ -313,6 +316,12 @@ def build_plan(
     binfmt: Sequence[str] = (),
 ) -> Plan:
     """The plan for one run of ``spec`` over ``layers`` with ``run_dir``'s upper and work.
+
+    With ``scratch``, ``run_dir`` is only where the run's private tmpfs (the workspace) is
+    mounted, in the run's own mount namespace, so one directory serves every run: the upper
+    and work directories are made on that tmpfs and go with it. Without, they are on disk in
+    ``run_dir`` (a commit turns the upper directory into a layer) and the workspace is
+    ``run_dir/mnt``.
 
     ``binfmt`` register lines make the emulation hermetic: the sandbox gets a user namespace
     of its own (identity-mapped) whose private binfmt_misc instance holds them (Linux >= 6.7).
@@ -338,7 +347,8 @@ def build_plan(
     ]
     return Plan(
         root=OverlayMount(layers=tuple(layers), upper=f"{run_dir}/upper", work=f"{run_dir}/work"),
-        workspace=f"{run_dir}/mnt",
+        workspace=run_dir if scratch else f"{run_dir}/mnt",
+        scratch=scratch,
         namespaces=tuple(namespaces),
         hostname=spec.hostname,
         loopback=spec.network is Network.NONE,

@@ -3,9 +3,10 @@
 The runner (``sandbox/native/runner.c``, built with the package as ``runtimed-runner``) does
 steps 2 to 10 of a run: namespaces, the overlay root and the plan's mounts, ``pivot_root``,
 capabilities, the command under a PID 1 of its own. It is started with ``posix_spawn`` (a
-vfork: cheap even from the daemon's large process) and gets its plan on fd 3 (a pipe it
-reads to the end) and the status pipe on fd 4 (``sandbox.wire``). Namespaces are never set
-up by the daemon itself: ``unshare`` of some of them fails with EINVAL in a threaded process.
+vfork: cheap even from the daemon's large process) and gets the two halves of its plan on
+fds 3 and 5 (pipes it reads to the end) and the status pipe on fd 4 (``sandbox.wire``).
+Namespaces are never set up by the daemon itself: ``unshare`` of some of them fails with
+EINVAL in a threaded process.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import Final
 from runtimed.errors import ExecFailedError, KernelError, RuntimedError, SandboxError
 from sandbox import idmap, syscalls
 from sandbox.plan import Plan
-from sandbox.wire import ExecFailed, StepFailed, encode_plan
+from sandbox.wire import EncodedPlan, ExecFailed, StepFailed, encode_plan
 
 RUNNER: Final = Path(__file__).parent / "native" / "runtimed-runner"
-PLAN_FD: Final = 3
+SHAPE_FD: Final = 3
 STATUS_FD: Final = 4
+COMMAND_FD: Final = 5
 _RESTORED_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ)
 # Which flag names belong to which system call's flags argument, for error messages.
 _FLAG_NAMES: Final[Mapping[str, Mapping[int, str]]] = {
@@ -49,8 +51,8 @@ def runner_path() -> Path:
     return RUNNER
 
 
-def encode(plan: Plan) -> bytes:
-    """The runner's plan bytes for ``plan``.
+def encode(plan: Plan) -> EncodedPlan:
+    """The runner's plan for ``plan``, in its two halves.
 
     Raises:
         SandboxError: the plan names an unknown capability, or cannot be encoded.
@@ -68,10 +70,10 @@ def encode(plan: Plan) -> bytes:
     return encode_plan(plan, capabilities=mask, **maps)
 
 
-def spawn(fds: Sequence[int], plan: int) -> tuple[int, int]:
-    """Start the runner with ``fds`` (stdin, stdout, stderr, status) and the read end of the
-    pipe its plan will come through (it waits for the plan, so a runner can be started ahead
-    of its request); its PID and a pidfd.
+def spawn(fds: Sequence[int]) -> tuple[int, int]:
+    """Start the runner with ``fds``: stdin, stdout, stderr, status, and the read ends of the
+    pipes the two halves of its plan come through (it waits for them, so a runner can be
+    started, and build its sandbox, ahead of the request); its PID and a pidfd.
 
     Call it from the thread that lives as long as the runs it starts (the trio thread): the
     runner asks the kernel to kill it when its parent thread exits (``PR_SET_PDEATHSIG``).
@@ -81,10 +83,8 @@ def spawn(fds: Sequence[int], plan: int) -> tuple[int, int]:
         SandboxError: the runner is missing or could not be started.
     """
     path = runner_path()
-    actions = [
-        (os.POSIX_SPAWN_DUP2, fd, target)
-        for fd, target in zip((*fds, plan), (0, 1, 2, STATUS_FD, PLAN_FD), strict=True)
-    ]
+    targets = (0, 1, 2, STATUS_FD, SHAPE_FD, COMMAND_FD)
+    actions = [(os.POSIX_SPAWN_DUP2, fd, to) for fd, to in zip(fds, targets, strict=True)]
     try:
         pid = os.posix_spawn(
             path,

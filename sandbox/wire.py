@@ -1,14 +1,16 @@
 """Pure. The plan as the native runner reads it, and the status lines it writes back.
 
-The runner (``sandbox/native/runner.c``) reads NUL-terminated tokens in a fixed order, with a
-count before every list; nothing in a plan may contain a NUL byte (argv, environment, paths and
-file contents can't reach ``execve`` or the kernel with one anyway). It answers with one JSON
+The runner (``sandbox/native/runner.c``) reads the plan in two halves (:class:`EncodedPlan`),
+each NUL-terminated tokens in a fixed order, with a count before every list; nothing in a
+plan may contain a NUL byte (argv, environment, paths and file contents can't reach
+``execve`` or the kernel with one anyway). It answers with one JSON
 object per line on its status fd; byte strings (paths, the command's image) travel as hex,
 since any byte string is a Linux path but not every one is valid JSON text.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +31,8 @@ from sandbox.plan import (
     TmpfsMount,
 )
 
-MAGIC: Final = "runtimed-plan-1"
+SHAPE_MAGIC: Final = "runtimed-shape-1"
+COMMAND_MAGIC: Final = "runtimed-command-1"
 
 
 def _op_tokens(op: Op) -> list[str | int]:
@@ -50,9 +53,10 @@ def _items(*items: str | int) -> tuple[str | int, ...]:
     return items
 
 
-def _plan_tokens(plan: Plan, capabilities: int, uid_map: str, gid_map: str) -> Iterator[str | int]:
-    yield MAGIC
+def _shape_tokens(plan: Plan, uid_map: str, gid_map: str) -> Iterator[str | int]:
+    yield SHAPE_MAGIC
     yield from _items("overlay", plan.root.options(), "workspace", plan.workspace)
+    yield from _items("scratch", int(plan.scratch))
     yield from _items("namespaces", len(plan.namespaces), *plan.namespaces)
     yield from _items("hostname", plan.hostname, "loopback", int(plan.loopback))
     yield from _items("uid_map", uid_map, "gid_map", gid_map)
@@ -61,6 +65,11 @@ def _plan_tokens(plan: Plan, capabilities: int, uid_map: str, gid_map: str) -> I
     yield from _items("ops", len(plan.ops))
     for op in plan.ops:
         yield from _op_tokens(op)
+    yield "end"
+
+
+def _command_tokens(plan: Plan, capabilities: int) -> Iterator[str | int]:
+    yield COMMAND_MAGIC
     yield from _items("cwd", plan.cwd, "uid", plan.uid, "gid", plan.gid)
     yield from _items("groups", len(plan.groups), *plan.groups)
     yield from _items("rlimits", len(plan.rlimits))
@@ -72,15 +81,9 @@ def _plan_tokens(plan: Plan, capabilities: int, uid_map: str, gid_map: str) -> I
     yield "end"
 
 
-def encode_plan(plan: Plan, *, capabilities: int, uid_map: str = "", gid_map: str = "") -> bytes:
-    """The runner's plan: ``plan`` with its capabilities as a bit mask and, for a plan with a
-    user namespace, the ID maps its parent writes (``/proc/PID/uid_map`` text).
-
-    Raises:
-        SandboxError: a value holds a NUL byte, or a number is negative or beyond 64 bits.
-    """
+def _encode(tokens: Iterator[str | int]) -> bytes:
     out = bytearray()
-    for item in _plan_tokens(plan, capabilities, uid_map, gid_map):
+    for item in tokens:
         if isinstance(item, int):
             if not 0 <= item < 1 << 64:
                 raise SandboxError(f"sandbox plan value {item} is out of range")
@@ -91,6 +94,39 @@ def encode_plan(plan: Plan, *, capabilities: int, uid_map: str = "", gid_map: st
                 raise SandboxError(f"sandbox plan value {item!r} contains a NUL byte")
         out += data + b"\0"
     return bytes(out)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EncodedPlan:
+    """A plan in the runner's two halves, and the key of the sandbox it builds.
+
+    ``shape``: the sandbox (namespaces, cgroups to join, the root and its mounts), read first;
+    ``command``: what runs in it, read by PID 1 once the sandbox is built. Two plans with the
+    same ``key`` (the shape but for the cgroups) build the same sandbox, so a runner that built
+    one ahead of time, already in its cgroups, can take either's command.
+    """
+
+    shape: bytes
+    command: bytes
+    key: bytes
+
+
+def encode_plan(
+    plan: Plan, *, capabilities: int, uid_map: str = "", gid_map: str = ""
+) -> EncodedPlan:
+    """The runner's plan: ``plan`` with its capabilities as a bit mask and, for a plan with a
+    user namespace, the ID maps its parent writes (``/proc/PID/uid_map`` text).
+
+    Raises:
+        SandboxError: a value holds a NUL byte, or a number is negative or beyond 64 bits.
+    """
+    shape = _encode(_shape_tokens(plan, uid_map, gid_map))
+    without = dataclasses.replace(plan, cgroups=())
+    return EncodedPlan(
+        shape=shape,
+        command=_encode(_command_tokens(plan, capabilities)),
+        key=shape if not plan.cgroups else _encode(_shape_tokens(without, uid_map, gid_map)),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,8 +11,11 @@
  * Started by the launcher (sandbox/runner.py) with posix_spawn, never through a shell:
  *
  *     runtimed-runner PARENT_PID      fd 0/1/2: the command's stdio
- *                                     fd 3: the plan (sandbox/wire.py, NUL-separated tokens)
+ *                                     fd 3: the shape of the sandbox (read to EOF first)
  *                                     fd 4: status, one JSON object per line
+ *                                     fd 5: the command (read to EOF by PID 1 once the
+ *                                           sandbox is built: a runner can build one ahead)
+ * Both halves of the plan are NUL-separated tokens (sandbox/wire.py).
  *
  * Processes:
  *
@@ -61,7 +64,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define PLAN_FD 3
+#define SHAPE_FD 3
+#define COMMAND_FD 5
 #define STATUS_FD 4
 #define MAX_PLAN (4 << 20)
 #define SETUP_FAILED 125
@@ -165,7 +169,7 @@ struct rlim {
 
 struct plan {
     const char *overlay, *workspace, *hostname, *uid_map, *gid_map, *cwd;
-    int namespaces, user, cgroupns, loopback;
+    int namespaces, user, cgroupns, loopback, scratch;
     const char **binfmt, **cgroups;
     int nbinfmt, ncgroups;
     struct op *ops;
@@ -319,13 +323,14 @@ static void read_namespaces(struct tokens *t, struct plan *plan) {
     }
 }
 
-static void read_plan(struct plan *plan) {
+/* Everything until EOF on `fd` (closed then), as tokens that start with `magic`. */
+static struct tokens read_tokens(int fd, const char *magic) {
     char *buffer = malloc(MAX_PLAN);
     if (!buffer)
         fail("malloc", NULL);
     size_t size = 0;
     for (;;) {
-        ssize_t n = read(PLAN_FD, buffer + size, MAX_PLAN - size);
+        ssize_t n = read(fd, buffer + size, MAX_PLAN - size);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
@@ -336,13 +341,27 @@ static void read_plan(struct plan *plan) {
         if (size == MAX_PLAN)
             bad_plan();
     }
-    close(PLAN_FD);
+    close(fd);
     struct tokens t = {buffer, buffer + size};
-    expect(&t, "runtimed-plan-1");
+    expect(&t, magic);
+    return t;
+}
+
+static void expect_end(struct tokens *t) {
+    expect(t, "end");
+    if (t->next != t->end)
+        bad_plan();
+}
+
+/* The first half of the plan, the sandbox itself: everything up to pivot_root. */
+static void read_shape(struct plan *plan) {
+    struct tokens t = read_tokens(SHAPE_FD, "runtimed-shape-1");
     expect(&t, "overlay");
     plan->overlay = token(&t);
     expect(&t, "workspace");
     plan->workspace = token(&t);
+    expect(&t, "scratch");
+    plan->scratch = (int)number(&t);
     read_namespaces(&t, plan);
     expect(&t, "hostname");
     plan->hostname = token(&t);
@@ -359,6 +378,13 @@ static void read_plan(struct plan *plan) {
     plan->ops = array(plan->nops, sizeof *plan->ops);
     for (int i = 0; i < plan->nops; i++)
         read_op(&t, &plan->ops[i]);
+    expect_end(&t);
+}
+
+/* The second half, what to run in it: read by PID 1 once the sandbox is built, so a runner
+ * can build one ahead of the request that fills it in. */
+static void read_command(struct plan *plan) {
+    struct tokens t = read_tokens(COMMAND_FD, "runtimed-command-1");
     expect(&t, "cwd");
     plan->cwd = token(&t);
     expect(&t, "uid");
@@ -385,9 +411,7 @@ static void read_plan(struct plan *plan) {
     if (n == 0)
         bad_plan();
     plan->envp = (char **)strings(&t, "env", &n);
-    expect(&t, "end");
-    if (t.next != t.end)
-        bad_plan();
+    expect_end(&t);
 }
 
 /* --- small wrappers ----------------------------------------------------------------------- */
@@ -959,7 +983,7 @@ static int register_emulators(const struct plan *plan) {
 }
 
 /* PID 1 of the sandbox: the new root (steps 3 to 7), privileges, the command, then reap. */
-static _Noreturn void init(const struct plan *plan, int joined) {
+static _Noreturn void init(struct plan *plan, int joined) {
     install_forwarding();
     do_mount(NULL, "/", NULL, MS_SLAVE | MS_REC, NULL, "/");
     do_mount("tmpfs", plan->workspace, "tmpfs", MS_NOSUID | MS_NODEV, "mode=700",
@@ -968,6 +992,17 @@ static _Noreturn void init(const struct plan *plan, int joined) {
     snprintf(newroot, sizeof newroot, "%s/root", plan->workspace);
     if (mkdir(newroot, 0755) < 0)
         fail("mkdir", newroot);
+    if (plan->scratch) {
+        /* The overlay's upper and work directories live on this private tmpfs: nothing to
+         * create or remove on disk, and the run's writes are charged to its memory cgroup. */
+        const char *names[] = {"upper", "work"};
+        for (size_t i = 0; i < 2; i++) {
+            char dir[4200];
+            snprintf(dir, sizeof dir, "%s/%s", plan->workspace, names[i]);
+            if (mkdir(dir, 0755) < 0)
+                fail("mkdir", dir);
+        }
+    }
     int emulators = register_emulators(plan);
     (void)emulators; /* held open until PID 1 exits */
     do_mount("overlay", newroot, "overlay", 0, plan->overlay, newroot);
@@ -979,7 +1014,6 @@ static _Noreturn void init(const struct plan *plan, int joined) {
         apply(&plan->ops[i], root_fd, plan->workspace);
     }
     current_op = -1;
-    close(open_directory(root_fd, plan->cwd));
     close(root_fd);
     if (chdir(newroot) < 0)
         fail("chdir", newroot);
@@ -990,6 +1024,13 @@ static _Noreturn void init(const struct plan *plan, int joined) {
         fail_flags("umount2", ".", MNT_DETACH);
     if (chdir("/") < 0)
         fail("chdir", "/");
+    read_command(plan);
+    /* The working directory, created when missing, resolved in the new root like the ops. */
+    root_fd = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (root_fd < 0)
+        fail("open", "/");
+    close(open_directory(root_fd, plan->cwd));
+    close(root_fd);
     char byte = 0;
     if (read(joined, &byte, 1) != 1 || byte != 'j')
         _exit(SETUP_FAILED); /* the runner reported why */
@@ -1015,18 +1056,20 @@ int main(int argc, char **argv) {
     /* Only the five descriptors it was given: whatever else the launcher left inheritable
      * would reach the command. The status fd stays ours: with it, a command could forge
      * status lines. */
-    if (syscall(SYS_close_range, PLAN_FD + 2, ~0U, 0) < 0 || fcntl(STATUS_FD, F_SETFD, FD_CLOEXEC) < 0)
+    if (syscall(SYS_close_range, COMMAND_FD + 1, ~0U, 0) < 0 ||
+        fcntl(STATUS_FD, F_SETFD, FD_CLOEXEC) < 0 || fcntl(COMMAND_FD, F_SETFD, FD_CLOEXEC) < 0)
         return 2;
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     struct plan plan;
     memset(&plan, 0, sizeof plan);
-    read_plan(&plan);
+    read_shape(&plan);
     if (plan.user) {
         pid_t child = enter_user_namespace(&plan);
         if (child > 0) {
             close_stdio();
+            close(COMMAND_FD);
             install_forwarding();
             attach(child);
             return supervise(child);
@@ -1065,6 +1108,7 @@ int main(int argc, char **argv) {
     }
     close(joined[0]);
     close_stdio();
+    close(COMMAND_FD);
     attach(pid1);
     /* Move PID 1 into the run's cgroups while it builds the root: the first write to a
      * cgroup.procs waits for an RCU grace period, overlapped with the mounts this way. */

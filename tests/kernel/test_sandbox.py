@@ -93,6 +93,8 @@ class DirectorySource:
         self.scratch = scratch
         self.platform = platform
         self.committed: list[Path] = []
+        self.runs_dir = scratch / "runs"
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
 
     def get(self, ref: str) -> Snapshot:
         return Snapshot(id=ref, platform=self.platform)
@@ -101,7 +103,7 @@ class DirectorySource:
         return [self.root]
 
     def new_run_dir(self) -> Path:
-        path = self.scratch / "runs" / uuid.uuid4().hex[:12]
+        path = self.runs_dir / uuid.uuid4().hex[:12]
         (path / "upper").mkdir(parents=True)
         (path / "work").mkdir()
         return path
@@ -355,12 +357,11 @@ async def test_sandbox_nothing_left_after_runner_sigkill(source: DirectorySource
             (runner,) = psutil.Process().children()  # the runner, started by this process
             runner.kill()
         result = await execution.wait()
-        run_dir = execution.prepared.run_dir
+        workspace = execution.prepared.plan.workspace
     assert result.signal == 9
     assert _processes_with("987653") == []
     assert not any(d.exists() for d in cgroup_dirs)
-    assert not await trio.to_thread.run_sync(_mounted_anywhere, str(run_dir))
-    assert not run_dir.exists()
+    assert not await trio.to_thread.run_sync(_mounted_anywhere, workspace)
 
 
 def _mounted_anywhere(path: str) -> bool:
@@ -455,7 +456,7 @@ async def test_sandbox_runners_hand_a_spare_its_limits_and_clean_up_after(
                 assert [p.read_text() for p in pids_max if p.exists()] == ["9\n"]
                 result = await execution.wait()
                 groups.append(execution.group.name)
-                left += [*execution.group.dirs, execution.prepared.run_dir]
+                left += execution.group.dirs
             assert (result.exit_code, b"".join(chunks)) == (0, b"2\n")
             await trio.sleep(0.3)  # time to start the next spare
     # The first run started its own runner; the next ones took the spare started meanwhile.
@@ -531,5 +532,6 @@ async def test_sandbox_runner_errors_come_back_as_our_errors(source: DirectorySo
         assert caught.value.message.startswith("bind /nonexistent-runtimed-source on /mnt/gone: ")
         assert (await _drain(prepared)).exit_code == 0
     finally:
-        source.remove_run_dir(other.run_dir)
-        source.remove_run_dir(prepared.run_dir)
+        for run_dir in (other.run_dir, prepared.run_dir):
+            if run_dir is not None:
+                source.remove_run_dir(run_dir)

@@ -16,7 +16,7 @@ def _spawn(plan: bytes) -> tuple[int, list[bytes]]:
     plan_r, plan_w = os.pipe2(os.O_CLOEXEC)
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
-        pid, pidfd = runner.spawn([null, null, null, status_w], plan_r)
+        pid, pidfd = runner.spawn([null, null, null, status_w, plan_r, null])
     finally:
         for fd in (status_w, plan_r, null):
             os.close(fd)
@@ -33,9 +33,9 @@ def _spawn(plan: bytes) -> tuple[int, list[bytes]]:
     [
         b"",
         b"not-a-plan\0",
-        b"runtimed-plan-1\0overlay\0",  # truncated
-        b"runtimed-plan-1\0overlay\0x\0workspace\0/w\0namespaces\0-1\0",  # negative count
-        b"runtimed-plan-1\0overlay\0x\0workspace\0/w\0namespaces\x001\0time\0",
+        b"runtimed-shape-1\0overlay\0",  # truncated
+        b"runtimed-shape-1\0overlay\0x\0workspace\0/w\0scratch\0-1\0",  # negative
+        b"runtimed-shape-1\0overlay\0x\0workspace\0/w\0scratch\x001\0namespaces\x001\0time\0",
     ],
 )
 def test_sandbox_runner_refuses_a_malformed_plan(plan: bytes) -> None:

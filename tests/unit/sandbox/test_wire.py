@@ -12,7 +12,8 @@ from runtimed.errors import Json, SandboxError
 from sandbox.plan import Plan
 from sandbox.spec import Identity
 from sandbox.wire import (
-    MAGIC,
+    COMMAND_MAGIC,
+    SHAPE_MAGIC,
     ExecFailed,
     Exited,
     Finished,
@@ -43,29 +44,53 @@ def _after(tokens: list[str], key: str, n: int) -> list[str]:
     return tokens[i + 1 : i + 1 + n]
 
 
-def test_wire_plan_tokens_in_the_runners_order() -> None:
+def _in_order(tokens: list[str], keys: list[str]) -> bool:
+    return [tokens.index(k) for k in keys] == sorted(tokens.index(k) for k in keys)
+
+
+def test_wire_plan_halves_in_the_runners_order() -> None:
     plan = _plan(rlimits={"nofile": [10, 20]}, cwd="/work")
-    tokens = _tokens(encode_plan(plan, capabilities=0b101))
-    assert tokens[0] == MAGIC
-    assert tokens[-1] == "end"
-    keys = [
-        "overlay", "workspace", "namespaces", "hostname", "loopback", "uid_map", "gid_map",
-        "binfmt", "cgroups", "ops", "cwd", "uid", "gid", "groups", "rlimits", "capabilities",
-        "argv", "env",
-    ]  # fmt: skip
-    assert [tokens.index(k) for k in keys] == sorted(tokens.index(k) for k in keys)
-    assert _after(tokens, "overlay", 1) == [plan.root.options()]
-    assert _after(tokens, "namespaces", 6) == ["5", "mount", "pid", "uts", "ipc", "net"]
-    assert _after(tokens, "cgroups", 2) == ["1", "/sys/fs/cgroup/pids/runtimed/r1"]
-    assert _after(tokens, "ops", 1) == [str(len(plan.ops))]
-    assert _after(tokens, "cwd", 1) == ["/work"]
-    assert _after(tokens, "uid", 1) == ["1000"]
-    assert _after(tokens, "groups", 3) == ["2", "10", "20"]
-    assert _after(tokens, "rlimits", 4) == ["1", "nofile", "10", "20"]
-    assert _after(tokens, "capabilities", 1) == ["5"]
-    assert _after(tokens, "argv", 4) == ["3", "sh", "-c", "echo hi"]
-    assert _after(tokens, "env", 3)[0] == "2"
-    assert "A=x=y" in _after(tokens, "env", 3)
+    encoded = encode_plan(plan, capabilities=0b101)
+    shape, command = _tokens(encoded.shape), _tokens(encoded.command)
+    assert (shape[0], shape[-1]) == (SHAPE_MAGIC, "end")
+    assert (command[0], command[-1]) == (COMMAND_MAGIC, "end")
+    assert _in_order(
+        shape,
+        [
+            "overlay", "workspace", "scratch", "namespaces", "hostname", "loopback",
+            "uid_map", "gid_map", "binfmt", "cgroups", "ops",
+        ],
+    )  # fmt: skip
+    assert _in_order(
+        command, ["cwd", "uid", "gid", "groups", "rlimits", "capabilities", "argv", "env"]
+    )
+    assert _after(shape, "overlay", 1) == [plan.root.options()]
+    assert _after(shape, "scratch", 1) == ["0"]
+    assert _after(shape, "namespaces", 6) == ["5", "mount", "pid", "uts", "ipc", "net"]
+    assert _after(shape, "cgroups", 2) == ["1", "/sys/fs/cgroup/pids/runtimed/r1"]
+    assert _after(shape, "ops", 1) == [str(len(plan.ops))]
+    assert _after(command, "cwd", 1) == ["/work"]
+    assert _after(command, "uid", 1) == ["1000"]
+    assert _after(command, "groups", 3) == ["2", "10", "20"]
+    assert _after(command, "rlimits", 4) == ["1", "nofile", "10", "20"]
+    assert _after(command, "capabilities", 1) == ["5"]
+    assert _after(command, "argv", 4) == ["3", "sh", "-c", "echo hi"]
+    assert _after(command, "env", 3)[0] == "2"
+    assert "A=x=y" in _after(command, "env", 3)
+
+
+def test_wire_plan_key_is_the_shape_without_cgroups() -> None:
+    # A spare runner already sits in cgroups of its own: plans that differ in their cgroups
+    # (and in what runs) build the same sandbox, plans that differ in the sandbox do not.
+    plan = _plan()
+    same = dataclasses.replace(plan, cgroups=("/elsewhere",), argv=("true",), uid=0)
+    other = _plan(hostname="other")
+    keys = [encode_plan(p, capabilities=0).key for p in (plan, same, other)]
+    assert keys[0] == keys[1] != keys[2]
+    without = dataclasses.replace(plan, cgroups=())
+    assert keys[0] == encode_plan(without, capabilities=0).shape
+    assert "cgroups" in _tokens(keys[0])
+    assert _after(_tokens(keys[0]), "cgroups", 1) == ["0"]
 
 
 def test_wire_plan_ops_carry_their_fields() -> None:
@@ -73,7 +98,7 @@ def test_wire_plan_ops_carry_their_fields() -> None:
         mounts=[{"source": "/src", "destination": "/opt/src", "readonly": True}],
         tmpfs=[{"destination": "/scratch", "size": 4096}],
     )
-    tokens = _tokens(encode_plan(plan, capabilities=0))
+    tokens = _tokens(encode_plan(plan, capabilities=0).shape)
     i = tokens.index("/opt/src")
     assert tokens[i - 2 : i + 2] == ["bind", "/src", "/opt/src", "1"]
     i = tokens.index("/scratch")
