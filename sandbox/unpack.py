@@ -498,7 +498,10 @@ def _tar_members(
         ) from exc
     # TarFile keeps what its constructor read in two attributes typeshed does not list.
     info: tarfile.TarInfo | None = tar.firstmember  # type: ignore[attr-defined]
-    assert info is not None  # the constructor raised if the first header was bad
+    if info is None:
+        raise InvalidArchiveError(
+            f"{stream.name}: not a tar archive: no first member", details={"blob": stream.name}
+        )
     member = member_from_tarinfo(info)
     while True:
         # The archive object must not remember members: memory stays flat for any count.
