@@ -194,15 +194,6 @@ class RunCgroup:
             self._controller_dir("cpuacct")
             self._controller_dir("freezer")
 
-    def join(self, pid: int) -> None:
-        """Move process ``pid`` into every directory of the group.
-
-        Raises:
-            SandboxError: the kernel refused the move.
-        """
-        for path in self.dirs:
-            _write(path / "cgroup.procs", str(pid))
-
     def limit(self, *, memory: int | None, pids: int | None, cpus: float | None) -> None:
         """Apply the limits asked for.
 
@@ -236,9 +227,14 @@ class RunCgroup:
                 seen.update(int(p) for p in (path / "cgroup.procs").read_text().split())
         return sorted(seen)
 
-    def kill(self) -> None:
-        """SIGKILL every process of the run, including ones forked meanwhile."""
-        if not self.pids():
+    def kill(self, *, exiting: int | None = None) -> None:
+        """SIGKILL every process of the run, including ones forked meanwhile.
+
+        Args:
+            exiting: A process of the group known to be on its way out (the run's runner):
+                alone, it is left to exit.
+        """
+        if not set(self.pids()) - {exiting}:
             # Nothing left can fork: skip cgroup.kill, which can block for hundreds of
             # milliseconds behind other cgroup operations on a busy host.
             return

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import math
 import os
 import signal
 import uuid
@@ -74,6 +75,8 @@ OUTPUT_BUFFER: Final = 64
 READ_SIZE: Final = 65536
 HOST_RESOLV_CONF: Final = Path("/etc/resolv.conf")
 HERMETIC_KERNEL: Final = (6, 7)
+PREPARED_KEPT: Final = 16
+EAGER_GAP: Final = 0.005
 
 
 class ImageConfigView(Protocol):
@@ -296,7 +299,7 @@ def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) 
                 f"bind mount source {bind.source} does not exist",
                 details={"source": bind.source},
             )
-    resolv_conf = HOST_RESOLV_CONF.read_text() if HOST_RESOLV_CONF.exists() else ""
+    resolv_conf = _host_resolv_conf()
     hierarchies = cgroups.detect()
     # Only a commit needs the upper directory after the run: the others keep it on the run's
     # private tmpfs, with nothing to create or remove on disk.
@@ -330,6 +333,13 @@ def prepare_run(spec: ExecSpec, source: SnapshotSource, report: PlatformReport) 
         interpreters=frozenset(e.interpreter for e in report.emulated.values()),
         hierarchies=hierarchies,
     )
+
+
+def _host_resolv_conf() -> str:
+    try:
+        return HOST_RESOLV_CONF.read_text()
+    except FileNotFoundError:
+        return ""
 
 
 # --- observe ----------------------------------------------------------------------------------
@@ -509,7 +519,7 @@ class Execution:
         return result
 
     def _finish_cgroup(self) -> tuple[cgroups.ResourceUsage, dict[str, int]]:
-        self.group.kill()
+        self.group.kill(exiting=None if self._runner is None else self._runner.pid)
         return self.group.usage(), self.group.memory_events()
 
     def _status(self) -> tuple[int, int | None]:
@@ -667,7 +677,8 @@ class Execution:
         # The sandbox is gone: whatever is left in the cgroup dies now, so the output pipes
         # reach EOF; the accounting is read in the same trip to a thread.
         self._exited.set()
-        self._usage = await trio.to_thread.run_sync(self._finish_cgroup)
+        # A few small reads of cgroupfs: not worth a trip to a thread.
+        self._usage = self._finish_cgroup()
 
 
 @dataclass(slots=True)
@@ -770,8 +781,8 @@ class Runners:
     (every controller, no limits yet), and waits for a command. The next run with that shape
     takes it: it writes its limits and sends its command, and pays neither the runner's
     start, nor the namespaces and mounts, nor the move into new cgroups (which waits for an
-    RCU grace period, milliseconds, unless a move is in flight). Runs with bind mounts of
-    host paths never use a spare (a path bound ahead of time could be replaced since).
+    RCU grace period, milliseconds, unless a move is in flight). Runs that commit or bind
+    host paths never use a spare (:func:`_reusable`).
     After a run, reaping its runner (whose exit tears down the mount namespace) and
     removing its cgroups and run directory happen in the background.
     """
@@ -779,38 +790,90 @@ class Runners:
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         self._spare: _Spare | None = None
-        self._refilling = False
+        self._making: tuple[bytes, trio.Event] | None = None  # the spare being built
+        self._awaited = False  # a run waits for that one already
         self._closed = False
+        self._eager = False  # runs come back to back: spares are built during runs
+        self._last_end = -math.inf
+        # Recent decisions: (spec, snapshot ID) -> (report, resolv.conf text, the run).
+        self._prepared: dict[tuple[ExecSpec, str], tuple[PlatformReport, str, PreparedRun]] = {}
 
-    def take(self, key: bytes, hierarchies: cgroups.Hierarchies) -> _Spare | None:
-        """The spare, if it built the sandbox ``key`` in these cgroup hierarchies; a spare
-        for ``key`` is built for the next run either way."""
+    async def prepare(
+        self, spec: ExecSpec, source: SnapshotSource, report: PlatformReport
+    ) -> PreparedRun:
+        """:func:`prepare_run`, remembered for runs that keep no changes and bind no host
+        path: a snapshot never changes, so the same request on it decides and plans the same
+        way, as long as the platform report and the host's resolv.conf are the same. The
+        snapshot is looked up every time (it may have been removed)."""
+        if not _reusable(spec):
+            return await trio.to_thread.run_sync(prepare_run, spec, source, report)
+        # One indexed SQLite read and one small file: not worth a trip to a thread.
+        snapshot = source.get(spec.snapshot).id
+        resolv_conf = _host_resolv_conf()
+        known = self._prepared.get((spec, snapshot))
+        if known is not None and known[0] is report and known[1] == resolv_conf:
+            return known[2]
+        prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
+        if len(self._prepared) >= PREPARED_KEPT:
+            del self._prepared[next(iter(self._prepared))]  # the oldest
+        self._prepared[(spec, prepared.snapshot_id)] = (report, resolv_conf, prepared)
+        return prepared
+
+    async def take(self, plan: Plan, key: bytes, hierarchies: cgroups.Hierarchies) -> _Spare | None:
+        """The spare, if it built the sandbox ``key`` (``plan``'s) in these cgroup
+        hierarchies; a spare for ``plan`` is started for the next run either way, while this
+        one runs. When the spare for ``key`` is still being started, the first run to ask
+        waits for it: it is ready sooner than a runner started now would be."""
+        if self._spare is None and self._making is not None and not self._awaited:
+            making_key, made = self._making
+            if making_key == key:
+                self._awaited = True
+                await made.wait()
         spare, self._spare = self._spare, None
         if spare is not None and (spare.key != key or spare.hierarchies != hierarchies):
             self.defer(partial(_discard_spare, spare))
             spare = None
-        if not self._refilling and not self._closed:
-            self._refilling = True
-            self._nursery.start_soon(self._refill, key)
+        # Back to back (the last run ended just now): the next spare is built while this run
+        # runs, else it would be on the next one's path; otherwise once this run ended, so
+        # that building it does not compete with this run.
+        self._eager = trio.current_time() - self._last_end < EAGER_GAP
+        if self._eager or (self._spare is None and self._making is None):
+            self._refill_for(plan, key, hierarchies)
         return spare
+
+    def ended(self, plan: Plan, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
+        """A run with ``plan`` (whose sandbox is ``key``) has ended: start the spare for the
+        next one, unless it was started when this one began (:meth:`take`)."""
+        self._last_end = trio.current_time()
+        if not self._eager:
+            self._refill_for(plan, key, hierarchies)
+
+    def _refill_for(self, plan: Plan, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
+        if self._closed or self._making is not None:
+            return
+        if self._spare is not None and self._spare.key == key:
+            return
+        self._making, self._awaited = (key, trio.Event()), False
+        self._nursery.start_soon(self._refill, plan, key, hierarchies)
 
     def defer(self, clean_up: Callable[[], Awaitable[None]]) -> None:
         """Run ``clean_up`` in the background (shielded from cancellation)."""
         self._nursery.start_soon(_shielded, clean_up)
 
-    async def _refill(self, key: bytes) -> None:
+    async def _refill(self, plan: Plan, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
         try:
-            hierarchies = await trio.to_thread.run_sync(cgroups.detect)
             name = f"spare-{uuid.uuid4().hex[:12]}"
-            group = await trio.to_thread.run_sync(
-                partial(cgroups.create, name, hierarchies, every_controller=True)
-            )
+            # A few mkdirs in cgroupfs: cheaper than a trip to a thread, whose GIL hand-offs
+            # would slow the run in progress.
+            group = cgroups.create(name, hierarchies, every_controller=True)
+            dirs = tuple(map(str, group.dirs))
+            shape = runner.encode(dataclasses.replace(plan, cgroups=dirs)).shape
             proc: _Runner | None = None
             try:
                 proc = _start_runner()
-                await trio.to_thread.run_sync(group.join, proc.pid)
                 shape_fd, proc.fds[4] = proc.fds[4], -1
-                await _feed(trio.lowlevel.FdStream(shape_fd), key)  # it builds the sandbox now
+                # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
+                await _feed(trio.lowlevel.FdStream(shape_fd), shape)
             except BaseException:
                 await _shielded(partial(_discard_spare_parts, proc, group))
                 raise
@@ -818,17 +881,28 @@ class Runners:
             if self._closed:
                 await _discard_spare(spare)
             else:
-                self._spare = spare
+                old, self._spare = self._spare, spare
+                if old is not None:
+                    self.defer(partial(_discard_spare, old))
         except RuntimedError as exc:
             log.warning("no spare runner: %s", exc)  # runs start their own meanwhile
         finally:
-            self._refilling = False
+            if self._making is not None:
+                self._making[1].set()
+            self._making = None
 
     async def aclose(self) -> None:
         self._closed = True
         spare, self._spare = self._spare, None
         if spare is not None:
             await _discard_spare(spare)
+
+
+def _reusable(spec: ExecSpec) -> bool:
+    """Whether a run's sandbox can be built ahead of it, and its plan remembered: not with a
+    run directory of its own (a commit), nor with host paths bound (a path bound ahead of time
+    could have been replaced since)."""
+    return not spec.commit and not spec.mounts
 
 
 async def _shielded(action: Callable[[], Awaitable[object]]) -> None:
@@ -865,12 +939,16 @@ async def open_run(
     Raises:
         RuntimedError: every refusal of :func:`prepare_run` and :func:`open_execution`.
     """
-    prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
+    if runners is None:
+        prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
+    else:
+        prepared = await runners.prepare(spec, source, report)
     spare: _Spare | None = None
+    encoded: EncodedPlan | None = None
     try:
-        if runners is not None and not spec.mounts:
+        if runners is not None and _reusable(spec):
             encoded = runner.encode(dataclasses.replace(prepared.plan, cgroups=()))
-            spare = runners.take(encoded.key, prepared.hierarchies)
+            spare = await runners.take(prepared.plan, encoded.key, prepared.hierarchies)
         if spare is not None:
             # A few small writes to cgroupfs: not worth a trip to a thread.
             spare.group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
@@ -885,7 +963,10 @@ async def open_run(
                 await trio.to_thread.run_sync(source.remove_run_dir, prepared.run_dir)
         raise
     execution = Execution(
-        prepared, group, source, None if spare is None else (spare.runner, encoded)
+        prepared,
+        group,
+        source,
+        None if spare is None or encoded is None else (spare.runner, encoded),
     )
     try:
         async with _executing(execution):
@@ -893,6 +974,8 @@ async def open_run(
     finally:
         clean_up = partial(_clean_up, execution, source)
         if runners is not None:
+            if encoded is not None:
+                runners.ended(prepared.plan, encoded.key, prepared.hierarchies)
             runners.defer(clean_up)
         else:
             await _shielded(clean_up)

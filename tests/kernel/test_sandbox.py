@@ -468,6 +468,29 @@ async def test_sandbox_runners_hand_a_spare_its_limits_and_clean_up_after(
     assert not any(p.name.startswith("runtimed-spare-") for p in _cgroup_dirs())
 
 
+async def test_sandbox_runners_remember_a_plan_until_the_report_changes(
+    source: DirectorySource,
+) -> None:
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
+    other_report = dataclasses.replace(NATIVE_REPORT)
+    seen = []
+    async with open_runners() as runners:
+        for report in (NATIVE_REPORT, NATIVE_REPORT, other_report):
+            async with open_run(spec, source, report, runners=runners) as execution:
+                async for _ in execution.output:
+                    pass
+                assert (await execution.wait()).exit_code == 0
+                seen.append(execution.prepared)
+        committing = dataclasses.replace(spec, commit=True)
+        async with open_run(committing, source, NATIVE_REPORT, runners=runners) as execution:
+            async for _ in execution.output:
+                pass
+            assert (await execution.wait()).snapshot is not None
+    assert seen[0] is seen[1]  # decided and planned once
+    assert seen[2] is not seen[1]  # the platforms changed: decided again
+    assert execution.prepared.run_dir is not None  # a commit gets a run directory of its own
+
+
 def _cgroup_dirs() -> list[Path]:
     return [d for root in Path("/sys/fs/cgroup").iterdir() for d in root.glob("**/runtimed-*")]
 

@@ -79,7 +79,7 @@ def test_cgroups_refuse_a_limit_nothing_can_enforce() -> None:
 
 @pytest.mark.parametrize("version", [2, 1])
 def test_cgroups_a_group_joined_before_its_limits_gets_them(version: int) -> None:
-    # A spare runner joins its cgroups before the request that sets the limits: every
+    # A spare's PID 1 joins its cgroups before the request that sets the limits: every
     # directory a limit needs exists from the start, so limit() never adds one it is not in.
     group = cgroups.create(
         f"test-{uuid.uuid4().hex[:8]}", _hierarchies(version), every_controller=True
@@ -87,7 +87,8 @@ def test_cgroups_a_group_joined_before_its_limits_gets_them(version: int) -> Non
     try:
         sleeper = subprocess.Popen(["sleep", "987663"])
         try:
-            group.join(sleeper.pid)
+            for d in group.dirs:
+                (d / "cgroup.procs").write_text(str(sleeper.pid))
             dirs = list(group.dirs)
             group.limit(memory=64 << 20, pids=7, cpus=0.5)
             assert group.dirs == dirs
