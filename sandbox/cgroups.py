@@ -224,7 +224,7 @@ class RunCgroup:
         seen: set[int] = set()
         for path in self.dirs:
             with contextlib.suppress(OSError):
-                seen.update(int(p) for p in (path / "cgroup.procs").read_text().split())
+                seen.update(int(p) for p in _read(path / "cgroup.procs").split())
         return sorted(seen)
 
     def kill(self, *, exiting: int | None = None) -> None:
@@ -266,13 +266,13 @@ class RunCgroup:
             if "usage_usec" in stat:
                 cpu = stat["usage_usec"] / 1e6
         if cpu is None and "cpuacct" in self._v1:
-            cpu = int((self._v1["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
+            cpu = int(_read(self._v1["cpuacct"] / "cpuacct.usage")) / 1e9
         peak: int | None = None
         memory = self._controller_dir("memory")
         if memory is not None:
             for name in ("memory.peak", "memory.max_usage_in_bytes"):
                 with contextlib.suppress(OSError, ValueError):
-                    peak = int((memory / name).read_text())
+                    peak = int(_read(memory / name))
                     break
         return ResourceUsage(cpu_seconds=cpu, peak_memory=peak)
 
@@ -324,10 +324,27 @@ def _write_optional(path: Path, value: str) -> None:
         _write(path, value)
 
 
+def _read(path: Path) -> str:
+    """A cgroupfs file, read with plain read(2) calls: these are read after every run, and
+    ``Path.read_text`` costs several times as much in interpreter work.
+
+    Raises:
+        OSError: as open(2) or read(2) failed.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 65536)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+        return b"".join(chunks).decode()
+    finally:
+        os.close(fd)
+
+
 def _read_keyed(path: Path) -> dict[str, int]:
     out = {}
     with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
+        for line in _read(path).splitlines():
             key, _, value = line.partition(" ")
             with contextlib.suppress(ValueError):
                 out[key] = int(value)

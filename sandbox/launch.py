@@ -796,28 +796,33 @@ class Runners:
         self._eager = False  # runs come back to back: spares are built during runs
         self._last_end = -math.inf
         # Recent decisions: (spec, snapshot ID) -> (report, resolv.conf text, the run).
-        self._prepared: dict[tuple[ExecSpec, str], tuple[PlatformReport, str, PreparedRun]] = {}
+        self._prepared: dict[
+            tuple[ExecSpec, str], tuple[PlatformReport, str, PreparedRun, EncodedPlan]
+        ] = {}
 
     async def prepare(
         self, spec: ExecSpec, source: SnapshotSource, report: PlatformReport
-    ) -> PreparedRun:
-        """:func:`prepare_run`, remembered for runs that keep no changes and bind no host
-        path: a snapshot never changes, so the same request on it decides and plans the same
-        way, as long as the platform report and the host's resolv.conf are the same. The
-        snapshot is looked up every time (it may have been removed)."""
+    ) -> tuple[PreparedRun, EncodedPlan | None]:
+        """:func:`prepare_run`, and for a run whose sandbox can be built ahead
+        (:func:`_reusable`) its plan encoded without cgroups (whose key names the sandbox).
+
+        Both are remembered for such runs: a snapshot never changes, so the same request on
+        it decides and plans the same way, as long as the platform report and the host's
+        resolv.conf are the same. The snapshot is looked up every time (it may be gone)."""
         if not _reusable(spec):
-            return await trio.to_thread.run_sync(prepare_run, spec, source, report)
+            return await trio.to_thread.run_sync(prepare_run, spec, source, report), None
         # One indexed SQLite read and one small file: not worth a trip to a thread.
         snapshot = source.get(spec.snapshot).id
         resolv_conf = _host_resolv_conf()
         known = self._prepared.get((spec, snapshot))
         if known is not None and known[0] is report and known[1] == resolv_conf:
-            return known[2]
+            return known[2], known[3]
         prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
+        encoded = runner.encode(dataclasses.replace(prepared.plan, cgroups=()))
         if len(self._prepared) >= PREPARED_KEPT:
             del self._prepared[next(iter(self._prepared))]  # the oldest
-        self._prepared[(spec, prepared.snapshot_id)] = (report, resolv_conf, prepared)
-        return prepared
+        self._prepared[(spec, prepared.snapshot_id)] = (report, resolv_conf, prepared, encoded)
+        return prepared, encoded
 
     async def take(self, plan: Plan, key: bytes, hierarchies: cgroups.Hierarchies) -> _Spare | None:
         """The spare, if it built the sandbox ``key`` (``plan``'s) in these cgroup
@@ -939,15 +944,14 @@ async def open_run(
     Raises:
         RuntimedError: every refusal of :func:`prepare_run` and :func:`open_execution`.
     """
+    encoded: EncodedPlan | None = None
     if runners is None:
         prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
     else:
-        prepared = await runners.prepare(spec, source, report)
+        prepared, encoded = await runners.prepare(spec, source, report)
     spare: _Spare | None = None
-    encoded: EncodedPlan | None = None
     try:
-        if runners is not None and _reusable(spec):
-            encoded = runner.encode(dataclasses.replace(prepared.plan, cgroups=()))
+        if runners is not None and encoded is not None:
             spare = await runners.take(prepared.plan, encoded.key, prepared.hierarchies)
         if spare is not None:
             # A few small writes to cgroupfs: not worth a trip to a thread.
