@@ -799,6 +799,7 @@ class Runners:
         self._prepared: dict[
             tuple[ExecSpec, str], tuple[PlatformReport, str, PreparedRun, EncodedPlan]
         ] = {}
+        self._preparing: dict[tuple[ExecSpec, str], trio.Event] = {}
 
     async def prepare(
         self, spec: ExecSpec, source: SnapshotSource, report: PlatformReport
@@ -814,14 +815,22 @@ class Runners:
         # One indexed SQLite read and one small file: not worth a trip to a thread.
         snapshot = source.get(spec.snapshot).id
         resolv_conf = _host_resolv_conf()
-        known = self._prepared.get((spec, snapshot))
+        key = (spec, snapshot)
+        while (preparing := self._preparing.get(key)) is not None:
+            await preparing.wait()  # the same request, arrived together: decided once
+        known = self._prepared.get(key)
         if known is not None and known[0] is report and known[1] == resolv_conf:
             return known[2], known[3]
-        prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
-        encoded = runner.encode(dataclasses.replace(prepared.plan, cgroups=()))
+        self._preparing[key] = done = trio.Event()
+        try:
+            prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
+            encoded = runner.encode(dataclasses.replace(prepared.plan, cgroups=()))
+        finally:
+            del self._preparing[key]
+            done.set()
         if len(self._prepared) >= PREPARED_KEPT:
             del self._prepared[next(iter(self._prepared))]  # the oldest
-        self._prepared[(spec, prepared.snapshot_id)] = (report, resolv_conf, prepared, encoded)
+        self._prepared[key] = (report, resolv_conf, prepared, encoded)
         return prepared, encoded
 
     async def take(self, plan: Plan, key: bytes, hierarchies: cgroups.Hierarchies) -> _Spare | None:
