@@ -847,11 +847,12 @@ class Runners:
         if spare is not None and (spare.key != key or spare.hierarchies != hierarchies):
             self.defer(partial(_discard_spare, spare))
             spare = None
-        # Back to back (the last run ended just now): the next spare is built while this run
-        # runs, else it would be on the next one's path; otherwise once this run ended, so
-        # that building it does not compete with this run.
+        # Back to back (the last run ended just now), or without a spare (this run is on the
+        # slow path anyway): the next spare is built while this run runs, else it would be
+        # on the next one's path; otherwise once this run ended, so that building it does
+        # not compete with this run.
         self._eager = trio.current_time() - self._last_end < EAGER_GAP
-        if self._eager or (self._spare is None and self._making is None):
+        if self._eager or spare is None:
             self._refill_for(plan, key, hierarchies)
         return spare
 
