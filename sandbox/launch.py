@@ -703,6 +703,14 @@ class _Runner:
         await trio.lowlevel.wait_readable(self.pidfd)  # its exit unmounts what it built
         self.collect()
 
+    def alive(self) -> bool:
+        """Whether the runner is still there (a spare killed meanwhile is not)."""
+        try:
+            exited = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        return exited is None
+
     def collect(self) -> None:
         """Reap the runner, which has exited (its pidfd was readable), and close the pidfd."""
         with contextlib.suppress(ChildProcessError):
@@ -844,7 +852,9 @@ class Runners:
                 self._awaited = True
                 await made.wait()
         spare, self._spare = self._spare, None
-        if spare is not None and (spare.key != key or spare.hierarchies != hierarchies):
+        if spare is not None and (
+            spare.key != key or spare.hierarchies != hierarchies or not spare.runner.alive()
+        ):
             self.defer(partial(_discard_spare, spare))
             spare = None
         # Back to back (the last run ended just now), or without a spare (this run is on the

@@ -468,6 +468,22 @@ async def test_sandbox_runners_hand_a_spare_its_limits_and_clean_up_after(
     assert not any(p.name.startswith("runtimed-spare-") for p in _cgroup_dirs())
 
 
+async def test_sandbox_runners_replace_a_spare_that_died(source: DirectorySource) -> None:
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo ok"]})
+    async with open_runners() as runners:
+        for kill_spare in (False, True, False):
+            if kill_spare:
+                # The spare built after the last run: a runner of ours nobody uses yet.
+                (spare,) = psutil.Process().children()
+                spare.kill()
+                await trio.to_thread.run_sync(spare.wait)
+            async with open_run(spec, source, NATIVE_REPORT, runners=runners) as execution:
+                chunks = [chunk.data async for chunk in execution.output]
+                result = await execution.wait()
+            assert (result.exit_code, b"".join(chunks)) == (0, b"ok\n")
+            await trio.sleep(0.3)  # time to start the next spare
+
+
 async def test_sandbox_runners_remember_a_plan_until_the_report_changes(
     source: DirectorySource,
 ) -> None:
