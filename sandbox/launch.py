@@ -50,7 +50,7 @@ from binfmt.install import desired_entry, desired_flags, version_tuple
 from binfmt.platform import Platform, is_linux, parse_platform
 from binfmt.qemu import target_for_platform
 from binfmt.report import Emulator, PlatformReport
-from runtimed.errors import Json, RuntimedError, SandboxError
+from runtimed.errors import Json, RuntimedError, SandboxError, sole_exception
 from sandbox import cgroups, runner
 from sandbox.mode import ExecMode, Mode, check_platform, decide
 from sandbox.plan import Plan, build_plan
@@ -751,23 +751,16 @@ async def _feed(stream: trio.lowlevel.FdStream, data: bytes) -> None:
             await stream.send_all(data)
 
 
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
-
-
 @contextlib.asynccontextmanager
 async def _single_errors() -> AsyncIterator[None]:
     """Raise a nursery's lone error as itself: callers catch ``RuntimedError``, not groups."""
     try:
         yield
     except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if len(leaves) == 1:
-            raise leaves[0] from None
-        raise
+        sole = sole_exception(group)
+        if sole is group:
+            raise
+        raise sole from None
 
 
 @dataclass(slots=True, kw_only=True)
