@@ -13,7 +13,8 @@
   are read, enforces the timeout, and :meth:`Execution.wait` returns the :class:`RunResult`.
 
 The execution report is checked on the running processes, not inferred: every
-:data:`SAMPLE_INTERVAL` the run's ``cgroup.procs`` is read and each process's ``/proc/PID/exe``
+:data:`SAMPLE_INTERVAL` at first, then less often (up to :data:`SAMPLE_INTERVAL_MAX`), the
+run's ``cgroup.procs`` is read and each process's ``/proc/PID/exe``
 classified (an emulator's interpreter path means emulated by it, anything else native) with
 its CPU time; the command itself stops once after its execve so that PID 1 reads its
 ``/proc/PID/exe`` (``confirmed`` in the report), however short-lived it is. Processes
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 STOP_GRACE: Final = 2.0
 CLEANUP_TIMEOUT: Final = 10.0
 SAMPLE_INTERVAL: Final = 0.02
+SAMPLE_INTERVAL_MAX: Final = 0.32
 OUTPUT_BUFFER: Final = 64
 READ_SIZE: Final = 65536
 HOST_RESOLV_CONF: Final = Path("/etc/resolv.conf")
@@ -447,15 +449,17 @@ class Execution:
         prepared: PreparedRun,
         group: cgroups.RunCgroup,
         source: SnapshotSource | None,
-        spare: tuple[_Runner, EncodedPlan] | None = None,
+        *,
+        spare: _Runner | None = None,
+        encoded: EncodedPlan | None = None,
     ) -> None:
         self.prepared = prepared
         self.group = group
         self.source = source
-        # A spare runner that built this run's sandbox already in ``group`` (Runners) and the
-        # plan whose command it waits for; without one, run() starts a runner.
-        self._runner: _Runner | None = spare[0] if spare else None
-        self._encoded: EncodedPlan | None = spare[1] if spare else None
+        # A spare runner that built this run's sandbox already in ``group`` (Runners), else
+        # run() starts one; the plan encoded without cgroups when the caller has it already.
+        self._runner = spare
+        self._encoded = encoded
         send, self.output = trio.open_memory_channel[OutputChunk](OUTPUT_BUFFER)
         self._send = send
         self._stop_requested = trio.Event()
@@ -535,8 +539,9 @@ class Execution:
     async def _supervise(self, pidfd: int) -> None:
         """Wait until the sandbox is gone: the runner reaped PID 1 (``finished``: the PID
         namespace is empty, only the runner's own exit, which tears down the mount namespace,
-        is left) or the runner died. On stop: SIGTERM, grace, then kill the whole tree (what
-        trio's ``deliver_cancel`` does for ``run_process``)."""
+        is left) or the runner's processes all ended (EOF on the status pipe, which only they
+        hold). On stop: SIGTERM, grace, then kill the whole tree (what trio's
+        ``deliver_cancel`` does for ``run_process``)."""
         async with trio.open_nursery() as nursery:
 
             async def stop() -> None:
@@ -546,12 +551,7 @@ class Execution:
                 await trio.to_thread.run_sync(self.group.kill)
                 _pidfd_signal(pidfd, signal.SIGKILL)
 
-            async def runner_exit() -> None:
-                await trio.lowlevel.wait_readable(pidfd)
-                self._finished.set()
-
             nursery.start_soon(stop)
-            nursery.start_soon(runner_exit)
             await self._finished.wait()
             nursery.cancel_scope.cancel()
 
@@ -584,12 +584,15 @@ class Execution:
 
     async def _read_status(self, stream: trio.lowlevel.FdStream) -> None:
         buffer = b""
-        async with stream:
-            while data := await stream.receive_some(READ_SIZE):
-                buffer += data
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    self._on_status(line)
+        try:
+            async with stream:
+                while data := await stream.receive_some(READ_SIZE):
+                    buffer += data
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        self._on_status(line)
+        finally:
+            self._finished.set()  # EOF: the runner, and PID 1 with it, are gone
 
     def _on_status(self, line: bytes) -> None:
         try:
@@ -613,10 +616,14 @@ class Execution:
             self._finished.set()
 
     async def _observe(self) -> None:
+        interval = SAMPLE_INTERVAL
         while not self._exited.is_set():
             if self._started:
                 await trio.to_thread.run_sync(self._observer.sample, self.group)
-            with trio.move_on_after(SAMPLE_INTERVAL):
+                # Often at first, when short-lived build steps come and go, then less: a
+                # sample is a trip to a thread and a /proc read per process.
+                interval = min(interval * 2, SAMPLE_INTERVAL_MAX)
+            with trio.move_on_after(interval):
                 await self._exited.wait()
 
     async def _enforce_timeout(self, seconds: float) -> None:
@@ -633,12 +640,17 @@ class Execution:
             for line in self.prepared.plan.describe():
                 log.debug("%s", line)
         shape: bytes | None = None  # a spare has built its sandbox already
-        if self._runner is None or self._encoded is None:
+        if self._runner is None:
             dirs = tuple(map(str, self.group.dirs))
-            self._encoded = runner.encode(dataclasses.replace(self.prepared.plan, cgroups=dirs))
-            shape = self._encoded.shape
+            plan = dataclasses.replace(self.prepared.plan, cgroups=dirs)
+            if self._encoded is None:
+                self._encoded = runner.encode(plan)
+                shape = self._encoded.shape
+            else:  # the command half is the same with or without cgroups
+                shape = runner.encode_shape(plan)
             # From the trio thread, which lives as long as the run (the runner's PDEATHSIG).
             self._runner = _start_runner()
+        assert self._encoded is not None  # with a spare, always given
         stdin, stdout, stderr, status, shape_fd, command_fd = self._runner.take_fds()
         streams = [trio.lowlevel.FdStream(fd) for fd in (stdin, stdout, stderr, status)]
         try:
@@ -770,7 +782,7 @@ class _Spare:
     runner: _Runner
     group: cgroups.RunCgroup
     hierarchies: cgroups.Hierarchies
-    key: bytes  # the shape it built (sandbox.wire.EncodedPlan.key)
+    key: bytes  # the shape it built, without its cgroups
 
 
 class Runners:
@@ -825,7 +837,7 @@ class Runners:
         self._preparing[key] = done = trio.Event()
         try:
             prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
-            encoded = runner.encode(dataclasses.replace(prepared.plan, cgroups=()))
+            encoded = runner.encode(prepared.plan)  # the plan has no cgroups yet
         finally:
             del self._preparing[key]
             done.set()
@@ -885,7 +897,7 @@ class Runners:
             # would slow the run in progress.
             group = cgroups.create(name, hierarchies, every_controller=True)
             dirs = tuple(map(str, group.dirs))
-            shape = runner.encode(dataclasses.replace(plan, cgroups=dirs)).shape
+            shape = runner.encode_shape(dataclasses.replace(plan, cgroups=dirs))
             proc: _Runner | None = None
             try:
                 proc = _start_runner()
@@ -965,7 +977,7 @@ async def open_run(
     spare: _Spare | None = None
     try:
         if runners is not None and encoded is not None:
-            spare = await runners.take(prepared.plan, encoded.key, prepared.hierarchies)
+            spare = await runners.take(prepared.plan, encoded.shape, prepared.hierarchies)
         if spare is not None:
             # A few small writes to cgroupfs: not worth a trip to a thread.
             spare.group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
@@ -980,10 +992,7 @@ async def open_run(
                 await trio.to_thread.run_sync(source.remove_run_dir, prepared.run_dir)
         raise
     execution = Execution(
-        prepared,
-        group,
-        source,
-        None if spare is None or encoded is None else (spare.runner, encoded),
+        prepared, group, source, spare=None if spare is None else spare.runner, encoded=encoded
     )
     try:
         async with _executing(execution):
@@ -992,7 +1001,7 @@ async def open_run(
         clean_up = partial(_clean_up, execution, source)
         if runners is not None:
             if encoded is not None:
-                runners.ended(prepared.plan, encoded.key, prepared.hierarchies)
+                runners.ended(prepared.plan, encoded.shape, prepared.hierarchies)
             runners.defer(clean_up)
         else:
             await _shielded(clean_up)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Final
 
 from runtimed.errors import ExecFailedError, KernelError, RuntimedError, SandboxError
-from sandbox import idmap, syscalls
+from sandbox import idmap, syscalls, wire
 from sandbox.plan import Plan
 from sandbox.wire import EncodedPlan, ExecFailed, StepFailed, encode_plan
 
@@ -63,11 +63,27 @@ def encode(plan: Plan) -> EncodedPlan:
     mask = 0
     for name in plan.capabilities:
         mask |= 1 << syscalls.CAPABILITIES[name]
-    maps = {"uid_map": "", "gid_map": ""}
-    if "user" in plan.namespaces:
-        # Identity-mapped: the runner's own maps are the daemon's (idmap).
-        maps = {name: idmap.identity_map(Path(f"/proc/self/{name}").read_text()) for name in maps}
-    return encode_plan(plan, capabilities=mask, **maps)
+    return encode_plan(plan, capabilities=mask, **_id_maps(plan))
+
+
+def encode_shape(plan: Plan) -> bytes:
+    """The first half of the runner's plan for ``plan`` (the sandbox, not the command).
+
+    Raises:
+        SandboxError: the plan cannot be encoded.
+    """
+    return wire.encode_shape(plan, **_id_maps(plan))
+
+
+def _id_maps(plan: Plan) -> dict[str, str]:
+    """For a plan with a user namespace, its identity maps: the runner's own maps are the
+    daemon's (:mod:`sandbox.idmap`)."""
+    if "user" not in plan.namespaces:
+        return {}
+    return {
+        name: idmap.identity_map(Path(f"/proc/self/{name}").read_text())
+        for name in ("uid_map", "gid_map")
+    }
 
 
 def spawn(fds: Sequence[int]) -> tuple[int, int]:

@@ -10,7 +10,6 @@ since any byte string is a Linux path but not every one is valid JSON text.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,34 +97,39 @@ def _encode(tokens: Iterator[str | int]) -> bytes:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EncodedPlan:
-    """A plan in the runner's two halves, and the key of the sandbox it builds.
+    """A plan in the runner's two halves.
 
     ``shape``: the sandbox (namespaces, cgroups to join, the root and its mounts), read first;
-    ``command``: what runs in it, read by PID 1 once the sandbox is built. Two plans with the
-    same ``key`` (the shape but for the cgroups) build the same sandbox, so a runner that built
-    one ahead of time, already in its cgroups, can take either's command.
+    ``command``: what runs in it, read by PID 1 once the sandbox is built. Plans whose shapes
+    are equal once their cgroups are left out build the same sandbox, so a runner that built
+    one ahead of time, in cgroups of its own, can take the command of any of them.
     """
 
     shape: bytes
     command: bytes
-    key: bytes
+
+
+def encode_shape(plan: Plan, *, uid_map: str = "", gid_map: str = "") -> bytes:
+    """The first half of ``plan``: for a plan with a user namespace, with the ID maps its
+    parent writes (``/proc/PID/uid_map`` text).
+
+    Raises:
+        SandboxError: a value holds a NUL byte, or a number is negative or beyond 64 bits.
+    """
+    return _encode(_shape_tokens(plan, uid_map, gid_map))
 
 
 def encode_plan(
     plan: Plan, *, capabilities: int, uid_map: str = "", gid_map: str = ""
 ) -> EncodedPlan:
-    """The runner's plan: ``plan`` with its capabilities as a bit mask and, for a plan with a
-    user namespace, the ID maps its parent writes (``/proc/PID/uid_map`` text).
+    """Both halves of ``plan``, its capabilities as a bit mask (see :func:`encode_shape`).
 
     Raises:
         SandboxError: a value holds a NUL byte, or a number is negative or beyond 64 bits.
     """
-    shape = _encode(_shape_tokens(plan, uid_map, gid_map))
-    without = dataclasses.replace(plan, cgroups=())
     return EncodedPlan(
-        shape=shape,
+        shape=encode_shape(plan, uid_map=uid_map, gid_map=gid_map),
         command=_encode(_command_tokens(plan, capabilities)),
-        key=shape if not plan.cgroups else _encode(_shape_tokens(without, uid_map, gid_map)),
     )
 
 

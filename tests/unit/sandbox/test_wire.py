@@ -20,6 +20,7 @@ from sandbox.wire import (
     Started,
     StepFailed,
     encode_plan,
+    encode_shape,
     parse_status,
 )
 from tests.unit.sandbox.plans import sample_plan
@@ -79,17 +80,16 @@ def test_wire_plan_halves_in_the_runners_order() -> None:
     assert "A=x=y" in _after(command, "env", 3)
 
 
-def test_wire_plan_key_is_the_shape_without_cgroups() -> None:
+def test_wire_shapes_without_cgroups_name_the_sandbox() -> None:
     # A spare runner already sits in cgroups of its own: plans that differ in their cgroups
     # (and in what runs) build the same sandbox, plans that differ in the sandbox do not.
     plan = _plan()
     same = dataclasses.replace(plan, cgroups=("/elsewhere",), argv=("true",), uid=0)
     other = _plan(hostname="other")
-    keys = [encode_plan(p, capabilities=0).key for p in (plan, same, other)]
+    keys = [encode_shape(dataclasses.replace(p, cgroups=())) for p in (plan, same, other)]
     assert keys[0] == keys[1] != keys[2]
-    without = dataclasses.replace(plan, cgroups=())
-    assert keys[0] == encode_plan(without, capabilities=0).shape
-    assert "cgroups" in _tokens(keys[0])
+    assert encode_shape(plan) != keys[0]  # with its cgroups
+    assert encode_shape(plan) == encode_plan(plan, capabilities=0).shape
     assert _after(_tokens(keys[0]), "cgroups", 1) == ["0"]
 
 
