@@ -10,7 +10,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
 
 SOURCE = Path("sandbox", "native", "runner.c")
@@ -29,4 +29,11 @@ class BuildPyWithRunner(build_py):
         subprocess.run([*compiler, *CFLAGS, "-o", str(target), str(SOURCE)], check=True)
 
 
-setup(cmdclass={"build_py": BuildPyWithRunner})
+class BinaryDistribution(Distribution):
+    """A wheel with the runner in it is for this platform only (not ``py3-none-any``)."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
+
+setup(cmdclass={"build_py": BuildPyWithRunner}, distclass=BinaryDistribution)
