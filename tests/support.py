@@ -90,6 +90,17 @@ def tool(name: str) -> Path:
     return path
 
 
+def runtimectl(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``runtimectl ARGS`` with its output captured as text; check ``returncode`` yourself."""
+    return subprocess.run(
+        [str(tool("runtimectl")), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def run_private_binfmt(
     script: str,
     *,

@@ -18,7 +18,7 @@ from runtimed.errors import ConfigError, ExitArea
 from runtimed.session import configured_socket
 from tests.e2e.test_daemon import Daemon, start_daemon
 from tests.kernel.store_images import busybox_root, gnu_tar, tar_names
-from tests.support import tool
+from tests.support import runtimectl, tool
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +33,9 @@ class Served:
         self, *args: str | Path, command: tuple[str, ...] = ()
     ) -> subprocess.CompletedProcess[str]:
         """``runtimectl ARGS --socket S [-- COMMAND]``."""
-        argv = [str(tool("runtimectl")), *map(str, args), "--socket", str(self.daemon.path)]
-        if command:
-            argv += ["--", *command]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        return runtimectl(
+            *args, "--socket", self.daemon.path, *(("--", *command) if command else ())
+        )
 
     def run(
         self, snapshot: str, *command: str, flags: tuple[str, ...] = ()
@@ -192,13 +191,7 @@ def test_cli_daemon_rm_and_gc(served: Served, tmp_path: Path) -> None:
 
 
 def test_cli_daemon_unreachable_names_the_fix(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [str(tool("runtimectl")), "platforms", "--socket", str(tmp_path / "none.sock")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = runtimectl("platforms", "--socket", tmp_path / "none.sock", timeout=60)
     assert done.returncode == int(ExitArea.FAILURE)
     assert "--embedded" in done.stderr.splitlines()[-1]
 

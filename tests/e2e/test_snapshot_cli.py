@@ -12,19 +12,13 @@ import pytest
 
 from runtimed.errors import ExitArea
 from tests.kernel.store_images import busybox_root, gnu_tar, tar_names
-from tests.support import require_root, tool
+from tests.support import require_root, runtimectl
 
 pytestmark = [pytest.mark.slow]
 
 
 def _ctl(state: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(tool("runtimectl")), "snapshot", *map(str, args), "--embedded", "--state-dir", state],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return runtimectl("snapshot", *args, "--embedded", "--state-dir", state)
 
 
 def test_snapshot_cli_import_ls_inspect_export_rm(tmp_path: Path) -> None:
@@ -73,13 +67,7 @@ def test_snapshot_cli_import_ls_inspect_export_rm(tmp_path: Path) -> None:
 
 
 def test_snapshot_cli_without_a_daemon_names_the_fix(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [str(tool("runtimectl")), "snapshot", "ls", "--socket", str(tmp_path / "none.sock")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = runtimectl("snapshot", "ls", "--socket", tmp_path / "none.sock", timeout=60)
     assert done.returncode == int(ExitArea.FAILURE)
     error, hint = done.stderr.splitlines()
     assert (

@@ -9,31 +9,21 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.test_sandbox import make_busybox_root
-from tests.support import require_root, tool
+from tests.support import require_root, runtimectl, tool
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
-
-
-def _runtimectl(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(tool("runtimectl")), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_sandbox_cli_run_streams_exits_reports_and_commits(tmp_path: Path) -> None:
     require_root()
     state = tmp_path / "state"
     root = make_busybox_root(tmp_path / "root")
-    imported = _runtimectl("snapshot", "import", "--embedded", "--state-dir", state, root, "--json")
+    imported = runtimectl("snapshot", "import", "--embedded", "--state-dir", state, root, "--json")
     assert imported.returncode == 0, imported.stderr
     snapshot = json.loads(imported.stdout)["id"]
     common = ("--embedded", "--state-dir", state, "--snapshot", snapshot)
 
-    run = _runtimectl(
+    run = runtimectl(
         "run", *common, "-v", "-e", "X=1", "--", "sh", "-c", "echo $X; echo e >&2; exit 3"
     )
     assert run.returncode == 3
@@ -42,16 +32,16 @@ def test_sandbox_cli_run_streams_exits_reports_and_commits(tmp_path: Path) -> No
     assert "linux/amd64: native, confirmed" in run.stderr
 
     report = tmp_path / "report.json"
-    killed = _runtimectl("run", *common, "--report", report, "--", "sh", "-c", "kill -9 $$")
+    killed = runtimectl("run", *common, "--report", report, "--", "sh", "-c", "kill -9 $$")
     assert killed.returncode == 137
     result = json.loads(report.read_text())
     assert result["signal_name"] == "SIGKILL"
     assert result["report"]["mode"] == "native"
 
-    committed = _runtimectl("run", *common, "--commit", "--report", "-", "--", "touch", "/made")
+    committed = runtimectl("run", *common, "--commit", "--report", "-", "--", "touch", "/made")
     assert committed.returncode == 0, committed.stderr
     child = json.loads(committed.stderr)["snapshot"]
-    check = _runtimectl("run", *common[:-1], child, "--", "ls", "/made")
+    check = runtimectl("run", *common[:-1], child, "--", "ls", "/made")
     assert check.returncode == 0, check.stderr
     assert not list((state / "runs").iterdir())
 
@@ -77,6 +67,6 @@ def test_sandbox_cli_run_streams_exits_reports_and_commits(tmp_path: Path) -> No
     assert piped.stdout == "y\ny\n"
     assert "Traceback" not in piped.stderr
 
-    refused = _runtimectl("run", *common, "--platform", "windows/amd64", "--", "true")
+    refused = runtimectl("run", *common, "--platform", "windows/amd64", "--", "true")
     assert refused.returncode == 6
     assert "only Linux" in refused.stderr
