@@ -176,11 +176,18 @@ class Finished:
 Status = StepFailed | ExecFailed | Started | Exited | Finished
 
 
-def _int(message: dict[str, Json], name: str, *, optional: bool = False) -> int | None:
+def _optional_int(message: dict[str, Json], name: str) -> int | None:
     value = message.get(name)
-    if value is None and optional:
+    if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
+        raise SandboxError(f"sandbox runner status: {name} must be an integer: {message!r}")
+    return value
+
+
+def _int(message: dict[str, Json], name: str) -> int:
+    value = _optional_int(message, name)
+    if value is None:
         raise SandboxError(f"sandbox runner status: {name} must be an integer: {message!r}")
     return value
 
@@ -213,19 +220,17 @@ def parse_status(line: bytes) -> Status:
     if kind == "error" and isinstance(message.get("syscall"), str):
         return StepFailed(
             syscall=str(message["syscall"]),
-            errno=_int(message, "errno") or 0,
+            errno=_int(message, "errno"),
             path=_hex(message, "path"),
-            flags=_int(message, "flags", optional=True),
-            op=_int(message, "op", optional=True),
+            flags=_optional_int(message, "flags"),
+            op=_optional_int(message, "op"),
         )
     if kind == "exec_error":
-        return ExecFailed(errno=_int(message, "errno") or 0)
+        return ExecFailed(errno=_int(message, "errno"))
     if kind == "started":
-        return Started(pid=_int(message, "pid") or 0, exe=_hex(message, "exe") or "")
+        return Started(pid=_int(message, "pid"), exe=_hex(message, "exe") or "")
     if kind == "finished":
         return Finished()
     if kind == "exited":
-        return Exited(
-            code=_int(message, "code", optional=True), signal=_int(message, "signal", optional=True)
-        )
+        return Exited(code=_optional_int(message, "code"), signal=_optional_int(message, "signal"))
     raise SandboxError(f"sandbox runner status of unknown type: {line!r}")
