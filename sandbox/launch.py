@@ -1,16 +1,17 @@
 """IO (trio): run one exec request in the sandbox and say truthfully how it ran.
 
-:func:`open_run` does both halves below and removes the run directory at the end:
+:func:`open_run` runs one request, in two halves, and cleans up after it:
 
-- :func:`prepare_run` (blocking; the daemon calls it through ``trio.to_thread``): snapshot →
-  requested platform → mode decision (:mod:`sandbox.mode`, refusals before anything is
-  created) → user and environment from the image and the rootfs → run directory → plan.
-- :func:`open_execution` (async context manager): the run's cgroups, then the sandbox, set up
-  by the native runner (:mod:`sandbox.runner`, started with ``posix_spawn``); a stop sends
-  SIGTERM through the runner's pidfd, waits :data:`STOP_GRACE`, then kills the whole tree
-  through the cgroup.
-  :class:`Execution` streams stdout and stderr as :class:`OutputChunk` values in the order they
-  are read, enforces the timeout, and :meth:`Execution.wait` returns the :class:`RunResult`.
+- :func:`prepare_run` (blocking, in a thread): snapshot → requested platform → mode decision
+  (:mod:`sandbox.mode`, refusals before anything is created) → user and environment from the
+  image and the rootfs → run directory (commit runs only) → plan. A :class:`Runners` pool
+  remembers the result for requests that come again.
+- :class:`Execution`: the run's cgroups (a spare's, or new ones), then the sandbox, set up by
+  the native runner (:mod:`sandbox.runner`; a spare of the pool has built it already); a stop
+  sends SIGTERM through the runner's pidfd, waits :data:`STOP_GRACE`, then kills the whole
+  tree through the cgroup. It streams stdout and stderr as :class:`OutputChunk` values in the
+  order they are read, enforces the timeout, and :meth:`Execution.wait` returns the
+  :class:`RunResult`. :func:`open_execution` runs a :class:`PreparedRun` the caller made.
 
 The execution report is checked on the running processes, not inferred: every
 :data:`SAMPLE_INTERVAL` at first, then less often (up to :data:`SAMPLE_INTERVAL_MAX`), the
@@ -23,7 +24,8 @@ what was attributed, PID 1 included from the point it joins the cgroups, before 
 
 Nothing outlives a run: the mounts live in the runner's private mount namespace and go with
 it, PID 1 dies with the runner (PDEATHSIG) and takes the PID namespace down, and the cgroups
-are killed and removed in a shielded ``finally``, even when the runner was SIGKILLed.
+are killed and removed after the run (in the pool's background when there is one), even
+when the runner was SIGKILLed.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ class PreparedRun:
     plan: Plan
     run_dir: Path | None
     interpreters: frozenset[str]
-    hierarchies: cgroups.Hierarchies  # read once per run: the plan, the cgroups, the warm-up
+    hierarchies: cgroups.Hierarchies  # read once per run: for the plan and the cgroups
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
