@@ -810,7 +810,8 @@ class Runners:
         self._closed = False
         self._eager = False  # runs come back to back: spares are built during runs
         self._last_end = -math.inf
-        # Recent decisions: (spec, snapshot ID) -> (report, resolv.conf text, the run).
+        # Recent decisions: (spec, snapshot ID) -> (report, resolv.conf text, the run, its
+        # plan encoded without cgroups).
         self._prepared: dict[
             tuple[ExecSpec, str], tuple[PlatformReport, str, PreparedRun, EncodedPlan]
         ] = {}
@@ -820,7 +821,7 @@ class Runners:
         self, spec: ExecSpec, source: SnapshotSource, report: PlatformReport
     ) -> tuple[PreparedRun, EncodedPlan | None]:
         """:func:`prepare_run`, and for a run whose sandbox can be built ahead
-        (:func:`_reusable`) its plan encoded without cgroups (whose key names the sandbox).
+        (:func:`_reusable`) its plan encoded without cgroups (whose shape names the sandbox).
 
         Both are remembered for such runs: a snapshot never changes, so the same request on
         it decides and plans the same way, as long as the platform report and the host's
@@ -850,9 +851,9 @@ class Runners:
 
     async def take(self, plan: Plan, key: bytes, hierarchies: cgroups.Hierarchies) -> _Spare | None:
         """The spare, if it built the sandbox ``key`` (``plan``'s) in these cgroup
-        hierarchies; a spare for ``plan`` is started for the next run either way, while this
-        one runs. When the spare for ``key`` is still being started, the first run to ask
-        waits for it: it is ready sooner than a runner started now would be."""
+        hierarchies and is still alive. When the spare for ``key`` is still being started, the
+        first run to ask waits for it: it is ready sooner than a runner started now would be.
+        The spare for the next run is started now or when this one ends (see below)."""
         if self._spare is None and self._making is not None and not self._awaited:
             making_key, made = self._making
             if making_key == key:
