@@ -227,6 +227,16 @@ class RunCgroup:
                 seen.update(int(p) for p in _read(path / "cgroup.procs").split())
         return sorted(seen)
 
+    def _any_besides(self, exiting: int | None) -> bool:
+        """Whether a process other than ``exiting`` is in the run's cgroups. One hierarchy
+        tells: the run's processes are in its cgroup of each, and a process of the run cannot
+        move itself out of one (cgroupfs is not delegated to the sandbox)."""
+        if not self.dirs:
+            return False
+        with contextlib.suppress(OSError):
+            return bool(set(map(int, _read(self.dirs[0] / "cgroup.procs").split())) - {exiting})
+        return bool(set(self.pids()) - {exiting})
+
     def kill(self, *, exiting: int | None = None) -> None:
         """SIGKILL every process of the run, including ones forked meanwhile.
 
@@ -234,7 +244,7 @@ class RunCgroup:
             exiting: A process of the group known to be on its way out (the run's runner):
                 alone, it is left to exit.
         """
-        if not set(self.pids()) - {exiting}:
+        if not self._any_besides(exiting):
             # Nothing left can fork: skip cgroup.kill, which can block for hundreds of
             # milliseconds behind other cgroup operations on a busy host.
             return

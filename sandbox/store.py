@@ -703,6 +703,16 @@ class Store:
         with self._db() as conn:
             return self._info(conn, self._resolve_id(conn, ref))
 
+    def resolve(self, ref: str) -> str:
+        """The id of the snapshot ``ref`` names (as :meth:`get`, one indexed query).
+
+        Raises:
+            SnapshotNotFoundError: no such snapshot.
+            UsageError: ``ref`` is malformed or ambiguous.
+        """
+        with self._db() as conn:
+            return self._resolve_id(conn, ref)
+
     def count(self) -> int:
         """How many snapshots the store holds (one query, unlike ``len(list())``)."""
         with self._db() as conn:

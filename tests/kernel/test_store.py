@@ -320,7 +320,11 @@ def test_store_remove_keeps_shared_layers_and_gc(store: Store, images: dict[str,
     detected = store.import_source(images["tar.gz"])
     other = store.import_source(images["tar.gz"], platform="linux/arm/v7")
     assert other.layers == detected.layers  # one layer, two snapshots
+    assert store.resolve(detected.id.removeprefix("sha256:")[:12]) == detected.id
     store.remove(detected.id)
+    with pytest.raises(SnapshotNotFoundError):
+        store.resolve(detected.id)
+    assert store.resolve(other.id) == other.id
     assert store.layer_paths(other.id)[0].is_dir()  # still used by the other one
     store.remove(layered.id)
     store.remove(other.id)
