@@ -66,6 +66,7 @@ from sandbox.wire import (
     Finished,
     Started,
     StepFailed,
+    join_cgroups,
     parse_status,
 )
 
@@ -115,6 +116,7 @@ class SnapshotSource(Protocol):
     runs_dir: Path
 
     def get(self, ref: str) -> SnapshotView: ...
+    def resolve(self, ref: str) -> str: ...
     def layer_paths(self, snapshot_id: str) -> list[Path]: ...
     def new_run_dir(self) -> Path: ...
     def remove_run_dir(self, path: Path) -> None: ...
@@ -472,7 +474,8 @@ class Execution:
         self._started = False
         self._command_exe: str | None = None
         self._exit: Exited | None = None
-        self._finished = trio.Event()
+        self._finished = False  # the runner said so: nothing more comes on its status
+        self._stop_scope = trio.CancelScope()
         self._usage: tuple[cgroups.ResourceUsage, dict[str, int]] | None = None
         self.timed_out = False
         self.cancelled = False
@@ -538,24 +541,21 @@ class Execution:
         # the whole tree with it (SIGKILL, by us after the grace or by someone else).
         return 128 + signal.SIGKILL, signal.SIGKILL
 
-    async def _supervise(self, pidfd: int) -> None:
-        """Wait until the sandbox is gone: the runner reaped PID 1 (``finished``: the PID
-        namespace is empty, only the runner's own exit, which tears down the mount namespace,
-        is left) or the runner's processes all ended (EOF on the status pipe, which only they
-        hold). On stop: SIGTERM, grace, then kill the whole tree (what trio's
-        ``deliver_cancel`` does for ``run_process``)."""
-        async with trio.open_nursery() as nursery:
-
-            async def stop() -> None:
+    async def _stop_when_asked(self, pidfd: int) -> None:
+        """On :meth:`cancel` or at the timeout: SIGTERM, the grace, then kill the whole tree
+        (what trio's ``deliver_cancel`` does for ``run_process``). Cancelled once the sandbox
+        is gone."""
+        with self._stop_scope:
+            timeout = self.prepared.spec.timeout
+            with trio.move_on_after(math.inf if timeout is None else timeout):
                 await self._stop_requested.wait()
-                _pidfd_signal(pidfd, signal.SIGTERM)
-                await trio.sleep(STOP_GRACE)
-                await trio.to_thread.run_sync(self.group.kill)
-                _pidfd_signal(pidfd, signal.SIGKILL)
-
-            nursery.start_soon(stop)
-            await self._finished.wait()
-            nursery.cancel_scope.cancel()
+            if not self._stop_requested.is_set():
+                self.timed_out = True
+                self._stop_requested.set()
+            _pidfd_signal(pidfd, signal.SIGTERM)
+            await trio.sleep(STOP_GRACE)
+            await trio.to_thread.run_sync(self.group.kill)
+            _pidfd_signal(pidfd, signal.SIGKILL)
 
     async def release(self) -> None:
         """Reap the runner once it has exited (its mount namespace torn down with it); one
@@ -585,16 +585,17 @@ class Execution:
                 await send.send(OutputChunk(stream=name, data=bytes(data)))
 
     async def _read_status(self, stream: trio.lowlevel.FdStream) -> None:
+        """Relay the runner's status until the sandbox is gone: the runner reaped PID 1
+        (``finished``: the PID namespace is empty; only the runner's own exit, which tears
+        down the mount namespace, is left) or the runner's processes all ended (EOF on the
+        status pipe, which only they hold)."""
         buffer = b""
-        try:
-            async with stream:
-                while data := await stream.receive_some(READ_SIZE):
-                    buffer += data
-                    while b"\n" in buffer:
-                        line, buffer = buffer.split(b"\n", 1)
-                        self._on_status(line)
-        finally:
-            self._finished.set()  # EOF: the runner, and PID 1 with it, are gone
+        async with stream:
+            while not self._finished and (data := await stream.receive_some(READ_SIZE)):
+                buffer += data
+                while b"\n" in buffer and not self._finished:
+                    line, buffer = buffer.split(b"\n", 1)
+                    self._on_status(line)
 
     def _on_status(self, line: bytes) -> None:
         try:
@@ -615,7 +616,7 @@ class Execution:
         elif isinstance(message, Exited):
             self._exit = message
         elif isinstance(message, Finished):
-            self._finished.set()
+            self._finished = True
 
     async def _observe(self) -> None:
         interval = SAMPLE_INTERVAL
@@ -627,13 +628,6 @@ class Execution:
                 interval = min(interval * 2, SAMPLE_INTERVAL_MAX)
             with trio.move_on_after(interval):
                 await self._exited.wait()
-
-    async def _enforce_timeout(self, seconds: float) -> None:
-        with trio.move_on_after(seconds):
-            await self._exited.wait()
-            return
-        self.timed_out = True
-        self._stop_requested.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Hand the plan to the runner (a spare, or one started now) and relay everything
@@ -648,51 +642,34 @@ class Execution:
             if self._encoded is None:
                 self._encoded = runner.encode(plan)
                 shape = self._encoded.shape
-            else:  # the command half is the same with or without cgroups
-                shape = runner.encode_shape(plan)
+            else:  # encoded without cgroups; the command half is the same
+                shape = join_cgroups(self._encoded.shape, dirs)
             # From the trio thread, which lives as long as the run (the runner's PDEATHSIG).
             self._runner = _start_runner()
         assert self._encoded is not None  # with a spare, always given
-        stdin, stdout, stderr, status, shape_fd, command_fd = self._runner.take_fds()
-        streams = [trio.lowlevel.FdStream(fd) for fd in (stdin, stdout, stderr, status)]
+        stdin, stdout, stderr, status_fd, shape_fd, command_fd = self._runner.take_fds()
         try:
             async with trio.open_nursery() as nursery:
                 if shape is not None:
-                    nursery.start_soon(_feed, trio.lowlevel.FdStream(shape_fd), shape)
-                command = trio.lowlevel.FdStream(command_fd)
-                nursery.start_soon(_feed, command, self._encoded.command)
-                await self._relay(nursery, streams, self._runner.pidfd, task_status)
+                    _feed_soon(nursery, shape_fd, shape)
+                _feed_soon(nursery, command_fd, self._encoded.command)
+                _feed_soon(nursery, stdin, self.prepared.spec.stdin or b"")
+                for fd, name in ((stdout, Stream.STDOUT), (stderr, Stream.STDERR)):
+                    stream = trio.lowlevel.FdStream(fd)
+                    nursery.start_soon(self._pump, stream, name, self._send.clone())
+                nursery.start_soon(self._observe)
+                nursery.start_soon(self._stop_when_asked, self._runner.pidfd)
+                self._send.close()
+                task_status.started()
+                await self._read_status(trio.lowlevel.FdStream(status_fd))
+                # The sandbox is gone: whatever is left in the cgroup dies now, so the output
+                # pipes reach EOF. A few small reads of cgroupfs: not worth a trip to a thread.
+                self._exited.set()
+                self._stop_scope.cancel()
+                self._usage = self._finish_cgroup()
         finally:
             self._exited.set()
             self._done.set()
-
-    async def _relay(
-        self,
-        nursery: trio.Nursery,
-        streams: list[trio.lowlevel.FdStream],
-        pidfd: int,
-        task_status: trio.TaskStatus[None],
-    ) -> None:
-        stdin, stdout, stderr, status = streams
-        stdin_data = self.prepared.spec.stdin
-        if stdin_data is None:
-            await stdin.aclose()
-        else:
-            nursery.start_soon(_feed, stdin, stdin_data)
-        nursery.start_soon(self._pump, stdout, Stream.STDOUT, self._send.clone())
-        nursery.start_soon(self._pump, stderr, Stream.STDERR, self._send.clone())
-        nursery.start_soon(self._read_status, status)
-        nursery.start_soon(self._observe)
-        if self.prepared.spec.timeout is not None:
-            nursery.start_soon(self._enforce_timeout, self.prepared.spec.timeout)
-        self._send.close()
-        task_status.started()
-        await self._supervise(pidfd)
-        # The sandbox is gone: whatever is left in the cgroup dies now, so the output pipes
-        # reach EOF; the accounting is read in the same trip to a thread.
-        self._exited.set()
-        # A few small reads of cgroupfs: not worth a trip to a thread.
-        self._usage = self._finish_cgroup()
 
 
 @dataclass(slots=True)
@@ -759,10 +736,33 @@ def _pidfd_signal(pidfd: int, signum: int) -> None:
         signal.pidfd_send_signal(pidfd, signum)
 
 
-async def _feed(stream: trio.lowlevel.FdStream, data: bytes) -> None:
-    async with stream:
+def _write_ahead(fd: int, data: bytes) -> bytes:
+    """Write to pipe ``fd`` what fits without waiting (a plan half, as a rule, whole) and
+    close it once all is written; the rest, if any, is for :func:`_feed`. A reader gone (the
+    runner died: its status says why) takes nothing more."""
+    os.set_blocking(fd, False)
+    try:
+        rest = data[os.write(fd, data) :] if data else b""
+    except BlockingIOError:
+        return data
+    except BrokenPipeError:
+        rest = b""
+    if not rest:
+        os.close(fd)
+    return rest
+
+
+async def _feed(fd: int, data: bytes) -> None:
+    """Write the rest :func:`_write_ahead` left to pipe ``fd``, then close it."""
+    async with trio.lowlevel.FdStream(fd) as stream:
         with contextlib.suppress(trio.BrokenResourceError):
             await stream.send_all(data)
+
+
+def _feed_soon(nursery: trio.Nursery, fd: int, data: bytes) -> None:
+    """Write ``data`` to pipe ``fd`` now, as far as it fits, the rest in ``nursery``."""
+    if rest := _write_ahead(fd, data):
+        nursery.start_soon(_feed, fd, rest)
 
 
 @contextlib.asynccontextmanager
@@ -829,7 +829,7 @@ class Runners:
         if not _reusable(spec):
             return await trio.to_thread.run_sync(prepare_run, spec, source, report), None
         # One indexed SQLite read and one small file: not worth a trip to a thread.
-        snapshot = source.get(spec.snapshot).id
+        snapshot = source.resolve(spec.snapshot)
         resolv_conf = _host_resolv_conf()
         key = (spec, snapshot)
         while (preparing := self._preparing.get(key)) is not None:
@@ -849,11 +849,12 @@ class Runners:
         self._prepared[key] = (report, resolv_conf, prepared, encoded)
         return prepared, encoded
 
-    async def take(self, plan: Plan, key: bytes, hierarchies: cgroups.Hierarchies) -> _Spare | None:
-        """The spare, if it built the sandbox ``key`` (``plan``'s) in these cgroup
+    async def take(self, key: bytes, hierarchies: cgroups.Hierarchies) -> _Spare | None:
+        """The spare, if it built the sandbox ``key`` (a shape without cgroups) in these cgroup
         hierarchies and is still alive. When the spare for ``key`` is still being started, the
         first run to ask waits for it: it is ready sooner than a runner started now would be.
-        The spare for the next run is started now or when this one ends (see below)."""
+        The spare for the next run is started once this one runs or once it ended (see
+        :meth:`running`)."""
         if self._spare is None and self._making is not None and not self._awaited:
             making_key, made = self._making
             if making_key == key:
@@ -865,48 +866,51 @@ class Runners:
         ):
             self.defer(partial(_discard_spare, spare))
             spare = None
-        # Back to back (the last run ended just now), or without a spare (this run is on the
-        # slow path anyway): the next spare is built while this run runs, else it would be
-        # on the next one's path; otherwise once this run ended, so that building it does
-        # not compete with this run.
-        self._eager = trio.current_time() - self._last_end < EAGER_GAP
-        if self._eager or spare is None:
-            self._refill_for(plan, key, hierarchies)
+        self._eager = spare is None or trio.current_time() - self._last_end < EAGER_GAP
         return spare
 
-    def ended(self, plan: Plan, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
-        """A run with ``plan`` (whose sandbox is ``key``) has ended: start the spare for the
-        next one, unless it was started when this one began (:meth:`take`)."""
+    def running(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
+        """A run in the sandbox ``key`` has its command. Back to back (the last run ended just
+        now), or without a spare (this run is on the slow path anyway): the next spare is
+        built now, while this run runs, else it would be on the next one's path; otherwise
+        once this run ended (:meth:`ended`), so that building it does not compete with
+        this run."""
+        if self._eager:
+            self._refill_for(key, hierarchies)
+
+    def ended(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
+        """A run in the sandbox ``key`` has ended: start the spare for the next one, unless it
+        was started while this one ran (:meth:`running`)."""
         self._last_end = trio.current_time()
         if not self._eager:
-            self._refill_for(plan, key, hierarchies)
+            self._refill_for(key, hierarchies)
 
-    def _refill_for(self, plan: Plan, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
+    def _refill_for(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
         if self._closed or self._making is not None:
             return
         if self._spare is not None and self._spare.key == key:
             return
         self._making, self._awaited = (key, trio.Event()), False
-        self._nursery.start_soon(self._refill, plan, key, hierarchies)
+        self._nursery.start_soon(self._refill, key, hierarchies)
 
     def defer(self, clean_up: Callable[[], Awaitable[None]]) -> None:
         """Run ``clean_up`` in the background (shielded from cancellation)."""
         self._nursery.start_soon(_shielded, clean_up)
 
-    async def _refill(self, plan: Plan, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
+    async def _refill(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
         try:
             name = f"spare-{uuid.uuid4().hex[:12]}"
             # A few mkdirs in cgroupfs: cheaper than a trip to a thread, whose GIL hand-offs
             # would slow the run in progress.
             group = cgroups.create(name, hierarchies, every_controller=True)
-            dirs = tuple(map(str, group.dirs))
-            shape = runner.encode_shape(dataclasses.replace(plan, cgroups=dirs))
+            shape = join_cgroups(key, tuple(map(str, group.dirs)))
             proc: _Runner | None = None
             try:
                 proc = _start_runner()
                 shape_fd, proc.fds[4] = proc.fds[4], -1
                 # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
-                await _feed(trio.lowlevel.FdStream(shape_fd), shape)
+                if rest := _write_ahead(shape_fd, shape):
+                    await _feed(shape_fd, rest)
             except BaseException:
                 await _shielded(partial(_discard_spare_parts, proc, group))
                 raise
@@ -980,7 +984,7 @@ async def open_run(
     spare: _Spare | None = None
     try:
         if runners is not None and encoded is not None:
-            spare = await runners.take(prepared.plan, encoded.shape, prepared.hierarchies)
+            spare = await runners.take(encoded.shape, prepared.hierarchies)
         if spare is not None:
             # A few small writes to cgroupfs: not worth a trip to a thread.
             spare.group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
@@ -999,12 +1003,14 @@ async def open_run(
     )
     try:
         async with _executing(execution):
+            if runners is not None and encoded is not None:
+                runners.running(encoded.shape, prepared.hierarchies)
             yield execution
     finally:
         clean_up = partial(_clean_up, execution, source)
         if runners is not None:
             if encoded is not None:
-                runners.ended(prepared.plan, encoded.shape, prepared.hierarchies)
+                runners.ended(encoded.shape, prepared.hierarchies)
             runners.defer(clean_up)
         else:
             await _shielded(clean_up)

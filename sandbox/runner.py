@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Final
 
 from runtimed.errors import ExecFailedError, KernelError, RuntimedError, SandboxError
-from sandbox import idmap, syscalls, wire
+from sandbox import idmap, syscalls
 from sandbox.plan import Plan
 from sandbox.wire import EncodedPlan, ExecFailed, StepFailed, encode_plan
 
@@ -64,15 +64,6 @@ def encode(plan: Plan) -> EncodedPlan:
     for name in plan.capabilities:
         mask |= 1 << syscalls.CAPABILITIES[name]
     return encode_plan(plan, capabilities=mask, **_id_maps(plan))
-
-
-def encode_shape(plan: Plan) -> bytes:
-    """The first half of the runner's plan for ``plan`` (the sandbox, not the command).
-
-    Raises:
-        SandboxError: the plan cannot be encoded.
-    """
-    return wire.encode_shape(plan, **_id_maps(plan))
 
 
 def _id_maps(plan: Plan) -> dict[str, str]:

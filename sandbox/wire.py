@@ -11,7 +11,7 @@ since any byte string is a Linux path but not every one is valid JSON text.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -60,10 +60,15 @@ def _shape_tokens(plan: Plan, uid_map: str, gid_map: str) -> Iterator[str | int]
     yield from _items("hostname", plan.hostname, "loopback", int(plan.loopback))
     yield from _items("uid_map", uid_map, "gid_map", gid_map)
     yield from _items("binfmt", len(plan.binfmt), *plan.binfmt)
-    yield from _items("cgroups", len(plan.cgroups), *plan.cgroups)
     yield from _items("ops", len(plan.ops))
     for op in plan.ops:
         yield from _op_tokens(op)
+    yield from _cgroups_tokens(plan.cgroups)
+
+
+def _cgroups_tokens(cgroups: Sequence[str]) -> Iterator[str | int]:
+    """The end of a shape: last, so that :func:`join_cgroups` can add them to a shape."""
+    yield from _items("cgroups", len(cgroups), *cgroups)
     yield "end"
 
 
@@ -117,6 +122,19 @@ def encode_shape(plan: Plan, *, uid_map: str = "", gid_map: str = "") -> bytes:
         SandboxError: a value holds a NUL byte, or a number is negative or beyond 64 bits.
     """
     return _encode(_shape_tokens(plan, uid_map, gid_map))
+
+
+def join_cgroups(shape: bytes, cgroups: Sequence[str]) -> bytes:
+    """``shape``, encoded without cgroups, now with ``cgroups`` to join: the launcher encodes
+    a sandbox's shape once and adds each run's cgroups to it.
+
+    Raises:
+        SandboxError: ``shape`` names cgroups already, or a path holds a NUL byte.
+    """
+    tail = _encode(_cgroups_tokens(()))
+    if not shape.endswith(tail):
+        raise SandboxError("sandbox shape already names its cgroups")
+    return shape[: -len(tail)] + _encode(_cgroups_tokens(cgroups))
 
 
 def encode_plan(

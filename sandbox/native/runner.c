@@ -372,12 +372,13 @@ static void read_shape(struct plan *plan) {
     expect(&t, "gid_map");
     plan->gid_map = token(&t);
     plan->binfmt = strings(&t, "binfmt", &plan->nbinfmt);
-    plan->cgroups = strings(&t, "cgroups", &plan->ncgroups);
     expect(&t, "ops");
     plan->nops = count(&t, 4096);
     plan->ops = array(plan->nops, sizeof *plan->ops);
     for (int i = 0; i < plan->nops; i++)
         read_op(&t, &plan->ops[i]);
+    /* Last, so that the launcher adds a spare's cgroups to a shape it encoded once. */
+    plan->cgroups = strings(&t, "cgroups", &plan->ncgroups);
     expect_end(&t);
 }
 

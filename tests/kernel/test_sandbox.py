@@ -99,6 +99,9 @@ class DirectorySource:
     def get(self, ref: str) -> Snapshot:
         return Snapshot(id=ref, platform=self.platform)
 
+    def resolve(self, ref: str) -> str:
+        return ref
+
     def layer_paths(self, snapshot_id: str) -> list[Path]:
         return [self.root]
 

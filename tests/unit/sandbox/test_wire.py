@@ -21,6 +21,7 @@ from sandbox.wire import (
     StepFailed,
     encode_plan,
     encode_shape,
+    join_cgroups,
     parse_status,
 )
 from tests.unit.sandbox.plans import sample_plan
@@ -59,7 +60,7 @@ def test_wire_plan_halves_in_the_runners_order() -> None:
         shape,
         [
             "overlay", "workspace", "scratch", "namespaces", "hostname", "loopback",
-            "uid_map", "gid_map", "binfmt", "cgroups", "ops",
+            "uid_map", "gid_map", "binfmt", "ops", "cgroups",
         ],
     )  # fmt: skip
     assert _in_order(
@@ -91,6 +92,12 @@ def test_wire_shapes_without_cgroups_name_the_sandbox() -> None:
     assert encode_shape(plan) != keys[0]  # with its cgroups
     assert encode_shape(plan) == encode_plan(plan, capabilities=0).shape
     assert _after(_tokens(keys[0]), "cgroups", 1) == ["0"]
+    # A run's cgroups added to the shape encoded once equal the plan encoded with them.
+    assert join_cgroups(keys[0], plan.cgroups) == encode_shape(plan)
+    with pytest.raises(SandboxError, match="already names its cgroups"):
+        join_cgroups(encode_shape(plan), ("/sys/fs/cgroup/other",))
+    with pytest.raises(SandboxError, match="NUL"):
+        join_cgroups(keys[0], ("/sys/fs/cgroup/a\0b",))
 
 
 def test_wire_plan_ops_carry_their_fields() -> None:
