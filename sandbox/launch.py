@@ -990,7 +990,9 @@ async def open_run(
             spare.group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
             group = spare.group
         else:
-            group = await trio.to_thread.run_sync(_create_cgroups, prepared)
+            # A few mkdirs and writes in cgroupfs. Inline: a burst of runs without spares
+            # (50 at once) finished 20% sooner than with a trip to a thread for each.
+            group = _create_cgroups(prepared)
     except BaseException:
         with trio.CancelScope(shield=True):
             if spare is not None:
