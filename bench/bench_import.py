@@ -1,9 +1,10 @@
 """Benchmark (not a test): snapshot import of a real Debian rootfs against GNU tar, on disk and
 on tmpfs, a repeated import, and view creation against ``cp -a`` of the same tree.
 
-Run as root: ``.venv/bin/python bench/bench_import.py [--runs N]``. The first run builds a
-Debian bookworm minbase rootfs with ``debootstrap`` (downloads from deb.debian.org) and its
-tar.gz / tar.zst archives under /var/cache/runtimed-tests; later runs reuse them.
+Run as root: ``.venv/bin/python bench/bench_import.py [--runs N] [--only tar.zst/tmpfs ...]``.
+The first run builds a Debian bookworm minbase rootfs with ``debootstrap`` (downloads from
+deb.debian.org) and its tar.gz / tar.zst archives under /var/cache/runtimed-tests; later runs
+reuse them.
 
 Every number is the median of ``--runs`` runs, each into a fresh directory on the same file
 system as the comparison; our import includes its ``syncfs`` (GNU tar does not sync; the
@@ -104,6 +105,12 @@ def row(name: str, seconds: float, ratio: float | None = None) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="KIND/FS",
+        help="run only these imports (e.g. tar.zst/tmpfs) and skip the repeat and view rows",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root (the import mounts overlays, views are mounts)", file=sys.stderr)
@@ -120,6 +127,8 @@ def main() -> int:
     try:
         for fs_name, base in (("disk", disk), ("tmpfs", tmpfs)):
             for kind, archive in archives.items():
+                if args.only and f"{kind}/{fs_name}" not in args.only:
+                    continue
                 flags = ARCHIVES[kind]
                 print(f"\nimport {kind} on {fs_name} (median of {args.runs})")
                 tar, tar_sync, ours = rounds(
@@ -144,6 +153,8 @@ def main() -> int:
                     paired_ratio(ours, tar_sync),
                 )
 
+        if args.only:
+            return 0
         print(f"\nrepeated import and views (on disk, median of {max(args.runs, 10)})")
         state = Path(tempfile.mkdtemp(dir=disk))
         with Store(state) as store:
