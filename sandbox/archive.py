@@ -222,6 +222,7 @@ class UnpackPlan:
     limits: UnpackLimits
     expected_diff_id: str | None = None
     expected_digest: str | None = None
+    known_digest: str | None = None
 
     def to_json(self) -> dict[str, Json]:
         return {
@@ -233,6 +234,7 @@ class UnpackPlan:
             "limits": self.limits.to_json(),
             "expected_diff_id": self.expected_diff_id,
             "expected_digest": self.expected_digest,
+            "known_digest": self.known_digest,
         }
 
     @classmethod
@@ -261,10 +263,15 @@ class UnpackPlan:
             limits=UnpackLimits.from_json(obj.get("limits")),
             expected_diff_id=_optional_text(obj, "expected_diff_id"),
             expected_digest=_optional_text(obj, "expected_digest"),
+            known_digest=_optional_text(obj, "known_digest"),
         )
         if plan.parents and plan.work is None:
             raise InvalidParamsError(
                 "plan.work: needed with parents", details={"parameter": "work"}
+            )
+        if plan.expected_digest is not None and plan.known_digest is not None:
+            raise InvalidParamsError(
+                "plan.known_digest: not with expected_digest", details={"parameter": "known_digest"}
             )
         return plan
 

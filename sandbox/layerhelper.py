@@ -45,6 +45,8 @@ Plan (stdin, one JSON object):
 ``work``            empty directory on DEST's filesystem (null without parents)
 ``limits``          :class:`sandbox.archive.UnpackLimits` as JSON
 ``expected_*``      ``expected_diff_id``/``expected_digest``: ``sha256:…`` or null
+``known_digest``    ``sha256:…`` of the source as its writer hashed it (not hashed again;
+                    see :func:`sandbox.unpack.unpack_stream`), or null
 =================== ===============================================================
 
 Status records (stdout, exactly one):
@@ -163,6 +165,7 @@ def unpack(plan: UnpackPlan, root: Path) -> LayerResult:
             name=plan.name,
             expected_diff_id=plan.expected_diff_id,
             expected_digest=plan.expected_digest,
+            known_digest=plan.known_digest,
         )
     finally:
         os.close(root_fd)

@@ -1,5 +1,6 @@
 """IO: one layer stream read to its end: compression sniffed, decoded member by member,
-hashed twice (compressed bytes and the diff_id) and bounded by :class:`UnpackLimits`.
+hashed (the diff_id, and the compressed bytes unless their digest is known) and bounded by
+:class:`UnpackLimits`.
 
 :class:`LayerStream` is the forward-only, seekable file object the tar parser in
 ``sandbox.unpack`` reads from. Concatenated members are legal (gzip members, RFC 1952 2.2;
@@ -95,7 +96,7 @@ _T = TypeVar("_T")
 
 
 class _Decoder:
-    """The producer half of :class:`LayerStream`: raw reads, decompression and both digests.
+    """The producer half of :class:`LayerStream`: raw reads, decompression and the digests.
 
     Runs in its own thread (zlib, lzma, bz2, zstd and hashlib release the GIL), so that
     decompressing and hashing overlap with parsing and writing, as GNU tar's separate
@@ -103,11 +104,11 @@ class _Decoder:
     :data:`CHUNK` bytes: a decompression bomb never sits in memory.
     """
 
-    def __init__(self, fd: int, limits: UnpackLimits, name: str) -> None:
+    def __init__(self, fd: int, limits: UnpackLimits, name: str, *, hash_compressed: bool) -> None:
         self._fd = fd
         self._limits = limits
         self.name = name
-        self.raw_hash = hashlib.sha256()
+        self.raw_hash: hashlib._Hash | None = hashlib.sha256() if hash_compressed else None
         self.hash = hashlib.sha256()
         self.total = 0
         self._raw_eof = False
@@ -115,7 +116,7 @@ class _Decoder:
         while len(self._input) < SNIFF_BYTES and not self._raw_eof:
             self._input += self._read_raw()
         self.compression = sniff_compression(self._input)
-        if self.compression is not Compression.NONE:
+        if self.raw_hash is not None and self.compression is not Compression.NONE:
             self.raw_hash.update(self._input)
         self._decoder: _Decompressor | None = None
         self.queue: queue.Queue[_Item] = queue.Queue(_QUEUE_CHUNKS)
@@ -127,9 +128,11 @@ class _Decoder:
         self.stopped = threading.Event()
 
     @property
-    def compressed_digest(self) -> str:
+    def compressed_digest(self) -> str | None:
         # An uncompressed stream is hashed once: its digest is its diff_id.
-        return _digest(self.hash if self.compression is Compression.NONE else self.raw_hash)
+        if self.compression is Compression.NONE:
+            return _digest(self.hash)
+        return None if self.raw_hash is None else _digest(self.raw_hash)
 
     def _read_raw(self) -> bytes:
         try:
@@ -141,7 +144,8 @@ class _Decoder:
 
     def _read_compressed(self) -> bytes:
         data = self._read_raw()
-        self._put(self.hash_queue, (self.raw_hash, data))
+        if self.raw_hash is not None:
+            self._put(self.hash_queue, (self.raw_hash, data))
         return data
 
     def invalid(self, why: str) -> InvalidArchiveError:
@@ -213,7 +217,7 @@ class _Decoder:
         self._put(self.queue, item)
 
     def hash_all(self) -> None:
-        """Hasher thread: both sha256 digests (compressed bytes and diff_id) run beside
+        """Hasher thread: the sha256 digests (diff_id, compressed bytes) run beside
         decompression, as a third stage of the pipe."""
         while (item := self.hash_queue.get()) is not None:
             item[0].update(item[1])
@@ -230,8 +234,10 @@ class _Decoder:
 class LayerStream:
     """Forward-only, seekable file object over an fd holding a possibly compressed tar stream.
 
-    Reads the fd to its end, hashes what it reads (compressed digest) and what it returns
-    (diff_id), and raises once the uncompressed stream grows beyond ``limits.max_bytes``.
+    Reads the fd to its end, hashes what it returns (diff_id) and, with ``hash_compressed``,
+    what it reads (compressed digest: a caller that hashed the bytes as it wrote the file
+    passes False and keeps its own), and raises once the uncompressed stream grows beyond
+    ``limits.max_bytes``.
     ``seek`` only moves forward (reading and hashing what it skips), which is all ``tarfile``
     needs in mode ``"r"``. The decoding runs in a thread (:class:`_Decoder`); call
     :meth:`close` when done. Start it only after any ``unshare``: it makes the process
@@ -242,9 +248,11 @@ class LayerStream:
         LimitExceededError: more than ``limits.max_bytes`` uncompressed bytes.
     """
 
-    def __init__(self, fd: int, limits: UnpackLimits, *, name: str = "layer") -> None:
+    def __init__(
+        self, fd: int, limits: UnpackLimits, *, name: str = "layer", hash_compressed: bool = True
+    ) -> None:
         self.name = name
-        self._decoder = _Decoder(fd, limits, name)
+        self._decoder = _Decoder(fd, limits, name, hash_compressed=hash_compressed)
         self.compression = self._decoder.compression
         self._threads = [
             threading.Thread(target=self._decoder.run, name="layer-decoder", daemon=True),
@@ -262,7 +270,9 @@ class LayerStream:
         return _digest(self._decoder.hash)
 
     @property
-    def compressed_digest(self) -> str:
+    def compressed_digest(self) -> str | None:
+        """The digest of the bytes read; None for a compressed stream read without
+        ``hash_compressed``. An uncompressed stream's is its diff_id."""
         return self._decoder.compressed_digest
 
     def _next_chunk(self) -> bytes:

@@ -843,7 +843,7 @@ class Store:
                     self._add_sources(found.id, keys)
                     return found
                 say(f"unpacking {source}")
-                new = self._unpack(tmp, blob, parents=[], diff_id=None, digest=digest)
+                new = self._unpack(tmp, blob, parents=[], diff_id=None, known_digest=digest)
                 layer = self._install_layer(held, new, chain_id=new.diff_id)
                 resolved = self._tarball_config(self._layer_path(layer.chain_id), layer, wanted)
                 return self._commit(resolved, [layer], source=label, source_keys=keys)
@@ -897,8 +897,12 @@ class Store:
         *,
         parents: Sequence[Path],
         diff_id: str | None,
-        digest: str | None,
+        known_digest: str | None,
     ) -> _NewLayer:
+        """Unpack ``blob``, a file the store wrote into ``tmp`` and hashed on the way
+        (``known_digest``, sha256; None to have the helper hash it). Nothing else writes
+        into staging, so the bytes unpacked are the bytes hashed: the helper does not hash
+        the compressed stream again (that was ~80 ms of CPU per 85 MiB of tar.zst)."""
         dest, work = tmp / "layer", tmp / "work"
         dest.mkdir()
         work.mkdir()
@@ -911,7 +915,7 @@ class Store:
                 work=work,
                 limits=self.limits,
                 expected_diff_id=diff_id,
-                expected_digest=digest,
+                known_digest=known_digest,
             )
         finally:
             os.close(fd)
@@ -1185,13 +1189,14 @@ class Store:
                 say(f"layer {i + 1}/{len(layers)} {chain_id[:19]} unpacking")
                 with self._staging() as tmp:
                     blob = tmp / "blob"
-                    self._copy_member(archive, name, blob, digest=digest, size=size)
+                    copied = self._copy_member(archive, name, blob, digest=digest, size=size)
                     new = self._unpack(
                         tmp,
                         blob,
                         parents=[self._layer_path(layer.chain_id) for layer in installed],
                         diff_id=config.diff_ids[i],
-                        digest=digest,
+                        # Blobs are kept under their sha256 (the helper's digest otherwise).
+                        known_digest=copied if copied.startswith("sha256:") else None,
                     )
                     installed.append(self._install_layer(None, new, chain_id=chain_id))
             return self._commit(resolved, installed, source=label, source_keys=())
@@ -1199,8 +1204,9 @@ class Store:
     @staticmethod
     def _copy_member(
         archive: _Archive, name: str, dest: Path, *, digest: str | None, size: int | None
-    ) -> None:
-        """Copy a blob out of the archive, checking its size and digest on the way."""
+    ) -> str:
+        """Copy a blob out of the archive, checking its size and digest on the way; its
+        digest (sha256 unless ``digest`` names another algorithm)."""
         with archive.member(name) as member, open(dest, "wb") as out:
             if size is not None and member.size != size:
                 raise InvalidArchiveError(
@@ -1217,6 +1223,7 @@ class Store:
                 f"{name}: blob fails its digest check (expected {digest}, got {actual})",
                 details={"blob": name, "expected": digest, "actual": actual},
             )
+        return actual
 
     # --- remove and gc -------------------------------------------------------------------------
 

@@ -626,34 +626,48 @@ def unpack_stream(
     name: str = "layer",
     expected_diff_id: str | None = None,
     expected_digest: str | None = None,
+    known_digest: str | None = None,
 ) -> LayerResult:
     """Unpack the tar stream on ``fd`` into the directory ``root_fd``, in this process.
 
     The helper calls this with ``root_fd`` on the merged overlay (or the bare layer directory
     for a layer without parents); it is not meant for the daemon itself.
 
+    ``expected_digest`` is checked against the sha256 of the bytes read. ``known_digest``
+    (exclusive with it) is the sha256 the caller computed over exactly the bytes ``fd``
+    holds while it wrote them into a file only it can write (the store's staging copy): a
+    compressed stream's bytes are then not hashed again and it is reported as the
+    compressed digest; an uncompressed stream is hashed anyway (that digest is its diff_id)
+    and must match it.
+
     Raises:
         InvalidArchiveError: corrupt, truncated or hostile archive, or a digest mismatch.
         LimitExceededError: beyond ``limits``.
         KernelError: the host failed while writing.
+        InternalError: both ``expected_digest`` and ``known_digest`` given.
     """
-    stream = LayerStream(fd, limits, name=name)
+    if expected_digest is not None and known_digest is not None:
+        raise InternalError(f"{name}: an expected digest is checked, a known one trusted: not both")
+    stream = LayerStream(fd, limits, name=name, hash_compressed=known_digest is None)
     try:
         entries, warnings, size = _unpack_members(stream, root_fd, limits, name)
         stream.finish()
     finally:
         stream.close()
-    result = LayerResult(
+    hashed = stream.compressed_digest
+    _check_digest(name, "diff_id", expected_diff_id, stream.diff_id)
+    if hashed is not None:
+        _check_digest(name, "digest", expected_digest or known_digest, hashed)
+    digest = hashed or known_digest
+    assert digest is not None  # hashed unless known_digest was given
+    return LayerResult(
         diff_id=stream.diff_id,
-        compressed_digest=stream.compressed_digest,
+        compressed_digest=digest,
         compression=stream.compression,
         size=size,
         entries=entries,
         warnings=warnings,
     )
-    _check_digest(name, "diff_id", expected_diff_id, result.diff_id)
-    _check_digest(name, "digest", expected_digest, result.compressed_digest)
-    return result
 
 
 def _unpack_members(
@@ -718,6 +732,7 @@ def apply_layer(
     limits: UnpackLimits = DEFAULT_LIMITS,
     expected_diff_id: str | None = None,
     expected_digest: str | None = None,
+    known_digest: str | None = None,
     name: str = "layer",
 ) -> LayerResult:
     """Unpack the layer stream on ``source_fd`` into the empty directory ``dest``.
@@ -728,7 +743,8 @@ def apply_layer(
     unpacks into the merged view, so ``dest`` ends up holding overlayfs's representation of
     the layer: whiteouts as 0/0 character devices, opaque directories with the
     ``user.overlay.opaque`` xattr. Every overlay mount over such layers must pass ``userxattr``.
-    The helper reads ``source_fd`` to its end; ``name`` names the blob in errors.
+    The helper reads ``source_fd`` to its end; ``name`` names the blob in errors;
+    ``expected_digest`` and ``known_digest`` are as in :func:`unpack_stream`.
 
     On failure ``dest`` and ``work`` are emptied (the caller removes the directories).
 
@@ -752,6 +768,7 @@ def apply_layer(
         limits=limits,
         expected_diff_id=expected_diff_id,
         expected_digest=expected_digest,
+        known_digest=known_digest,
     )
     try:
         return LayerResult.from_json(_run_helper(plan))

@@ -88,6 +88,7 @@ def apply_bytes(
     *,
     expected_diff_id: str | None = None,
     expected_digest: str | None = None,
+    known_digest: str | None = None,
 ) -> LayerResult:
     path = tmp_path / "blob"
     path.write_bytes(blob)
@@ -100,6 +101,7 @@ def apply_bytes(
             limits=limits or UnpackLimits(),
             expected_diff_id=expected_diff_id,
             expected_digest=expected_digest,
+            known_digest=known_digest,
         )
     finally:
         os.close(fd)
@@ -215,6 +217,36 @@ def test_unpack_digest_mismatch_is_invalid_and_leaves_nothing(
         apply_bytes(tmp_path, blob, layer, expected_diff_id=diff_id, expected_digest=digest)
     assert raised.value.details["expected"] == wrong
     assert os.listdir(layer) == []
+
+
+def test_unpack_known_digest_is_not_hashed_again(
+    tmp_path: Path, staging: tuple[Path, Path]
+) -> None:
+    """The store hashes a blob as it writes it into staging and passes that digest on: the
+    helper reports it without hashing the compressed bytes a second time (a stand-in digest
+    shows that), while the diff_id is still computed and checked."""
+    layer, _ = staging
+    blob = compress(Compression.ZSTD, SMALL)
+    stand_in = "sha256:" + "1" * 64
+    result = apply_bytes(
+        tmp_path, blob, layer, expected_diff_id=sha256(SMALL), known_digest=stand_in
+    )
+    assert result.compressed_digest == stand_in
+    assert result.diff_id == sha256(SMALL)
+    assert (layer / "a").read_bytes() == b"a" * 5000
+
+
+def test_unpack_known_digest_of_a_plain_tar_is_checked_and_leaves_nothing(
+    tmp_path: Path, staging: tuple[Path, Path]
+) -> None:
+    """An uncompressed stream is hashed anyway (its digest is the diff_id): a known digest
+    that differs is a mismatch, and nothing is left."""
+    layer, _ = staging
+    wrong = "sha256:" + "0" * 64
+    with pytest.raises(InvalidArchiveError, match="digest mismatch"):
+        apply_bytes(tmp_path, SMALL, layer, known_digest=wrong)
+    assert os.listdir(layer) == []
+    assert apply_bytes(tmp_path, SMALL, layer, known_digest=sha256(SMALL)).diff_id == sha256(SMALL)
 
 
 def _zero_bomb(size: int) -> bytes:
