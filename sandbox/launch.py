@@ -915,8 +915,8 @@ class Runners:
                 await _shielded(partial(_discard_spare_parts, proc, group))
                 raise
             spare = _Spare(runner=proc, group=group, hierarchies=hierarchies, key=key)
-            if self._closed:
-                await _discard_spare(spare)
+            if self._closed:  # and maybe cancelled: its parts must go all the same
+                await _shielded(partial(_discard_spare, spare))
             else:
                 old, self._spare = self._spare, spare
                 if old is not None:
