@@ -358,6 +358,15 @@ class _Observed:
 
 
 @dataclass(slots=True)
+class _Look:
+    """One look at the run's processes (:func:`_look`)."""
+
+    exclude: set[int] = field(default_factory=set)  # not the run's command or its children
+    seen: dict[tuple[int, float], _Observed] = field(default_factory=dict)
+    inner: set[int] = field(default_factory=set)  # their PIDs in the sandbox
+
+
+@dataclass(slots=True)
 class _Observer:
     """Samples of the run's processes, keyed by (pid, start time) against PID reuse."""
 
@@ -366,27 +375,36 @@ class _Observer:
     command_pid: int | None = None  # the command's PID inside the sandbox
     command_seen: bool = False
 
-    def sample(self, group: cgroups.RunCgroup) -> None:
-        """One look at every process of the run but the runner's and the sandbox's PID 1."""
-        for pid in group.pids():
-            if pid in self.exclude:
+    def merge(self, look: _Look) -> None:
+        self.exclude |= look.exclude
+        self.seen.update(look.seen)
+        if self.command_pid in look.inner:
+            self.command_seen = True
+
+
+def _look(group: cgroups.RunCgroup, exclude: frozenset[int]) -> _Look:
+    """Every process of the run but the runner's and the sandbox's PID 1 (blocking: reads
+    ``/proc``); ``exclude``: PIDs known to be those."""
+    look = _Look()
+    for pid in group.pids():
+        if pid in exclude:
+            continue
+        try:
+            inner = _inner_pid(pid)
+            if inner is None or inner == 1:
+                # the runner's own processes (outside the sandbox's PID namespace), PID 1
+                look.exclude.add(pid)
                 continue
-            try:
-                inner = _inner_pid(pid)
-                if inner is None or inner == 1:
-                    # the runner's own processes (outside the sandbox's PID namespace), PID 1
-                    self.exclude.add(pid)
-                    continue
-                proc = psutil.Process(pid)
-                with proc.oneshot():
-                    key = (pid, proc.create_time())
-                    times = proc.cpu_times()
-                exe = os.readlink(f"/proc/{pid}/exe")
-            except (psutil.Error, OSError):
-                continue
-            if inner == self.command_pid:
-                self.command_seen = True
-            self.seen[key] = _Observed(exe=exe, cpu_seconds=times.user + times.system)
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                key = (pid, proc.create_time())
+                times = proc.cpu_times()
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except (psutil.Error, OSError):
+            continue
+        look.inner.add(inner)
+        look.seen[key] = _Observed(exe=exe, cpu_seconds=times.user + times.system)
+    return look
 
 
 def _inner_pid(pid: int) -> int | None:
@@ -476,6 +494,7 @@ class Execution:
         self._exit: Exited | None = None
         self._finished = False  # the runner said so: nothing more comes on its status
         self._stop_scope = trio.CancelScope()
+        self._observe_scope = trio.CancelScope()
         self._usage: tuple[cgroups.ResourceUsage, dict[str, int]] | None = None
         self.timed_out = False
         self.cancelled = False
@@ -619,15 +638,23 @@ class Execution:
             self._finished = True
 
     async def _observe(self) -> None:
+        """Look at the run's processes now and then until it ends. A look under way then is
+        abandoned (its thread finishes on its own, and nothing of it is used): the result
+        does not wait for it."""
         interval = SAMPLE_INTERVAL
-        while not self._exited.is_set():
-            if self._started:
-                await trio.to_thread.run_sync(self._observer.sample, self.group)
-                # Often at first, when short-lived build steps come and go, then less: a
-                # sample is a trip to a thread and a /proc read per process.
-                interval = min(interval * 2, SAMPLE_INTERVAL_MAX)
-            with trio.move_on_after(interval):
-                await self._exited.wait()
+        with self._observe_scope:
+            while not self._exited.is_set():
+                if self._started:
+                    exclude = frozenset(self._observer.exclude)
+                    look = await trio.to_thread.run_sync(
+                        _look, self.group, exclude, abandon_on_cancel=True
+                    )
+                    self._observer.merge(look)
+                    # Often at first, when short-lived build steps come and go, then less: a
+                    # look is a trip to a thread and a /proc read per process.
+                    interval = min(interval * 2, SAMPLE_INTERVAL_MAX)
+                with trio.move_on_after(interval):
+                    await self._exited.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Hand the plan to the runner (a spare, or one started now) and relay everything
@@ -666,6 +693,7 @@ class Execution:
                 # pipes reach EOF. A few small reads of cgroupfs: not worth a trip to a thread.
                 self._exited.set()
                 self._stop_scope.cancel()
+                self._observe_scope.cancel()
                 self._usage = self._finish_cgroup()
         finally:
             self._exited.set()
