@@ -86,7 +86,7 @@ from runtimed.errors import (
 )
 from sandbox import fstree, layertar, oci, rootplatform, syscalls, view
 from sandbox.archive import SNIFF_BYTES, Compression, UnpackLimits, sniff_compression
-from sandbox.unpack import apply_layer, copy_directory_layer
+from sandbox.unpack import LayerHelper, copy_directory_layer
 
 log = logging.getLogger(__name__)
 
@@ -831,8 +831,7 @@ class Store:
         found = self._lookup_source(file_key)
         if found is not None:
             return found
-        with self._staging() as tmp:
-            blob = tmp / "blob"
+        with self._staging() as tmp, self._blob_helper(tmp / "blob") as (blob, helper):
             digest = _copy_hashing(source, blob)
             keys = [f"tarball {digest} {wanted or ''}"]
             if _stat_identity(os.stat(source)) == _stat_identity(before):
@@ -843,7 +842,7 @@ class Store:
                     self._add_sources(found.id, keys)
                     return found
                 say(f"unpacking {source}")
-                new = self._unpack(tmp, blob, parents=[], diff_id=None, known_digest=digest)
+                new = self._unpack(tmp, helper, blob, parents=[], diff_id=None, known_digest=digest)
                 layer = self._install_layer(held, new, chain_id=new.diff_id)
                 resolved = self._tarball_config(self._layer_path(layer.chain_id), layer, wanted)
                 return self._commit(resolved, [layer], source=label, source_keys=keys)
@@ -890,35 +889,44 @@ class Store:
         )
         return _Resolved(config=config, platform=platform, platform_source=why)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _blob_helper(blob: Path) -> Iterator[tuple[Path, LayerHelper]]:
+        """Create the empty staging file ``blob`` and start a layer helper on it at once: its
+        interpreter start-up overlaps the copy into the blob, before it reads a byte."""
+        fd = os.open(blob, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with LayerHelper(fd) as helper:
+                yield blob, helper
+        finally:
+            os.close(fd)
+
     def _unpack(
         self,
         tmp: Path,
+        helper: LayerHelper,
         blob: Path,
         *,
         parents: Sequence[Path],
         diff_id: str | None,
         known_digest: str | None,
     ) -> _NewLayer:
-        """Unpack ``blob``, a file the store wrote into ``tmp`` and hashed on the way
-        (``known_digest``, sha256; None to have the helper hash it). Nothing else writes
-        into staging, so the bytes unpacked are the bytes hashed: the helper does not hash
-        the compressed stream again (that was ~80 ms of CPU per 85 MiB of tar.zst)."""
+        """Unpack ``blob`` (through ``helper``, started on it), a file the store wrote into
+        ``tmp`` and hashed on the way (``known_digest``, sha256; None to have the helper hash
+        it). Nothing else writes into staging, so the bytes unpacked are the bytes hashed:
+        the helper does not hash the compressed stream again (that was ~80 ms of CPU per
+        85 MiB of tar.zst)."""
         dest, work = tmp / "layer", tmp / "work"
         dest.mkdir()
         work.mkdir()
-        fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            result = apply_layer(
-                fd,
-                parents=parents,
-                dest=dest,
-                work=work,
-                limits=self.limits,
-                expected_diff_id=diff_id,
-                known_digest=known_digest,
-            )
-        finally:
-            os.close(fd)
+        result = helper.apply(
+            parents=parents,
+            dest=dest,
+            work=work,
+            limits=self.limits,
+            expected_diff_id=diff_id,
+            known_digest=known_digest,
+        )
         self._checkpoint("unpacked")
         return _NewLayer(
             path=dest,
@@ -1187,11 +1195,11 @@ class Store:
                     installed.append(existing)
                     continue
                 say(f"layer {i + 1}/{len(layers)} {chain_id[:19]} unpacking")
-                with self._staging() as tmp:
-                    blob = tmp / "blob"
+                with self._staging() as tmp, self._blob_helper(tmp / "blob") as (blob, helper):
                     copied = self._copy_member(archive, name, blob, digest=digest, size=size)
                     new = self._unpack(
                         tmp,
+                        helper,
                         blob,
                         parents=[self._layer_path(layer.chain_id) for layer in installed],
                         diff_id=config.diff_ids[i],

@@ -4,7 +4,8 @@ Public API (sync; the daemon calls it through ``trio.to_thread``):
 
 - :func:`apply_layer` runs ``sandbox.layerhelper`` (an exec'd single-threaded process) that
   reads the stream, unpacks it and reports one JSON record; on failure ``dest`` and ``work``
-  are emptied.
+  are emptied. :class:`LayerHelper` splits that in two: start the process first, hand it
+  the plan once the source is ready.
 - :func:`copy_directory_layer` streams a source directory (given as an fd) as a canonical tar
   through the very same helper, so both sources share one filter and one writer.
 
@@ -735,75 +736,133 @@ def apply_layer(
     known_digest: str | None = None,
     name: str = "layer",
 ) -> LayerResult:
-    """Unpack the layer stream on ``source_fd`` into the empty directory ``dest``.
-
-    ``parents`` are the layer directories below, lowest first (overlayfs lowerdirs). With
-    parents, the exec'd helper mounts an overlay (lower = parents, upper = ``dest``) in its own
-    mount namespace on ``work`` (an empty directory on the same filesystem as ``dest``) and
-    unpacks into the merged view, so ``dest`` ends up holding overlayfs's representation of
-    the layer: whiteouts as 0/0 character devices, opaque directories with the
-    ``user.overlay.opaque`` xattr. Every overlay mount over such layers must pass ``userxattr``.
-    The helper reads ``source_fd`` to its end; ``name`` names the blob in errors;
-    ``expected_digest`` and ``known_digest`` are as in :func:`unpack_stream`.
-
-    On failure ``dest`` and ``work`` are emptied (the caller removes the directories).
+    """Unpack the layer stream on ``source_fd`` into the empty directory ``dest``: a
+    :class:`LayerHelper` started and applied at once (see :meth:`LayerHelper.apply`).
 
     Raises:
-        InvalidArchiveError: corrupt, truncated or hostile archive, or a digest mismatch.
-        LimitExceededError: beyond ``limits``.
-        KernelError: a system call failed (mounting the overlay, ENOSPC, ...).
-        SnapshotError: ``dest``/``work`` unusable, or the helper died without a report.
+        InvalidArchiveError, LimitExceededError, KernelError, SnapshotError: as
+            :meth:`LayerHelper.apply`.
     """
-    _require_empty(dest)
-    if parents:
-        if work is None:
-            raise SnapshotError(f"{name}: a layer with parents needs a work directory")
-        _require_empty(work)
-    plan = UnpackPlan(
-        name=name,
-        source_fd=source_fd,
-        parents=tuple(os.fspath(p) for p in parents),
-        dest=os.fspath(dest),
-        work=None if work is None else os.fspath(work),
-        limits=limits,
-        expected_diff_id=expected_diff_id,
-        expected_digest=expected_digest,
-        known_digest=known_digest,
-    )
-    try:
-        return LayerResult.from_json(_run_helper(plan))
-    except BaseException:
-        _empty(dest)
-        if work is not None:
-            _empty(work)
-        raise
+    with LayerHelper(source_fd) as helper:
+        return helper.apply(
+            parents=parents,
+            dest=dest,
+            work=work,
+            limits=limits,
+            expected_diff_id=expected_diff_id,
+            expected_digest=expected_digest,
+            known_digest=known_digest,
+            name=name,
+        )
 
 
-def _run_helper(plan: UnpackPlan) -> Json:
-    """Run the helper; the result record's payload, or the helper's error raised again."""
-    proc = subprocess.run(
-        [sys.executable, "-I", "-m", HELPER_MODULE],
-        input=json.dumps(plan.to_json()).encode(),
-        capture_output=True,
-        pass_fds=(plan.source_fd,),
-        check=False,
-    )
-    stderr = proc.stderr.decode(errors="replace").strip()
-    if stderr:
-        log.debug("layer helper stderr: %s", stderr)
-    try:
-        record = json.loads(proc.stdout)
-    except ValueError:
-        record = None
-    if isinstance(record, dict) and "result" in record:
-        result: Json = record["result"]
-        return result
-    if isinstance(record, dict) and isinstance(record.get("error"), dict):
-        raise error_from_json(record["error"], fallback="layer helper failed")
-    raise SnapshotError(
-        f"layer helper exited with status {proc.returncode} without a report",
-        details={"returncode": proc.returncode, "stderr": stderr[-2000:]},
-    )
+class LayerHelper:
+    """A ``sandbox.layerhelper`` process, started at once and blocked reading its plan.
+
+    Start one before the source is ready (the store creates the staging blob, starts the
+    helper on it, then copies the archive into the blob) and its interpreter start-up
+    (~120 ms of CPU) overlaps that work. The helper inherits ``source_fd`` (the same open
+    file description) and reads nothing from it before :meth:`apply` sends the plan. Use it
+    as a context manager: leaving kills a helper that never got a plan and reaps it.
+    """
+
+    def __init__(self, source_fd: int) -> None:
+        self.source_fd = source_fd
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", "-m", HELPER_MODULE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(source_fd,),
+        )
+
+    def __enter__(self) -> LayerHelper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill the helper unless it has run (idempotent), and reap it."""
+        if self._proc.returncode is None:
+            self._proc.kill()
+            self._proc.communicate()
+
+    def apply(
+        self,
+        *,
+        parents: Sequence[Path],
+        dest: Path,
+        work: Path | None = None,
+        limits: UnpackLimits = DEFAULT_LIMITS,
+        expected_diff_id: str | None = None,
+        expected_digest: str | None = None,
+        known_digest: str | None = None,
+        name: str = "layer",
+    ) -> LayerResult:
+        """Unpack the layer stream on ``source_fd`` into the empty directory ``dest``.
+
+        ``parents`` are the layer directories below, lowest first (overlayfs lowerdirs).
+        With parents, the helper mounts an overlay (lower = parents, upper = ``dest``) in its
+        own mount namespace on ``work`` (an empty directory on the same filesystem as
+        ``dest``) and unpacks into the merged view, so ``dest`` ends up holding overlayfs's
+        representation of the layer: whiteouts as 0/0 character devices, opaque directories
+        with the ``user.overlay.opaque`` xattr. Every overlay mount over such layers must pass
+        ``userxattr``. The helper reads ``source_fd`` to its end; ``name`` names the blob in
+        errors; ``expected_digest`` and ``known_digest`` are as in :func:`unpack_stream`.
+
+        On failure ``dest`` and ``work`` are emptied (the caller removes the directories).
+
+        Raises:
+            InvalidArchiveError: corrupt, truncated or hostile archive, or a digest mismatch.
+            LimitExceededError: beyond ``limits``.
+            KernelError: a system call failed (mounting the overlay, ENOSPC, ...).
+            SnapshotError: ``dest``/``work`` unusable, or the helper died without a report.
+        """
+        _require_empty(dest)
+        if parents:
+            if work is None:
+                raise SnapshotError(f"{name}: a layer with parents needs a work directory")
+            _require_empty(work)
+        plan = UnpackPlan(
+            name=name,
+            source_fd=self.source_fd,
+            parents=tuple(os.fspath(p) for p in parents),
+            dest=os.fspath(dest),
+            work=None if work is None else os.fspath(work),
+            limits=limits,
+            expected_diff_id=expected_diff_id,
+            expected_digest=expected_digest,
+            known_digest=known_digest,
+        )
+        try:
+            return LayerResult.from_json(self._run(plan))
+        except BaseException:
+            _empty(dest)
+            if work is not None:
+                _empty(work)
+            raise
+
+    def _run(self, plan: UnpackPlan) -> Json:
+        """Send the plan; the result record's payload, or the helper's error raised again."""
+        stdout, raw_stderr = self._proc.communicate(json.dumps(plan.to_json()).encode())
+        stderr = raw_stderr.decode(errors="replace").strip()
+        if stderr:
+            log.debug("layer helper stderr: %s", stderr)
+        try:
+            record = json.loads(stdout)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and "result" in record:
+            result: Json = record["result"]
+            return result
+        if isinstance(record, dict) and isinstance(record.get("error"), dict):
+            raise error_from_json(record["error"], fallback="layer helper failed")
+        returncode = self._proc.returncode
+        raise SnapshotError(
+            f"layer helper exited with status {returncode} without a report",
+            details={"returncode": returncode, "stderr": stderr[-2000:]},
+        )
 
 
 def _require_empty(path: Path) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tarfile
@@ -22,7 +23,7 @@ import pytest
 
 from runtimed.errors import InvalidArchiveError, LimitExceededError
 from sandbox.archive import Compression, LayerResult, UnpackLimits
-from sandbox.unpack import apply_layer, copy_directory_layer
+from sandbox.unpack import LayerHelper, apply_layer, copy_directory_layer
 from tests.support import busybox, require
 from tests.unit.sandbox.test_archive_headers import check_against_tarfile
 
@@ -236,6 +237,7 @@ def test_unpack_known_digest_is_not_hashed_again(
     assert (layer / "a").read_bytes() == b"a" * 5000
 
 
+@pytest.mark.slow
 def test_unpack_known_digest_of_a_plain_tar_is_checked_and_leaves_nothing(
     tmp_path: Path, staging: tuple[Path, Path]
 ) -> None:
@@ -247,6 +249,31 @@ def test_unpack_known_digest_of_a_plain_tar_is_checked_and_leaves_nothing(
         apply_bytes(tmp_path, SMALL, layer, known_digest=wrong)
     assert os.listdir(layer) == []
     assert apply_bytes(tmp_path, SMALL, layer, known_digest=sha256(SMALL)).diff_id == sha256(SMALL)
+
+
+def test_layer_helper_started_before_its_source_is_written(
+    tmp_path: Path, staging: tuple[Path, Path]
+) -> None:
+    """The store's order: create the blob, start the helper on it, then fill the blob. The
+    helper reads only once it has its plan, so it unpacks what was written after it started;
+    one that never gets a plan is killed and reaped on close."""
+    layer, _ = staging
+    blob = tmp_path / "blob"
+    fd = os.open(blob, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with LayerHelper(fd) as helper:
+            blob.write_bytes(compress(Compression.GZIP, SMALL))
+            result = helper.apply(parents=(), dest=layer, expected_diff_id=sha256(SMALL))
+        assert (layer / "a").read_bytes() == b"a" * 5000
+        assert result.compressed_digest == sha256(blob.read_bytes())
+        unused = LayerHelper(fd)
+        pid = unused._proc.pid
+        unused.close()
+        assert unused._proc.returncode == -signal.SIGKILL
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # reaped, not a zombie
+    finally:
+        os.close(fd)
 
 
 def _zero_bomb(size: int) -> bytes:
