@@ -893,8 +893,9 @@ class Store:
     @contextlib.contextmanager
     def _blob_helper(blob: Path) -> Iterator[tuple[Path, LayerHelper]]:
         """Create the empty staging file ``blob`` and start a layer helper on it at once: its
-        interpreter start-up overlaps the copy into the blob, before it reads a byte."""
-        fd = os.open(blob, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        interpreter start-up overlaps the copy into the blob, before it reads a byte. The
+        blob gets the mode open(..., "wb") gives (0666 less the umask), as it did before."""
+        fd = os.open(blob, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
             with LayerHelper(fd) as helper:
                 yield blob, helper
