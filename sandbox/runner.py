@@ -82,8 +82,9 @@ def spawn(fds: Sequence[int]) -> tuple[int, int]:
     pipes the two halves of its plan come through (it waits for them, so a runner can be
     started, and build its sandbox, ahead of the request); its PID and a pidfd.
 
-    Call it from the thread that lives as long as the runs it starts (the trio thread): the
-    runner asks the kernel to kill it when its parent thread exits (``PR_SET_PDEATHSIG``).
+    Call it from a thread that lives as long as the runs it starts: the runner asks the
+    kernel to kill it when its parent thread exits (``PR_SET_PDEATHSIG``). The GIL is let go
+    while the new process is scheduled and exec'd (:func:`sandbox.syscalls.posix_spawn`).
     The caller reaps it once the pidfd is readable.
 
     Raises:
@@ -91,17 +92,15 @@ def spawn(fds: Sequence[int]) -> tuple[int, int]:
     """
     path = runner_path()
     targets = (0, 1, 2, STATUS_FD, SHAPE_FD, COMMAND_FD)
-    actions = [(os.POSIX_SPAWN_DUP2, fd, to) for fd, to in zip(fds, targets, strict=True)]
     try:
-        pid = os.posix_spawn(
+        pid = syscalls.posix_spawn(
             path,
             [path.name, str(os.getpid())],
-            {},
-            file_actions=actions,
-            setsigdef=_RESTORED_SIGNALS,  # Python ignores them; the command must not
+            dup2=list(zip(fds, targets, strict=True)),
+            default=_RESTORED_SIGNALS,  # Python ignores them; the command must not
         )
-    except OSError as exc:
-        raise SandboxError(f"cannot start the sandbox runner {path}: {exc}") from exc
+    except KernelError as exc:
+        raise SandboxError(f"cannot start the sandbox runner {path}: {exc.message}") from exc
     try:
         return pid, os.pidfd_open(pid)
     except OSError as exc:  # never: the child stays a zombie until reaped

@@ -8,6 +8,10 @@ through libc; ``openat2`` has no libc wrapper and goes through ``syscall(2)``.
 
 Namespace calls must come from a single-threaded process (the exec'd helpers), never from the
 trio daemon: ``unshare(CLONE_NEWUSER)`` fails with EINVAL in a multi-threaded process.
+
+Like every ctypes call, :func:`posix_spawn` lets go of the GIL while it runs, which
+``os.posix_spawn`` does not: it waits until the child has exec'd (glibc's vfork), and other
+Python threads run meanwhile.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import ctypes
 import errno
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -238,6 +242,58 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     """prctl(2) with integer arguments."""
     args = (ctypes.c_ulong(a) for a in (arg2, arg3, arg4, arg5))
     return _check(_libc.prctl(option, *args), "prctl", flags=str(option))
+
+
+# glibc's posix_spawn_file_actions_t is 80 bytes and posix_spawnattr_t 336 on 64-bit
+# platforms, sigset_t 128: these buffers hold them with room to spare, and only libc touches
+# them.
+_SPAWN_BUFFER: Final = 1024
+POSIX_SPAWN_SETSIGDEF: Final = 0x04
+
+
+def posix_spawn(
+    path: Path | str, argv: Sequence[str], dup2: Sequence[tuple[int, int]], default: Sequence[int]
+) -> int:
+    """posix_spawn(3) of ``path`` with ``argv``, an empty environment, each (fd, target) of
+    ``dup2`` made the child's ``target``, and the signals ``default`` back to their default
+    disposition; the child's PID.
+
+    Raises:
+        KernelError: the child could not be started or ``path`` not exec'd (posix_spawn's
+            error number).
+    """
+    actions = ctypes.create_string_buffer(_SPAWN_BUFFER)
+    attributes = ctypes.create_string_buffer(_SPAWN_BUFFER)
+    signals = ctypes.create_string_buffer(_SPAWN_BUFFER)
+    if _libc.posix_spawn_file_actions_init(actions) or _libc.posix_spawnattr_init(attributes):
+        raise kernel_error(errno.ENOMEM, syscall="posix_spawn", path=path)
+    try:
+        for fd, target in dup2:
+            _spawn_check(_libc.posix_spawn_file_actions_adddup2(actions, fd, target), path)
+        _libc.sigemptyset(signals)
+        for signum in default:
+            _libc.sigaddset(signals, signum)
+        _spawn_check(_libc.posix_spawnattr_setsigdefault(attributes, signals), path)
+        _spawn_check(_libc.posix_spawnattr_setflags(attributes, POSIX_SPAWN_SETSIGDEF), path)
+        args = (ctypes.c_char_p * (len(argv) + 1))(*(os.fsencode(a) for a in argv), None)
+        environment = (ctypes.c_char_p * 1)(None)
+        pid = ctypes.c_int()
+        _spawn_check(
+            _libc.posix_spawn(
+                ctypes.byref(pid), os.fsencode(path), actions, attributes, args, environment
+            ),
+            path,
+        )
+        return pid.value
+    finally:
+        _libc.posix_spawn_file_actions_destroy(actions)
+        _libc.posix_spawnattr_destroy(attributes)
+
+
+def _spawn_check(result: int, path: Path | str) -> None:
+    # The posix_spawn family returns an error number instead of setting errno.
+    if result:
+        raise kernel_error(result, syscall="posix_spawn", path=path)
 
 
 class _OpenHow(ctypes.Structure):

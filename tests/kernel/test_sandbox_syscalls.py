@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,29 @@ def test_syscalls_mount_failure_names_target_and_flags(tmp_path: Path) -> None:
     assert info.value.errno_name == "ENOENT"
     assert info.value.path == str(tmp_path / "nowhere")
     assert info.value.flags == "MS_BIND"
+
+
+def test_syscalls_posix_spawn_dups_fds_and_restores_signals(tmp_path: Path) -> None:
+    # SIGPIPE is ignored in Python; the child gets it back at its default (its disposition
+    # shows in /proc/self/status SigIgn), and our pipe's write end as its stdout.
+    read_end, write_end = os.pipe()
+    script = 'grep SigIgn /proc/self/status; echo "home=${HOME-unset}"'
+    try:
+        pid = syscalls.posix_spawn(
+            "/bin/sh", ["sh", "-c", script], dup2=[(write_end, 1)], default=[signal.SIGPIPE]
+        )
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end) as out:
+        text = out.read()
+    assert os.waitpid(pid, 0)[1] == 0
+    ignored = int(text.split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1))
+    assert "home=unset" in text  # an empty environment
+
+
+def test_syscalls_posix_spawn_missing_program_is_a_kernel_error(tmp_path: Path) -> None:
+    with pytest.raises(KernelError) as caught:
+        syscalls.posix_spawn(tmp_path / "missing", ["missing"], dup2=[], default=[])
+    assert caught.value.errno_name == "ENOENT"
+    assert caught.value.syscall == "posix_spawn"
