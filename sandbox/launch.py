@@ -36,13 +36,15 @@ import enum
 import logging
 import math
 import os
+import queue
 import signal
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 import psutil
 import trio
@@ -71,6 +73,7 @@ from sandbox.wire import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STOP_GRACE: Final = 2.0
 CLEANUP_TIMEOUT: Final = 10.0
@@ -474,6 +477,7 @@ class Execution:
         *,
         spare: _Runner | None = None,
         encoded: EncodedPlan | None = None,
+        thread: _PoolThread | None = None,
     ) -> None:
         self.prepared = prepared
         self.group = group
@@ -482,6 +486,7 @@ class Execution:
         # run() starts one; the plan encoded without cgroups when the caller has it already.
         self._runner = spare
         self._encoded = encoded
+        self._thread = thread  # the pool's, to start a runner on; else the trio thread
         send, self.output = trio.open_memory_channel[OutputChunk](OUTPUT_BUFFER)
         self._send = send
         self._stop_requested = trio.Event()
@@ -671,8 +676,10 @@ class Execution:
                 shape = self._encoded.shape
             else:  # encoded without cgroups; the command half is the same
                 shape = join_cgroups(self._encoded.shape, dirs)
-            # From the trio thread, which lives as long as the run (the runner's PDEATHSIG).
-            self._runner = _start_runner()
+            if self._thread is None:
+                self._runner = _start_runner()
+            else:
+                self._runner = await self._thread.run(_start_runner)
         assert self._encoded is not None  # with a spare, always given
         stdin, stdout, stderr, status_fd, shape_fd, command_fd = self._runner.take_fds()
         try:
@@ -715,12 +722,22 @@ class _Runner:
 
     async def discard(self) -> None:
         """Kill a runner that never got its command and reap it."""
+        self._kill()
+        await trio.lowlevel.wait_readable(self.pidfd)  # its exit unmounts what it built
+        self.collect()
+
+    def discard_now(self) -> None:
+        """:meth:`discard`, blocking (off the trio thread)."""
+        self._kill()
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
+        os.close(self.pidfd)
+
+    def _kill(self) -> None:
         for fd in self.take_fds():
             if fd >= 0:
                 os.close(fd)
         _pidfd_signal(self.pidfd, signal.SIGKILL)
-        await trio.lowlevel.wait_readable(self.pidfd)  # its exit unmounts what it built
-        self.collect()
 
     def alive(self) -> bool:
         """Whether the runner is still there (a spare killed meanwhile is not)."""
@@ -738,8 +755,8 @@ class _Runner:
 
 
 def _start_runner() -> _Runner:
-    """Pipes, and a runner on their other ends waiting for its plan; call from the trio
-    thread (see :func:`sandbox.runner.spawn`)."""
+    """Pipes, and a runner on their other ends waiting for its plan; call from a thread that
+    outlives the run: the trio thread or the pool's (see :func:`sandbox.runner.spawn`)."""
     ours: list[int] = []
     theirs: list[int] = []
     try:
@@ -815,6 +832,62 @@ class _Spare:
     key: bytes  # the shape it built, without its cgroups
 
 
+class _PoolThread:
+    """The pool's own thread, for the work of starting a runner: ``posix_spawn`` waits until
+    the new process has been scheduled and exec'd (in a burst of runs, milliseconds), without
+    holding the GIL (:func:`sandbox.syscalls.posix_spawn`), and the trio thread serves other
+    runs meanwhile. A runner dies with the thread that started it (``PR_SET_PDEATHSIG``), so
+    this one lives until the pool has reaped every runner, not just as long as a trio worker
+    thread stays cached."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="runtimed-runners", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    async def run(self, job: Callable[[], T]) -> T:
+        """``job()`` on the pool's thread. Its result is always delivered (the wait is
+        shielded): what it started is the caller's to keep or discard."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        outcome: list[T] = []
+        failure: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                outcome.append(job())
+            except BaseException as exc:  # handed to the caller, raised there
+                failure.append(exc)
+            token.run_sync_soon(done.set)
+
+        self._jobs.put(call)
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        if failure:
+            raise failure[0]
+        return outcome[0]
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+def _start_spare(hierarchies: cgroups.Hierarchies) -> tuple[_Runner, cgroups.RunCgroup]:
+    """A runner, waiting for its plan, and a fresh set of cgroups for it (every controller,
+    no limits yet); blocking."""
+    proc = _start_runner()
+    try:
+        name = f"spare-{uuid.uuid4().hex[:12]}"
+        return proc, cgroups.create(name, hierarchies, every_controller=True)
+    except BaseException:
+        proc.discard_now()
+        raise
+
+
 class Runners:
     """Sandboxes built ahead of their requests, and the clean-up after runs taken off their
     path. Open with :func:`open_runners`; the daemon keeps one for its lifetime.
@@ -830,8 +903,9 @@ class Runners:
     removing its cgroups and run directory happen in the background.
     """
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, thread: _PoolThread) -> None:
         self._nursery = nursery
+        self.thread = thread  # runners are started on it
         self._spare: _Spare | None = None
         self._making: tuple[bytes, trio.Event] | None = None  # the spare being built
         self._awaited = False  # a run waits for that one already
@@ -927,14 +1001,12 @@ class Runners:
 
     async def _refill(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
         try:
-            name = f"spare-{uuid.uuid4().hex[:12]}"
-            # A few mkdirs in cgroupfs: cheaper than a trip to a thread, whose GIL hand-offs
-            # would slow the run in progress.
-            group = cgroups.create(name, hierarchies, every_controller=True)
-            shape = join_cgroups(key, tuple(map(str, group.dirs)))
-            proc: _Runner | None = None
+            # On the pool's thread: starting a runner waits for it to exec, and a mkdir in
+            # cgroupfs for the cgroup lock, which other runners' moves into their cgroups hold
+            # for an RCU grace period at times; the trio thread has runs to serve meanwhile.
+            proc, group = await self.thread.run(partial(_start_spare, hierarchies))
             try:
-                proc = _start_runner()
+                shape = join_cgroups(key, tuple(map(str, group.dirs)))
                 shape_fd, proc.fds[4] = proc.fds[4], -1
                 # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
                 if rest := _write_ahead(shape_fd, shape):
@@ -979,12 +1051,16 @@ async def _shielded(action: Callable[[], Awaitable[object]]) -> None:
 async def open_runners() -> AsyncIterator[Runners]:
     """A :class:`Runners` pool for many runs (the daemon keeps one for its lifetime); on exit
     the spare is discarded and every deferred clean-up has finished."""
-    async with trio.open_nursery() as nursery:
-        pool = Runners(nursery)
-        try:
-            yield pool
-        finally:
-            await _shielded(pool.aclose)
+    thread = _PoolThread()
+    try:
+        async with trio.open_nursery() as nursery:
+            pool = Runners(nursery, thread)
+            try:
+                yield pool
+            finally:
+                await _shielded(pool.aclose)
+    finally:
+        thread.close()  # every runner it started has been reaped by now
 
 
 @contextlib.asynccontextmanager
@@ -1029,7 +1105,12 @@ async def open_run(
                 await trio.to_thread.run_sync(source.remove_run_dir, prepared.run_dir)
         raise
     execution = Execution(
-        prepared, group, source, spare=None if spare is None else spare.runner, encoded=encoded
+        prepared,
+        group,
+        source,
+        spare=None if spare is None else spare.runner,
+        encoded=encoded,
+        thread=None if runners is None else runners.thread,
     )
     try:
         async with _executing(execution):
@@ -1050,11 +1131,10 @@ async def _discard_spare(spare: _Spare) -> None:
     await _discard_spare_parts(spare.runner, spare.group)
 
 
-async def _discard_spare_parts(proc: _Runner | None, group: cgroups.RunCgroup) -> None:
+async def _discard_spare_parts(proc: _Runner, group: cgroups.RunCgroup) -> None:
     """Kill a spare runner (it may have built a sandbox: wait for it to go) and remove its
     cgroups."""
-    if proc is not None:
-        await proc.discard()
+    await proc.discard()
     await trio.to_thread.run_sync(group.remove)
 
 
