@@ -21,12 +21,28 @@ CONCURRENT: Final = 50
 LOAD_TIMEOUT: Final = 90.0
 SETTLE_STEPS: Final = 100
 SETTLE_STEP: Final = 0.05
+STEADY_STEPS: Final = 4
 RSS_SLACK: Final = 16 * 1024 * 1024
 """Bytes the allocator may keep after the load (arenas are not returned at once)."""
 
 
 def idle_level(proc: psutil.Process) -> tuple[list[str], int, int]:
     return sorted(open_files(proc.pid)), len(proc.children(recursive=True)), proc.memory_info().rss
+
+
+async def settled_level(proc: psutil.Process) -> tuple[list[str], int, int]:
+    """The idle level once the last run's runner is reaped and the next spare started: the
+    same children for a few steps in a row."""
+    level = idle_level(proc)
+    steady = 0
+    for _ in range(SETTLE_STEPS):
+        await trio.sleep(SETTLE_STEP)
+        now = idle_level(proc)
+        steady = steady + 1 if now[1] == level[1] else 0
+        level = now
+        if steady == STEADY_STEPS:
+            break
+    return level
 
 
 def open_files(pid: int) -> list[str]:
@@ -59,7 +75,7 @@ async def test_daemon_load_50_concurrent_execs(tmp_path: Path) -> None:
         daemon = psutil.Process(running.proc.pid)
         async with open_client(running.path) as client:  # warm up: threads, caches, helper
             await client.exec(busybox_spec(snapshot, "true"))
-        fds, children, rss = idle_level(daemon)
+        fds, children, rss = await settled_level(daemon)
 
         results: dict[int, bytes] = {}
 
