@@ -77,6 +77,7 @@ T = TypeVar("T")
 
 STOP_GRACE: Final = 2.0
 CLEANUP_TIMEOUT: Final = 10.0
+CLEANUP_THREADS: Final = 2
 SAMPLE_INTERVAL: Final = 0.02
 SAMPLE_INTERVAL_MAX: Final = 0.32
 OUTPUT_BUFFER: Final = 64
@@ -906,6 +907,9 @@ class Runners:
     def __init__(self, nursery: trio.Nursery, thread: _PoolThread) -> None:
         self._nursery = nursery
         self.thread = thread  # runners are started on it
+        # Clean-ups wait in line for two worker threads: after a burst of runs, one thread
+        # each would be started anew (trio keeps few idle), on the trio thread's time.
+        self.cleaners = trio.CapacityLimiter(CLEANUP_THREADS)
         self._spare: _Spare | None = None
         self._making: tuple[bytes, trio.Event] | None = None  # the spare being built
         self._awaited = False  # a run waits for that one already
@@ -1118,13 +1122,13 @@ async def open_run(
                 runners.running(encoded.shape, prepared.hierarchies)
             yield execution
     finally:
-        clean_up = partial(_clean_up, execution, source)
         if runners is not None:
+            clean_up = partial(_clean_up, execution, source, runners.cleaners)
             if encoded is not None:
                 runners.ended(encoded.shape, prepared.hierarchies)
             runners.defer(clean_up)
         else:
-            await _shielded(clean_up)
+            await _shielded(partial(_clean_up, execution, source))
 
 
 async def _discard_spare(spare: _Spare) -> None:
@@ -1157,12 +1161,14 @@ def _create_cgroups(prepared: PreparedRun) -> cgroups.RunCgroup:
     )
 
 
-async def _clean_up(execution: Execution, source: SnapshotSource) -> None:
+async def _clean_up(
+    execution: Execution, source: SnapshotSource, limiter: trio.CapacityLimiter | None = None
+) -> None:
     """After a run: reap its runner (the mounts go with it), then remove its cgroups and its
-    run directory. Errors are logged: nobody is waiting for them."""
+    run directory (in a thread of ``limiter``'s). Errors are logged: nobody waits for them."""
     try:
         await execution.release()
-        await trio.to_thread.run_sync(_remove_run, execution, source)
+        await trio.to_thread.run_sync(_remove_run, execution, source, limiter=limiter)
     except (RuntimedError, OSError) as exc:
         log.error("clean-up after the run %s: %s", execution.group.name, exc)
 
