@@ -77,7 +77,8 @@ T = TypeVar("T")
 
 STOP_GRACE: Final = 2.0
 CLEANUP_TIMEOUT: Final = 10.0
-CLEANUP_THREADS: Final = 2
+WORKER_THREADS: Final = 2
+RUNNER_THREADS: Final = 3
 SAMPLE_INTERVAL: Final = 0.02
 SAMPLE_INTERVAL_MAX: Final = 0.32
 OUTPUT_BUFFER: Final = 64
@@ -476,18 +477,21 @@ class Execution:
         group: cgroups.RunCgroup,
         source: SnapshotSource | None,
         *,
-        spare: _Runner | None = None,
+        runner: _Runner | None = None,
+        shaped: bool = False,
         encoded: EncodedPlan | None = None,
-        thread: _PoolThread | None = None,
+        workers: trio.CapacityLimiter | None = None,
     ) -> None:
         self.prepared = prepared
         self.group = group
         self.source = source
-        # A spare runner that built this run's sandbox already in ``group`` (Runners), else
-        # run() starts one; the plan encoded without cgroups when the caller has it already.
-        self._runner = spare
+        # A runner started for this run, or a spare that built its sandbox already in
+        # ``group`` (``shaped``), else run() starts one; the plan encoded without cgroups when
+        # the caller has it already; the worker threads for looks at the run's processes.
+        self._runner = runner
+        self._shaped = shaped
         self._encoded = encoded
-        self._thread = thread  # the pool's, to start a runner on; else the trio thread
+        self._workers = workers
         send, self.output = trio.open_memory_channel[OutputChunk](OUTPUT_BUFFER)
         self._send = send
         self._stop_requested = trio.Event()
@@ -653,7 +657,7 @@ class Execution:
                 if self._started:
                     exclude = frozenset(self._observer.exclude)
                     look = await trio.to_thread.run_sync(
-                        _look, self.group, exclude, abandon_on_cancel=True
+                        _look, self.group, exclude, abandon_on_cancel=True, limiter=self._workers
                     )
                     self._observer.merge(look)
                     # Often at first, when short-lived build steps come and go, then less: a
@@ -663,13 +667,14 @@ class Execution:
                     await self._exited.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """Hand the plan to the runner (a spare, or one started now) and relay everything
-        until the sandbox has ended. :meth:`release` reaps the runner afterwards."""
+        """Hand the plan to the runner (a spare, one started for the run, or one started now)
+        and relay everything until the sandbox has ended. :meth:`release` reaps the runner
+        afterwards."""
         if log.isEnabledFor(logging.DEBUG):  # not built on every run for nothing
             for line in self.prepared.plan.describe():
                 log.debug("%s", line)
         shape: bytes | None = None  # a spare has built its sandbox already
-        if self._runner is None:
+        if not self._shaped:
             dirs = tuple(map(str, self.group.dirs))
             plan = dataclasses.replace(self.prepared.plan, cgroups=dirs)
             if self._encoded is None:
@@ -677,11 +682,12 @@ class Execution:
                 shape = self._encoded.shape
             else:  # encoded without cgroups; the command half is the same
                 shape = join_cgroups(self._encoded.shape, dirs)
-            if self._thread is None:
+            if self._runner is None:
+                # From the trio thread, which lives as long as the run (the runner's
+                # PDEATHSIG).
                 self._runner = _start_runner()
-            else:
-                self._runner = await self._thread.run(_start_runner)
-        assert self._encoded is not None  # with a spare, always given
+        assert self._encoded is not None  # a shaped (spare) runner comes with its plan
+        assert self._runner is not None
         stdin, stdout, stderr, status_fd, shape_fd, command_fd = self._runner.take_fds()
         try:
             async with trio.open_nursery() as nursery:
@@ -723,22 +729,12 @@ class _Runner:
 
     async def discard(self) -> None:
         """Kill a runner that never got its command and reap it."""
-        self._kill()
-        await trio.lowlevel.wait_readable(self.pidfd)  # its exit unmounts what it built
-        self.collect()
-
-    def discard_now(self) -> None:
-        """:meth:`discard`, blocking (off the trio thread)."""
-        self._kill()
-        with contextlib.suppress(ChildProcessError):
-            os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
-        os.close(self.pidfd)
-
-    def _kill(self) -> None:
         for fd in self.take_fds():
             if fd >= 0:
                 os.close(fd)
         _pidfd_signal(self.pidfd, signal.SIGKILL)
+        await trio.lowlevel.wait_readable(self.pidfd)  # its exit unmounts what it built
+        self.collect()
 
     def alive(self) -> bool:
         """Whether the runner is still there (a spare killed meanwhile is not)."""
@@ -833,25 +829,30 @@ class _Spare:
     key: bytes  # the shape it built, without its cgroups
 
 
-class _PoolThread:
-    """The pool's own thread, for the work of starting a runner: ``posix_spawn`` waits until
+class _PoolThreads:
+    """The pool's own threads, for the work of starting a runner: ``posix_spawn`` waits until
     the new process has been scheduled and exec'd (in a burst of runs, milliseconds), without
-    holding the GIL (:func:`sandbox.syscalls.posix_spawn`), and the trio thread serves other
-    runs meanwhile. A runner dies with the thread that started it (``PR_SET_PDEATHSIG``), so
-    this one lives until the pool has reaped every runner, not just as long as a trio worker
-    thread stays cached."""
+    holding the GIL (:func:`sandbox.syscalls.posix_spawn`), and a mkdir in cgroupfs waits for
+    the cgroup lock, which other runners' moves into their cgroups hold for an RCU grace
+    period at times: the trio thread serves other runs meanwhile. A runner dies with the
+    thread that started it (``PR_SET_PDEATHSIG``), so these live until the pool has reaped
+    every runner, not just as long as a trio worker thread stays cached."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: int) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="runtimed-runners", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"runtimed-runners-{i}", daemon=True)
+            for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             job()
 
     async def run(self, job: Callable[[], T]) -> T:
-        """``job()`` on the pool's thread. Its result is always delivered (the wait is
+        """``job()`` on one of the pool's threads. Its result is always delivered (the wait is
         shielded): what it started is the caller's to keep or discard."""
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
@@ -873,20 +874,28 @@ class _PoolThread:
         return outcome[0]
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
-def _start_spare(hierarchies: cgroups.Hierarchies) -> tuple[_Runner, cgroups.RunCgroup]:
-    """A runner, waiting for its plan, and a fresh set of cgroups for it (every controller,
-    no limits yet); blocking."""
-    proc = _start_runner()
+def _runner_and_cgroups(
+    make: Callable[[], cgroups.RunCgroup],
+) -> tuple[_Runner, cgroups.RunCgroup]:
+    """A runner waiting for its plan, and the cgroups ``make`` creates for it; blocking, for
+    a thread of the pool's. When the runner cannot start, the cgroups are removed again."""
+    group = make()
     try:
-        name = f"spare-{uuid.uuid4().hex[:12]}"
-        return proc, cgroups.create(name, hierarchies, every_controller=True)
+        return _start_runner(), group
     except BaseException:
-        proc.discard_now()
+        group.remove()
         raise
+
+
+def _spare_cgroups(hierarchies: cgroups.Hierarchies) -> cgroups.RunCgroup:
+    """A spare's fresh cgroups: every controller, no limits yet."""
+    return cgroups.create(f"spare-{uuid.uuid4().hex[:12]}", hierarchies, every_controller=True)
 
 
 class Runners:
@@ -904,12 +913,13 @@ class Runners:
     removing its cgroups and run directory happen in the background.
     """
 
-    def __init__(self, nursery: trio.Nursery, thread: _PoolThread) -> None:
+    def __init__(self, nursery: trio.Nursery, threads: _PoolThreads) -> None:
         self._nursery = nursery
-        self.thread = thread  # runners are started on it
-        # Clean-ups wait in line for two worker threads: after a burst of runs, one thread
-        # each would be started anew (trio keeps few idle), on the trio thread's time.
-        self.cleaners = trio.CapacityLimiter(CLEANUP_THREADS)
+        self.threads = threads  # runners are started on them
+        # Clean-ups and looks at running processes wait in line for two worker threads:
+        # after a burst of runs, one thread each would be started anew (trio keeps few idle),
+        # on the trio thread's time.
+        self.workers = trio.CapacityLimiter(WORKER_THREADS)
         self._spare: _Spare | None = None
         self._making: tuple[bytes, trio.Event] | None = None  # the spare being built
         self._awaited = False  # a run waits for that one already
@@ -1005,10 +1015,12 @@ class Runners:
 
     async def _refill(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
         try:
-            # On the pool's thread: starting a runner waits for it to exec, and a mkdir in
+            # On a thread of the pool's: starting a runner waits for it to exec, and a mkdir in
             # cgroupfs for the cgroup lock, which other runners' moves into their cgroups hold
             # for an RCU grace period at times; the trio thread has runs to serve meanwhile.
-            proc, group = await self.thread.run(partial(_start_spare, hierarchies))
+            proc, group = await self.threads.run(
+                partial(_runner_and_cgroups, partial(_spare_cgroups, hierarchies))
+            )
             try:
                 shape = join_cgroups(key, tuple(map(str, group.dirs)))
                 shape_fd, proc.fds[4] = proc.fds[4], -1
@@ -1055,16 +1067,16 @@ async def _shielded(action: Callable[[], Awaitable[object]]) -> None:
 async def open_runners() -> AsyncIterator[Runners]:
     """A :class:`Runners` pool for many runs (the daemon keeps one for its lifetime); on exit
     the spare is discarded and every deferred clean-up has finished."""
-    thread = _PoolThread()
+    threads = _PoolThreads(RUNNER_THREADS)
     try:
         async with trio.open_nursery() as nursery:
-            pool = Runners(nursery, thread)
+            pool = Runners(nursery, threads)
             try:
                 yield pool
             finally:
                 await _shielded(pool.aclose)
     finally:
-        thread.close()  # every runner it started has been reaped by now
+        threads.close()  # every runner they started has been reaped by now
 
 
 @contextlib.asynccontextmanager
@@ -1090,6 +1102,7 @@ async def open_run(
     else:
         prepared, encoded = await runners.prepare(spec, source, report)
     spare: _Spare | None = None
+    started: _Runner | None = None
     try:
         if runners is not None and encoded is not None:
             spare = await runners.take(encoded.shape, prepared.hierarchies)
@@ -1097,9 +1110,12 @@ async def open_run(
             # A few small writes to cgroupfs: not worth a trip to a thread.
             spare.group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
             group = spare.group
+        elif runners is not None:
+            # Its cgroups and its runner, in one job on a thread of the pool's (see _PoolThreads).
+            started, group = await runners.threads.run(
+                partial(_runner_and_cgroups, partial(_create_cgroups, prepared))
+            )
         else:
-            # A few mkdirs and writes in cgroupfs. Inline: a burst of runs without spares
-            # (50 at once) finished 20% sooner than with a trip to a thread for each.
             group = _create_cgroups(prepared)
     except BaseException:
         with trio.CancelScope(shield=True):
@@ -1112,9 +1128,10 @@ async def open_run(
         prepared,
         group,
         source,
-        spare=None if spare is None else spare.runner,
+        runner=started if spare is None else spare.runner,
+        shaped=spare is not None,
         encoded=encoded,
-        thread=None if runners is None else runners.thread,
+        workers=None if runners is None else runners.workers,
     )
     try:
         async with _executing(execution):
@@ -1123,7 +1140,7 @@ async def open_run(
             yield execution
     finally:
         if runners is not None:
-            clean_up = partial(_clean_up, execution, source, runners.cleaners)
+            clean_up = partial(_clean_up, execution, source, runners.workers)
             if encoded is not None:
                 runners.ended(encoded.shape, prepared.hierarchies)
             runners.defer(clean_up)
