@@ -37,6 +37,9 @@ from runtimed.errors import Json
 
 CACHE: Final = Path(os.environ.get("RUNTIMED_TEST_CACHE", "/var/cache/runtimed-tests"))
 CONCURRENT: Final = 50
+SETTLE: Final = 0.3
+"""Seconds between blocks: the daemon's clean-up and next spare after ours, the kernel's
+namespace teardown after bubblewrap's, do not run into the other's block."""
 ARCHES: Final = ("amd64", "arm64")
 
 
@@ -155,9 +158,11 @@ async def measure(
                     outcome = await client.exec(spec(arch))
                     out[f"seq_{arch}"].append(time.perf_counter() - start)
                     assert outcome.result["exit_code"] == 0
+                await trio.sleep(SETTLE)
                 out[f"bwrap_{arch}"] += await trio.to_thread.run_sync(
                     time_bwrap, roots[arch], per_block
                 )
+                await trio.sleep(SETTLE)
 
     async def one() -> None:
         async with open_client(sock) as client:
@@ -170,7 +175,9 @@ async def measure(
             for _ in range(CONCURRENT):
                 nursery.start_soon(one)
         out["concurrent"].append(time.perf_counter() - start)
+        await trio.sleep(SETTLE)
         out["xargs"].append(await trio.to_thread.run_sync(time_xargs_bwrap, roots["amd64"]))
+        await trio.sleep(SETTLE)
     return out
 
 
