@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from binfmt.platform import Platform
@@ -248,6 +249,35 @@ def test_store_commit_upper_deeper_than_the_recursion_limit(
     # Removing it removes the deep layer (pytest's temp-dir cleanup recurses and cannot).
     store.remove(committed.id)
     assert len(list(store.layers_dir.iterdir())) == len(parent.layers)
+
+
+def _layer_helpers() -> list[psutil.Process]:
+    return [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if "sandbox.layerhelper" in child.cmdline()
+    ]
+
+
+def test_store_tarball_helper_started_early_never_outlives_the_import(
+    store: Store, images: dict[str, Path], tmp_path: Path
+) -> None:
+    """The store starts the unpack helper before it copies the archive into staging. Whether
+    the copy's digest is found already stored (the helper is killed unused) or the archive is
+    cut short (the helper reports it), no helper is left behind and staging is empty."""
+    first = store.import_source(images["tar.zst"])
+    copy = tmp_path / "copy.tar.zst"
+    data = images["tar.zst"].read_bytes()
+    copy.write_bytes(data)
+    assert store.import_source(copy).id == first.id
+    assert _layer_helpers() == []
+    truncated = tmp_path / "truncated.tar.zst"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidArchiveError, match="truncated"):
+        store.import_source(truncated)
+    assert _layer_helpers() == []
+    assert list(store.staging_dir.iterdir()) == []
+    assert [info.id for info in store.list()] == [first.id]
 
 
 def test_store_corrupt_blob_is_rejected_and_leaves_nothing(
