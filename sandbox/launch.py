@@ -1015,12 +1015,10 @@ class Runners:
 
     async def _refill(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
         try:
-            # On a thread of the pool's: starting a runner waits for it to exec, and a mkdir in
-            # cgroupfs for the cgroup lock, which other runners' moves into their cgroups hold
-            # for an RCU grace period at times; the trio thread has runs to serve meanwhile.
-            proc, group = await self.threads.run(
-                partial(_runner_and_cgroups, partial(_spare_cgroups, hierarchies))
-            )
+            # On the trio thread, unlike a run's own runner: one spare at a time, built while
+            # a run goes on, and back-to-back runs took 10-25% longer with the spare made on
+            # the pool's threads (the hop, and the GIL going back and forth, delay it).
+            proc, group = _runner_and_cgroups(partial(_spare_cgroups, hierarchies))
             try:
                 shape = join_cgroups(key, tuple(map(str, group.dirs)))
                 shape_fd, proc.fds[4] = proc.fds[4], -1
