@@ -194,6 +194,12 @@ class RunCgroup:
             self._controller_dir("cpuacct")
             self._controller_dir("freezer")
 
+    def has(self, controller: str) -> bool:
+        """Whether the run's processes are in a cgroup of ``controller`` (made by setup)."""
+        if self._v2 is not None and controller in self.hierarchies.unified_controllers:
+            return True
+        return controller in self._v1
+
     def limit(self, *, memory: int | None, pids: int | None, cpus: float | None) -> None:
         """Apply the limits asked for.
 

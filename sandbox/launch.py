@@ -893,9 +893,9 @@ def _runner_and_cgroups(
         raise
 
 
-def _spare_cgroups(hierarchies: cgroups.Hierarchies) -> cgroups.RunCgroup:
-    """A spare's fresh cgroups: every controller, no limits yet."""
-    return cgroups.create(f"spare-{uuid.uuid4().hex[:12]}", hierarchies, every_controller=True)
+def _spare_cgroups(hierarchies: cgroups.Hierarchies, *, cpu: bool) -> cgroups.RunCgroup:
+    """A spare's fresh cgroups, no limits yet: cpu's too when ``cpu``."""
+    return cgroups.create(f"spare-{uuid.uuid4().hex[:12]}", hierarchies, every_controller=cpu)
 
 
 class Runners:
@@ -925,6 +925,9 @@ class Runners:
         self._awaited = False  # a run waits for that one already
         self._closed = False
         self._eager = False  # runs come back to back: spares are built during runs
+        # The last run had a CPU limit: the next spare joins a cpu cgroup too (in v1, a
+        # hierarchy of its own that a run without one need not join).
+        self._cpu = False
         self._last_end = -math.inf
         # Recent decisions: (spec, snapshot ID) -> (report, resolv.conf text, the run, its
         # plan encoded without cgroups).
@@ -965,7 +968,9 @@ class Runners:
         self._prepared[key] = (report, resolv_conf, prepared, encoded)
         return prepared, encoded
 
-    async def take(self, key: bytes, hierarchies: cgroups.Hierarchies) -> _Spare | None:
+    async def take(
+        self, key: bytes, hierarchies: cgroups.Hierarchies, *, cpu: bool
+    ) -> _Spare | None:
         """The spare, if it built the sandbox ``key`` (a shape without cgroups) in these cgroup
         hierarchies and is still alive. When the spare for ``key`` is still being started, the
         first run to ask waits for it: it is ready sooner than a runner started now would be.
@@ -978,11 +983,15 @@ class Runners:
                 await made.wait()
         spare, self._spare = self._spare, None
         if spare is not None and (
-            spare.key != key or spare.hierarchies != hierarchies or not spare.runner.alive()
+            spare.key != key
+            or spare.hierarchies != hierarchies
+            or (cpu and not spare.group.has("cpu"))
+            or not spare.runner.alive()
         ):
             self.defer(partial(_discard_spare, spare))
             spare = None
         self._eager = spare is None or trio.current_time() - self._last_end < EAGER_GAP
+        self._cpu = cpu
         return spare
 
     def running(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
@@ -1018,7 +1027,8 @@ class Runners:
             # On the trio thread, unlike a run's own runner: one spare at a time, built while
             # a run goes on, and back-to-back runs took 10-25% longer with the spare made on
             # the pool's threads (the hop, and the GIL going back and forth, delay it).
-            proc, group = _runner_and_cgroups(partial(_spare_cgroups, hierarchies))
+            make = partial(_spare_cgroups, hierarchies, cpu=self._cpu)
+            proc, group = _runner_and_cgroups(make)
             try:
                 shape = join_cgroups(key, tuple(map(str, group.dirs)))
                 shape_fd, proc.fds[4] = proc.fds[4], -1
@@ -1103,7 +1113,9 @@ async def open_run(
     started: _Runner | None = None
     try:
         if runners is not None and encoded is not None:
-            spare = await runners.take(encoded.shape, prepared.hierarchies)
+            spare = await runners.take(
+                encoded.shape, prepared.hierarchies, cpu=spec.cpus is not None
+            )
         if spare is not None:
             # A few small writes to cgroupfs: not worth a trip to a thread.
             spare.group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)

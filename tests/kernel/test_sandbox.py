@@ -471,6 +471,37 @@ async def test_sandbox_runners_hand_a_spare_its_limits_and_clean_up_after(
     assert not any(p.name.startswith("runtimed-spare-") for p in _cgroup_dirs())
 
 
+async def test_sandbox_runners_a_cpu_limit_never_takes_a_spare_without_a_cpu_cgroup(
+    source: DirectorySource,
+) -> None:
+    # A spare joins a v1 cpu cgroup only when the run before it had a CPU limit: a run that
+    # asks for one must not take a spare outside it (its limit would bind nothing).
+    plain = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
+    limited = ExecSpec.from_json({"snapshot": "s", "args": ["true"], "cpus": 0.5})
+    groups = []
+    async with open_runners() as runners:
+        for spec in (plain, plain, limited, limited):
+            async with open_run(spec, source, NATIVE_REPORT, runners=runners) as execution:
+                async for _ in execution.output:
+                    pass
+                result = await execution.wait()
+                groups.append(execution.group)
+                if spec.cpus is not None:
+                    assert execution.group.has("cpu")
+                    quotas = [d / "cpu.cfs_quota_us" for d in execution.group.dirs]
+                    quotas += [d / "cpu.max" for d in execution.group.dirs]
+                    written = [q.read_text().split()[0] for q in quotas if q.exists()]
+                    assert "50000" in written
+            assert result.exit_code == 0
+            await trio.sleep(0.3)  # time to start the next spare
+    names = [group.name for group in groups]
+    assert names[1].startswith("runtimed-spare-")
+    # The spare made after a run without a limit has a cpu cgroup only where it comes with
+    # the others (cgroup v2): elsewhere the limited run starts its own.
+    assert names[2].startswith("runtimed-spare-") == groups[1].has("cpu")
+    assert names[3].startswith("runtimed-spare-")  # made after a limited run: with cpu
+
+
 async def test_sandbox_runners_replace_a_spare_that_died(source: DirectorySource) -> None:
     spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo ok"]})
     async with open_runners() as runners:
