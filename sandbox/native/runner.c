@@ -237,9 +237,25 @@ static const char **strings(struct tokens *t, const char *key, int *n) {
     return out;
 }
 
+/* The ops that name nothing but their destination. */
+static const struct {
+    const char *name;
+    enum op_kind kind;
+} DESTINATION_OPS[] = {
+    {"proc", OP_PROC},  {"sysfs", OP_SYSFS},       {"devpts", OP_DEVPTS},
+    {"mask", OP_MASK},  {"readonly", OP_READONLY},
+};
+
 static void read_op(struct tokens *t, struct op *op) {
     const char *kind = token(t);
     memset(op, 0, sizeof *op);
+    for (size_t i = 0; i < sizeof DESTINATION_OPS / sizeof *DESTINATION_OPS; i++) {
+        if (!strcmp(kind, DESTINATION_OPS[i].name)) {
+            op->kind = DESTINATION_OPS[i].kind;
+            op->destination = token(t);
+            return;
+        }
+    }
     if (!strcmp(kind, "bind")) {
         op->kind = OP_BIND;
         op->source = token(t);
@@ -252,24 +268,9 @@ static void read_op(struct tokens *t, struct op *op) {
         op->size = (unsigned long)number(t);
         op->noexec = (int)number(t);
         op->nodev = (int)number(t);
-    } else if (!strcmp(kind, "proc")) {
-        op->kind = OP_PROC;
-        op->destination = token(t);
-    } else if (!strcmp(kind, "sysfs")) {
-        op->kind = OP_SYSFS;
-        op->destination = token(t);
-    } else if (!strcmp(kind, "devpts")) {
-        op->kind = OP_DEVPTS;
-        op->destination = token(t);
     } else if (!strcmp(kind, "symlink")) {
         op->kind = OP_SYMLINK;
         op->source = token(t);
-        op->destination = token(t);
-    } else if (!strcmp(kind, "mask")) {
-        op->kind = OP_MASK;
-        op->destination = token(t);
-    } else if (!strcmp(kind, "readonly")) {
-        op->kind = OP_READONLY;
         op->destination = token(t);
     } else if (!strcmp(kind, "file")) {
         op->kind = OP_FILE;
