@@ -177,9 +177,9 @@ class RunCgroup:
             )
         return path
 
-    def setup(self, *, every_controller: bool = False) -> None:
+    def setup(self, *, cpu: bool = False) -> None:
         """Create the directories: v2's, memory and pids (for accounting), the v1 cpuacct and
-        freezer without v2; with ``every_controller`` cpu's too, so that :meth:`limit` never
+        freezer without v2; with ``cpu`` the cpu controller's too, so that a CPU limit never
         needs a new one (for a group joined before its limits are known)."""
         h = self.hierarchies
         if h.unified is not None:
@@ -188,7 +188,7 @@ class RunCgroup:
             with contextlib.suppress(OSError):
                 enabled = frozenset((self._v2 / "cgroup.controllers").read_text().split())
             self.hierarchies = dataclasses.replace(h, unified_controllers=enabled)
-        for controller in ("memory", "pids", *(("cpu",) if every_controller else ())):
+        for controller in ("memory", "pids", *(("cpu",) if cpu else ())):
             self._controller_dir(controller)
         if self._v2 is None:
             self._controller_dir("cpuacct")
@@ -374,17 +374,17 @@ def create(
     memory: int | None = None,
     pids: int | None = None,
     cpus: float | None = None,
-    every_controller: bool = False,
+    cpu: bool = False,
 ) -> RunCgroup:
     """The cgroups of a run named ``name`` in ``hierarchies`` (from :func:`detect`), limits
-    applied; remove() them when done.
+    applied (``cpu``: a cpu cgroup even without a CPU limit yet); remove() them when done.
 
     Raises:
         SandboxError: a cgroup could not be created or a requested limit cannot be enforced.
     """
     group = RunCgroup(hierarchies, f"runtimed-{name}")
     try:
-        group.setup(every_controller=every_controller)
+        group.setup(cpu=cpu)
         group.limit(memory=memory, pids=pids, cpus=cpus)
     except BaseException:
         group.remove()

@@ -895,7 +895,7 @@ def _runner_and_cgroups(
 
 def _spare_cgroups(hierarchies: cgroups.Hierarchies, *, cpu: bool) -> cgroups.RunCgroup:
     """A spare's fresh cgroups, no limits yet: cpu's too when ``cpu``."""
-    return cgroups.create(f"spare-{uuid.uuid4().hex[:12]}", hierarchies, every_controller=cpu)
+    return cgroups.create(f"spare-{uuid.uuid4().hex[:12]}", hierarchies, cpu=cpu)
 
 
 class Runners:
@@ -904,8 +904,9 @@ class Runners:
 
     After each run, a spare runner builds the same sandbox again (the same snapshot, mounts
     and profile: the shape of :class:`sandbox.wire.EncodedPlan`) in a fresh set of cgroups
-    (every controller, no limits yet), and waits for a command. The next run with that shape
-    takes it: it writes its limits and sends its command, and pays neither the runner's
+    (no limits yet; a cpu cgroup only after a run with a CPU limit), and waits for a
+    command. The next run with that shape takes it: it writes its limits and sends its
+    command, and pays neither the runner's
     start, nor the namespaces and mounts, nor the move into new cgroups (which waits for an
     RCU grace period, milliseconds, unless a move is in flight). Runs that commit or bind
     host paths never use a spare (:func:`_reusable`).
