@@ -478,7 +478,6 @@ class Execution:
         source: SnapshotSource | None,
         *,
         runner: _Runner | None = None,
-        shaped: bool = False,
         encoded: EncodedPlan | None = None,
         workers: trio.CapacityLimiter | None = None,
     ) -> None:
@@ -486,10 +485,10 @@ class Execution:
         self.group = group
         self.source = source
         # A runner started for this run, or a spare that built its sandbox already in
-        # ``group`` (``shaped``), else run() starts one; the plan encoded without cgroups when
-        # the caller has it already; the worker threads for looks at the run's processes.
+        # ``group`` (:attr:`_Runner.built`), else run() starts one; the plan encoded without
+        # cgroups when the caller has it already; the worker threads for looks at the run's
+        # processes.
         self._runner = runner
-        self._shaped = shaped
         self._encoded = encoded
         self._workers = workers
         send, self.output = trio.open_memory_channel[OutputChunk](OUTPUT_BUFFER)
@@ -674,7 +673,7 @@ class Execution:
             for line in self.prepared.plan.describe():
                 log.debug("%s", line)
         shape: bytes | None = None  # a spare has built its sandbox already
-        if not self._shaped:
+        if self._runner is None or not self._runner.built:
             dirs = tuple(map(str, self.group.dirs))
             plan = dataclasses.replace(self.prepared.plan, cgroups=dirs)
             if self._encoded is None:
@@ -686,7 +685,7 @@ class Execution:
                 # From the trio thread, which lives as long as the run (the runner's
                 # PDEATHSIG).
                 self._runner = _start_runner()
-        assert self._encoded is not None  # a shaped (spare) runner comes with its plan
+        assert self._encoded is not None  # a spare comes with its plan
         assert self._runner is not None
         stdin, stdout, stderr, status_fd, shape_fd, command_fd = self._runner.take_fds()
         try:
@@ -714,6 +713,9 @@ class Execution:
             self._done.set()
 
 
+SHAPE: Final = 4  # the index of the shape pipe among a runner's fds
+
+
 @dataclass(slots=True)
 class _Runner:
     """A started runner: its PID and pidfd, and until :meth:`take_fds` the launcher's ends of
@@ -722,6 +724,11 @@ class _Runner:
     pid: int
     pidfd: int
     fds: list[int]
+
+    @property
+    def built(self) -> bool:
+        """Whether it has its shape already, and builds or has built its sandbox (a spare)."""
+        return bool(self.fds) and self.fds[SHAPE] < 0
 
     def take_fds(self) -> list[int]:
         fds, self.fds = self.fds, []
@@ -1032,7 +1039,7 @@ class Runners:
             proc, group = _runner_and_cgroups(make)
             try:
                 shape = join_cgroups(key, tuple(map(str, group.dirs)))
-                shape_fd, proc.fds[4] = proc.fds[4], -1
+                shape_fd, proc.fds[SHAPE] = proc.fds[SHAPE], -1
                 # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
                 if rest := _write_ahead(shape_fd, shape):
                     await _feed(shape_fd, rest)
@@ -1140,7 +1147,6 @@ async def open_run(
         group,
         source,
         runner=started if spare is None else spare.runner,
-        shaped=spare is not None,
         encoded=encoded,
         workers=None if runners is None else runners.workers,
     )
