@@ -186,7 +186,7 @@ class RunCgroup:
             self._v2 = self._make(v2_parent(h))
             enabled: frozenset[str] = frozenset()
             with contextlib.suppress(OSError):
-                enabled = frozenset((self._v2 / "cgroup.controllers").read_text().split())
+                enabled = frozenset(_read(self._v2 / "cgroup.controllers").split())
             self.hierarchies = dataclasses.replace(h, unified_controllers=enabled)
         for controller in ("memory", "pids", *(("cpu",) if cpu else ())):
             self._controller_dir(controller)
