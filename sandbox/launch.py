@@ -353,6 +353,27 @@ def _host_resolv_conf() -> str:
         return ""
 
 
+class _HostResolvConf:
+    """The host's resolv.conf, read again only once its inode, size or mtime changed: the pool
+    checks it before every run, and a stat costs a fraction of a read."""
+
+    def __init__(self) -> None:
+        self._seen: tuple[int, int, int, int] | None = None
+        self._text = ""
+
+    def read(self) -> str:
+        try:
+            st = os.stat(HOST_RESOLV_CONF)
+        except FileNotFoundError:
+            self._seen = None
+            return ""
+        seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if seen != self._seen:
+            # Read after the stat: a change in between is seen (and read) on the next call.
+            self._text, self._seen = _host_resolv_conf(), seen
+        return self._text
+
+
 # --- observe ----------------------------------------------------------------------------------
 
 
@@ -647,12 +668,18 @@ class Execution:
             self._finished = True
 
     async def _observe(self) -> None:
-        """Look at the run's processes now and then until it ends. A look under way then is
-        abandoned (its thread finishes on its own, and nothing of it is used): the result
-        does not wait for it."""
+        """Look at the run's processes now and then until it ends, the first time one
+        interval after the start: the command itself is known from its ``started`` status,
+        and a run over sooner (most build steps' ``true``, ``test``, ``mkdir``) costs no look.
+        A look under way when the run ends is abandoned (its thread finishes on its own, and
+        nothing of it is used): the result does not wait for it."""
         interval = SAMPLE_INTERVAL
         with self._observe_scope:
-            while not self._exited.is_set():
+            while True:
+                with trio.move_on_after(interval):
+                    await self._exited.wait()
+                if self._exited.is_set():
+                    return
                 if self._started:
                     exclude = frozenset(self._observer.exclude)
                     look = await trio.to_thread.run_sync(
@@ -662,8 +689,6 @@ class Execution:
                     # Often at first, when short-lived build steps come and go, then less: a
                     # look is a trip to a thread and a /proc read per process.
                     interval = min(interval * 2, SAMPLE_INTERVAL_MAX)
-                with trio.move_on_after(interval):
-                    await self._exited.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Hand the plan to the runner (a spare, one started for the run, or one started now)
@@ -943,6 +968,7 @@ class Runners:
             tuple[ExecSpec, str], tuple[PlatformReport, str, PreparedRun, EncodedPlan]
         ] = {}
         self._preparing: dict[tuple[ExecSpec, str], trio.Event] = {}
+        self._resolv_conf = _HostResolvConf()
 
     async def prepare(
         self, spec: ExecSpec, source: SnapshotSource, report: PlatformReport
@@ -955,9 +981,9 @@ class Runners:
         resolv.conf are the same. The snapshot is looked up every time (it may be gone)."""
         if not _reusable(spec):
             return await trio.to_thread.run_sync(prepare_run, spec, source, report), None
-        # One indexed SQLite read and one small file: not worth a trip to a thread.
+        # One indexed SQLite read and a stat: not worth a trip to a thread.
         snapshot = source.resolve(spec.snapshot)
-        resolv_conf = _host_resolv_conf()
+        resolv_conf = self._resolv_conf.read()
         key = (spec, snapshot)
         while (preparing := self._preparing.get(key)) is not None:
             await preparing.wait()  # the same request, arrived together: decided once
