@@ -297,7 +297,8 @@ class LayerStream:
 
     def peek(self, size: int) -> bytes:
         """The next ``size`` bytes (fewer at the end) without consuming them."""
-        self._fill(size)
+        if self._off + size > len(self._buf):
+            self._fill(size)
         return self._buf[self._off : self._off + size]
 
     def read(self, size: int = -1) -> bytes:
@@ -333,6 +334,11 @@ class LayerStream:
         target = offset if whence == os.SEEK_SET else self._pos + offset
         if whence not in (os.SEEK_SET, os.SEEK_CUR) or target < self._pos:
             raise InternalError(f"{self.name}: backward seek to {target} from {self._pos}")
+        # Most seeks (a header's padding, the header peeked at) stay in the current chunk.
+        if target - self._pos <= len(self._buf) - self._off:
+            self._off += target - self._pos
+            self._pos = target
+            return target
         while self._pos < target:
             if not self.read_some(target - self._pos):
                 raise self._decoder.invalid("truncated: the stream ends inside a member's data")

@@ -488,7 +488,7 @@ def _tar_members(
     Ends at the end-of-archive marker (two zero blocks). Stdlib ``TarFile.next`` stops
     silently at a bad header after the first member; we reject the archive instead.
     """
-    if stream.peek(BLOCK) == bytes(BLOCK):
+    if stream.peek(BLOCK) == _ZERO_BLOCK:
         _check_end(stream)
         return
     try:
@@ -515,7 +515,7 @@ def _tar_members(
                 f"{stream.name}: truncated: no end-of-archive marker after {member.name!r}",
                 details={"blob": stream.name, "entry": member.name},
             )
-        if head == bytes(BLOCK):
+        if head == _ZERO_BLOCK:
             _check_end(stream)
             return
         # Global PAX headers ("g") patch every later member: only tarfile applies them.
@@ -544,6 +544,9 @@ _DATA_TYPES: Final = frozenset({"0", "\0", "7"})
 # chksum, typeflag, linkname, magic, version, uname, gname, devmajor, devminor, prefix.
 _HEADER: Final = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s")
 _CHKSUM_BLANKS: Final = 8 * ord(" ")
+_PAD: Final = b"\0 "
+_EMPTY_DEVICE: Final = bytes(8)
+_ZERO_BLOCK: Final = bytes(BLOCK)
 
 
 def simple_member(block: bytes) -> Member | None:
@@ -561,12 +564,28 @@ def simple_member(block: bytes) -> Member | None:
     if kind[0] not in _SIMPLE_TYPES:
         return None
     try:
-        # int() of bytes refuses base-256 numbers (a first byte 0o200/0o377) and non-ASCII,
-        # and otherwise parses exactly what tarfile's nti() parses.
-        numbers = [_octal(f) for f in (mode, uid, gid, size, mtime, chksum, major, minor)]
+        # Inline, not a helper called per field, and the device numbers only when set: a
+        # fifth less time per header. int() of bytes refuses base-256 numbers (a first byte
+        # 0o200/0o377), non-ASCII and a NUL left inside the field once trailing NULs and
+        # spaces are cut; whatever it accepts is what tarfile's nti() (cut at the first
+        # NUL, strip, int) reads.
+        checksum = int(chksum.rstrip(_PAD) or b"0", 8)
+        if checksum != _byte_sum(block) - sum(chksum) + _CHKSUM_BLANKS:
+            return None
+        numbers = (
+            int(mode.rstrip(_PAD) or b"0", 8),
+            int(uid.rstrip(_PAD) or b"0", 8),
+            int(gid.rstrip(_PAD) or b"0", 8),
+            int(size.rstrip(_PAD) or b"0", 8),
+            int(mtime.rstrip(_PAD) or b"0", 8),
+        )
+        # GNU tar leaves both device fields empty for all but devices.
+        device = (
+            (0, 0)
+            if major == minor == _EMPTY_DEVICE
+            else (int(major.rstrip(_PAD) or b"0", 8), int(minor.rstrip(_PAD) or b"0", 8))
+        )
     except ValueError:
-        return None
-    if numbers[5] != _byte_sum(block) - sum(chksum) + _CHKSUM_BLANKS:
         return None
     path, type_ = _text(name), kind.decode("latin-1")
     if type_ == "\0" and path.endswith("/"):
@@ -586,8 +605,8 @@ def simple_member(block: bytes) -> Member | None:
         gid=numbers[2],
         mtime=float(numbers[4]),
         size=numbers[3],
-        devmajor=numbers[6],
-        devminor=numbers[7],
+        devmajor=device[0],
+        devminor=device[1],
     )
 
 
@@ -596,10 +615,6 @@ def _byte_sum(block: bytes) -> int:
     is 1 + the sum of the bytes modulo 65521 (RFC 1950 8.2), exact for 256 bytes or fewer."""
     view = memoryview(block)
     return (adler32(view[:256]) & 0xFFFF) + (adler32(view[256:]) & 0xFFFF) - 2
-
-
-def _octal(field: bytes) -> int:
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
 def _text(field: bytes) -> str:
@@ -612,7 +627,7 @@ def _round_up(size: int) -> int:
 
 
 def _check_end(stream: LayerStream) -> None:
-    if stream.read(2 * BLOCK) != bytes(2 * BLOCK):
+    if stream.read(2 * BLOCK) != 2 * _ZERO_BLOCK:
         raise InvalidArchiveError(
             f"{stream.name}: truncated or corrupt end-of-archive marker",
             details={"blob": stream.name},
