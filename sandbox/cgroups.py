@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -274,32 +274,65 @@ class RunCgroup:
             if freezer is not None:
                 _write(freezer / "freezer.state", "THAWED")
 
-    def usage(self) -> ResourceUsage:
-        """CPU seconds and peak memory of the run so far."""
-        cpu: float | None = None
-        if self._v2 is not None:
-            stat = _read_keyed(self._v2 / "cpu.stat")
-            if "usage_usec" in stat:
-                cpu = stat["usage_usec"] / 1e6
-        if cpu is None and "cpuacct" in self._v1:
-            cpu = int(_read(self._v1["cpuacct"] / "cpuacct.usage")) / 1e9
-        peak: int | None = None
-        memory = self._controller_dir("memory")
-        if memory is not None:
-            for name in ("memory.peak", "memory.max_usage_in_bytes"):
-                with contextlib.suppress(OSError, ValueError):
-                    peak = int(_read(memory / name))
-                    break
-        return ResourceUsage(cpu_seconds=cpu, peak_memory=peak)
+    def _memory_dir(self) -> Path | None:
+        if self._v2 is not None and "memory" in self.hierarchies.unified_controllers:
+            return self._v2
+        return self._v1.get("memory")
 
-    def memory_events(self) -> dict[str, int]:
-        """OOM kills and limit hits (v2 ``memory.events`` or v1 ``memory.oom_control``)."""
-        memory = self._controller_dir("memory")
+    def accounting_files(self) -> tuple[Path | None, Path | None, Path | None]:
+        """Where the run's use is read at its end, in this order: CPU time (v2 ``cpu.stat``,
+        else v1 ``cpuacct.usage``), peak memory (``memory.peak`` or
+        ``memory.max_usage_in_bytes``) and memory events (``memory.events`` or
+        ``memory.oom_control``); None for what its cgroups do not have."""
+        cpu: Path | None = None
+        if self._v2 is not None:
+            cpu = self._v2 / "cpu.stat"
+        elif "cpuacct" in self._v1:
+            cpu = self._v1["cpuacct"] / "cpuacct.usage"
+        memory = self._memory_dir()
         if memory is None:
-            return {}
+            return cpu, None, None
         if memory == self._v2:
-            return _read_keyed(memory / "memory.events")
-        return _read_keyed(memory / "memory.oom_control")
+            return cpu, memory / "memory.peak", memory / "memory.events"
+        return cpu, memory / "memory.max_usage_in_bytes", memory / "memory.oom_control"
+
+    def for_runner(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The directories the runner moves PID 1 into (and removes after it), and the
+        accounting files it reads once PID 1 is gone (those that exist, in order)."""
+        files = tuple(str(path) for path in self.accounting_files() if path is not None)
+        return tuple(map(str, self.dirs)), files
+
+    def accounting(
+        self, texts: Sequence[str | None] | None = None
+    ) -> tuple[ResourceUsage, dict[str, int]]:
+        """CPU seconds, peak memory and the memory events (OOM kills, limit hits) of the run
+        so far: from ``texts``, the runner's reading of :meth:`for_runner`'s files (None
+        for one it could not read), or read now."""
+        files = self.accounting_files()
+        if texts is None:
+            texts = [_read_optional(path) for path in files if path is not None]
+        found = iter(texts)
+        cpu_text, peak_text, events_text = (
+            None if path is None else next(found, None) for path in files
+        )
+        cpu: float | None = None
+        if cpu_text is not None and files[0] is not None:
+            if files[0].name == "cpu.stat":
+                usec = _keyed(cpu_text).get("usage_usec")
+                cpu = None if usec is None else usec / 1e6
+            else:
+                with contextlib.suppress(ValueError):
+                    cpu = int(cpu_text) / 1e9
+        peak: int | None = None
+        if peak_text is not None:
+            with contextlib.suppress(ValueError):
+                peak = int(peak_text)
+        events = {} if events_text is None else _keyed(events_text)
+        return ResourceUsage(cpu_seconds=cpu, peak_memory=peak), events
+
+    def forget(self) -> None:
+        """The directories are gone already (the runner removed them after the run)."""
+        self.dirs.clear()
 
     def remove(self) -> None:
         """Kill what is left and remove every directory, deepest first (idempotent).
@@ -357,13 +390,20 @@ def _read(path: Path) -> str:
         os.close(fd)
 
 
-def _read_keyed(path: Path) -> dict[str, int]:
+def _read_optional(path: Path) -> str | None:
+    try:
+        return _read(path)
+    except OSError:
+        return None
+
+
+def _keyed(text: str) -> dict[str, int]:
+    """``KEY VALUE`` lines (``cpu.stat``, ``memory.events``, ``memory.oom_control``)."""
     out = {}
-    with contextlib.suppress(OSError):
-        for line in _read(path).splitlines():
-            key, _, value = line.partition(" ")
-            with contextlib.suppress(ValueError):
-                out[key] = int(value)
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[key] = int(value)
     return out
 
 

@@ -24,8 +24,10 @@ what was attributed, PID 1 included from the point it joins the cgroups, before 
 
 Nothing outlives a run: the mounts live in the runner's private mount namespace and go with
 it, PID 1 dies with the runner (PDEATHSIG) and takes the PID namespace down, and the cgroups
-are killed and removed after the run (in the pool's background when there is one), even
-when the runner was SIGKILLed.
+go too: the runner reads the run's accounting files once PID 1 is reaped, reports them with
+``finished`` and removes the cgroups, off the daemon's thread; when it could not (it was
+SIGKILLed, or a cgroup stayed busy), the launcher kills what is left and removes them after
+the run (in the pool's background when there is one).
 """
 
 from __future__ import annotations
@@ -522,7 +524,8 @@ class Execution:
         self._started = False
         self._command_exe: str | None = None
         self._exit: Exited | None = None
-        self._finished = False  # the runner said so: nothing more comes on its status
+        # The runner said so (with the run's accounting): nothing more comes on its status.
+        self._finished: Finished | None = None
         self._stop_scope = trio.CancelScope()
         self._observe_scope = trio.CancelScope()
         self._usage: tuple[cgroups.ResourceUsage, dict[str, int]] | None = None
@@ -577,8 +580,10 @@ class Execution:
         return result
 
     def _finish_cgroup(self) -> tuple[cgroups.ResourceUsage, dict[str, int]]:
+        if self._finished is not None:  # the sandbox is empty, and the runner read the files
+            return self.group.accounting(self._finished.accounting)
         self.group.kill(exiting=None if self._runner is None else self._runner.pid)
-        return self.group.usage(), self.group.memory_events()
+        return self.group.accounting()
 
     def _status(self) -> tuple[int, int | None]:
         if self._exit is not None:
@@ -621,7 +626,8 @@ class Execution:
         if waiting.cancelled_caught:
             await runner.discard()
             return
-        runner.collect()
+        if runner.collect():
+            self.group.forget()  # the runner removed the cgroups
 
     async def _pump(
         self,
@@ -640,9 +646,9 @@ class Execution:
         status pipe, which only they hold)."""
         buffer = b""
         async with stream:
-            while not self._finished and (data := await stream.receive_some(READ_SIZE)):
+            while self._finished is None and (data := await stream.receive_some(READ_SIZE)):
                 buffer += data
-                while b"\n" in buffer and not self._finished:
+                while b"\n" in buffer and self._finished is None:
                     line, buffer = buffer.split(b"\n", 1)
                     self._on_status(line)
 
@@ -665,7 +671,7 @@ class Execution:
         elif isinstance(message, Exited):
             self._exit = message
         elif isinstance(message, Finished):
-            self._finished = True
+            self._finished = message
 
     async def _observe(self) -> None:
         """Look at the run's processes now and then until it ends, the first time one
@@ -699,13 +705,13 @@ class Execution:
                 log.debug("%s", line)
         shape: bytes | None = None  # a spare has built its sandbox already
         if self._runner is None or not self._runner.built:
-            dirs = tuple(map(str, self.group.dirs))
-            plan = dataclasses.replace(self.prepared.plan, cgroups=dirs)
+            dirs, accounting = self.group.for_runner()
+            plan = dataclasses.replace(self.prepared.plan, cgroups=dirs, accounting=accounting)
             if self._encoded is None:
                 self._encoded = runner.encode(plan)
                 shape = self._encoded.shape
             else:  # encoded without cgroups; the command half is the same
-                shape = join_cgroups(self._encoded.shape, dirs)
+                shape = join_cgroups(self._encoded.shape, dirs, accounting)
             if self._runner is None:
                 # From the trio thread, which lives as long as the run (the runner's
                 # PDEATHSIG).
@@ -776,11 +782,14 @@ class _Runner:
             return False
         return exited is None
 
-    def collect(self) -> None:
-        """Reap the runner, which has exited (its pidfd was readable), and close the pidfd."""
+    def collect(self) -> bool:
+        """Reap the runner, which has exited (its pidfd was readable), and close the pidfd;
+        whether it exited 0: its sandbox ended and it removed the run's cgroups."""
+        exited = None
         with contextlib.suppress(ChildProcessError):
-            os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
+            exited = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
         os.close(self.pidfd)
+        return exited is not None and exited.si_code == os.CLD_EXITED and exited.si_status == 0
 
 
 def _start_runner() -> _Runner:
@@ -1064,7 +1073,7 @@ class Runners:
             make = partial(_spare_cgroups, hierarchies, cpu=self._cpu)
             proc, group = _runner_and_cgroups(make)
             try:
-                shape = join_cgroups(key, tuple(map(str, group.dirs)))
+                shape = join_cgroups(key, *group.for_runner())
                 shape_fd, proc.fds[SHAPE] = proc.fds[SHAPE], -1
                 # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
                 if rest := _write_ahead(shape_fd, shape):
@@ -1224,11 +1233,14 @@ def _create_cgroups(prepared: PreparedRun) -> cgroups.RunCgroup:
 async def _clean_up(
     execution: Execution, source: SnapshotSource, limiter: trio.CapacityLimiter | None = None
 ) -> None:
-    """After a run: reap its runner (the mounts go with it), then remove its cgroups and its
-    run directory (in a thread of ``limiter``'s). Errors are logged: nobody waits for them."""
+    """After a run: reap its runner (the mounts go with it), then remove what is left of its
+    cgroups (the runner removes them itself, unless it was killed or one stayed busy) and
+    its run directory, in a thread of ``limiter``'s. Errors are logged: nobody waits for
+    them."""
     try:
         await execution.release()
-        await trio.to_thread.run_sync(_remove_run, execution, source, limiter=limiter)
+        if execution.group.dirs or execution.prepared.run_dir is not None:
+            await trio.to_thread.run_sync(_remove_run, execution, source, limiter=limiter)
     except (RuntimedError, OSError) as exc:
         log.error("clean-up after the run %s: %s", execution.group.name, exc)
 

@@ -293,6 +293,8 @@ class Plan:
     capabilities: tuple[str, ...]
     cgroups: tuple[str, ...]
     binfmt: tuple[str, ...] = ()
+    accounting: tuple[str, ...] = ()
+    """Files in ``cgroups`` the runner reads once PID 1 is gone, for the run's resource use."""
     scratch: bool = False
     """Upper and work directories on the workspace tmpfs (made there by the runner)."""
 

@@ -63,12 +63,13 @@ def _shape_tokens(plan: Plan, uid_map: str, gid_map: str) -> Iterator[str | int]
     yield from _items("ops", len(plan.ops))
     for op in plan.ops:
         yield from _op_tokens(op)
-    yield from _cgroups_tokens(plan.cgroups)
+    yield from _cgroups_tokens(plan.cgroups, plan.accounting)
 
 
-def _cgroups_tokens(cgroups: Sequence[str]) -> Iterator[str | int]:
+def _cgroups_tokens(cgroups: Sequence[str], accounting: Sequence[str]) -> Iterator[str | int]:
     """The end of a shape: last, so that :func:`join_cgroups` can add them to a shape."""
     yield from _items("cgroups", len(cgroups), *cgroups)
+    yield from _items("accounting", len(accounting), *accounting)
     yield "end"
 
 
@@ -124,17 +125,18 @@ def encode_shape(plan: Plan, *, uid_map: str = "", gid_map: str = "") -> bytes:
     return _encode(_shape_tokens(plan, uid_map, gid_map))
 
 
-def join_cgroups(shape: bytes, cgroups: Sequence[str]) -> bytes:
-    """``shape``, encoded without cgroups, now with ``cgroups`` to join: the launcher encodes
-    a sandbox's shape once and adds each run's cgroups to it.
+def join_cgroups(shape: bytes, cgroups: Sequence[str], accounting: Sequence[str]) -> bytes:
+    """``shape``, encoded without cgroups, now with ``cgroups`` to join and their
+    ``accounting`` files to read at the end: the launcher encodes a sandbox's shape once and
+    adds each run's cgroups to it.
 
     Raises:
         SandboxError: ``shape`` names cgroups already, or a path holds a NUL byte.
     """
-    tail = _encode(_cgroups_tokens(()))
+    tail = _encode(_cgroups_tokens((), ()))
     if not shape.endswith(tail):
         raise SandboxError("sandbox shape already names its cgroups")
-    return shape[: -len(tail)] + _encode(_cgroups_tokens(cgroups))
+    return shape[: -len(tail)] + _encode(_cgroups_tokens(cgroups, accounting))
 
 
 def encode_plan(
@@ -188,7 +190,11 @@ class Exited:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Finished:
-    """PID 1 was reaped: the PID namespace is empty. The runner's own exit comes next."""
+    """PID 1 was reaped: the PID namespace is empty. ``accounting``: the text of each of the
+    plan's accounting files, read then (None for one that could not be read). The runner
+    removes the run's cgroups next, and exits 0 if it removed them all."""
+
+    accounting: tuple[str | None, ...]
 
 
 Status = StepFailed | ExecFailed | Started | Exited | Finished
@@ -211,7 +217,10 @@ def _int(message: dict[str, Json], name: str) -> int:
 
 
 def _hex(message: dict[str, Json], name: str) -> str | None:
-    value = message.get(name)
+    return _decode_hex(message.get(name), name, message)
+
+
+def _decode_hex(value: Json, name: str, message: dict[str, Json]) -> str | None:
     if value is None:
         return None
     try:
@@ -248,7 +257,10 @@ def parse_status(line: bytes) -> Status:
     if kind == "started":
         return Started(pid=_int(message, "pid"), exe=_hex(message, "exe") or "")
     if kind == "finished":
-        return Finished()
+        texts = message.get("accounting")
+        if not isinstance(texts, list):
+            raise SandboxError(f"sandbox runner status: accounting must be a list: {message!r}")
+        return Finished(accounting=tuple(_decode_hex(t, "accounting", message) for t in texts))
     if kind == "exited":
         return Exited(code=_optional_int(message, "code"), signal=_optional_int(message, "signal"))
     raise SandboxError(f"sandbox runner status of unknown type: {line!r}")

@@ -30,7 +30,11 @@
  *     {"type":"exec_error","errno":N}
  *     {"type":"started","pid":N,"exe":HEX}
  *     {"type":"exited","code":N}  /  {"type":"exited","signal":N}
- *     {"type":"finished"}         PID 1 was reaped: the sandbox's processes are all gone
+ *     {"type":"finished","accounting":[HEX|null,...]}
+ *                                 PID 1 was reaped: the sandbox's processes are all gone; the
+ *                                 text of each accounting file of the plan, read then. The
+ *                                 runner removes the run's cgroups next and exits 0, or
+ *                                 CGROUPS_LEFT if one stayed (the launcher removes it).
  * Paths travel hex-encoded: any byte string is a valid Linux path, not every one valid JSON.
  *
  * Every destination below the new root is resolved with openat2(RESOLVE_IN_ROOT) and mounted
@@ -72,6 +76,10 @@
 #define EXEC_FAILED 126
 #define NOT_FOUND 127
 #define CAP_PTRACE_BIT 19
+#define CGROUPS_LEFT 124    /* exit status: a cgroup of the run could not be removed */
+#define MAX_ACCOUNTING 8    /* accounting files, */
+#define ACCOUNTING_TEXT 1024 /* and the bytes read of each */
+#define REMOVE_TRIES 5000   /* 1 ms apart: a cgroup busy for 5 s is left to the launcher */
 
 extern char **environ;
 
@@ -170,8 +178,8 @@ struct rlim {
 struct plan {
     const char *overlay, *workspace, *hostname, *uid_map, *gid_map, *cwd;
     int namespaces, user, cgroupns, loopback, scratch;
-    const char **binfmt, **cgroups;
-    int nbinfmt, ncgroups;
+    const char **binfmt, **cgroups, **accounting;
+    int nbinfmt, ncgroups, naccounting;
     struct op *ops;
     int nops;
     uid_t uid;
@@ -380,6 +388,9 @@ static void read_shape(struct plan *plan) {
         read_op(&t, &plan->ops[i]);
     /* Last, so that the launcher adds a spare's cgroups to a shape it encoded once. */
     plan->cgroups = strings(&t, "cgroups", &plan->ncgroups);
+    plan->accounting = strings(&t, "accounting", &plan->naccounting);
+    if (plan->naccounting > MAX_ACCOUNTING)
+        bad_plan();
     expect_end(&t);
 }
 
@@ -1048,6 +1059,100 @@ static _Noreturn void init(struct plan *plan, int joined) {
     _exit(serve_init(command, early));
 }
 
+/* --- the run's cgroups --------------------------------------------------------------------- */
+
+/* Opened before the mount namespace changes: PID 1's pivot_root moves the root of every
+ * process of that namespace, this one's too, and the host's cgroupfs is out of reach then. */
+struct cgroups {
+    int *procs;         /* each directory's cgroup.procs, for PID 1's move */
+    int *parents;       /* each directory's parent (O_PATH), for its removal */
+    const char **names; /* each directory's last component */
+    int *accounting;    /* the accounting files (-1: could not be opened, reported null) */
+};
+
+static int open_parent(const char *dir, const char **name) {
+    const char *slash = strrchr(dir, '/');
+    if (!slash || slash == dir || !slash[1])
+        bad_plan();
+    char parent[4200];
+    snprintf(parent, sizeof parent, "%.*s", (int)(slash - dir), dir);
+    *name = slash + 1;
+    int fd = open(parent, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        fail("open", parent);
+    return fd;
+}
+
+static struct cgroups open_cgroups(const struct plan *plan) {
+    struct cgroups cg = {
+        array(plan->ncgroups, sizeof(int)),
+        array(plan->ncgroups, sizeof(int)),
+        array(plan->ncgroups, sizeof(char *)),
+        array(plan->naccounting, sizeof(int)),
+    };
+    for (int i = 0; i < plan->ncgroups; i++) {
+        char path[4200];
+        snprintf(path, sizeof path, "%s/cgroup.procs", plan->cgroups[i]);
+        cg.procs[i] = open(path, O_WRONLY | O_CLOEXEC);
+        if (cg.procs[i] < 0)
+            fail("open", path);
+        cg.parents[i] = open_parent(plan->cgroups[i], &cg.names[i]);
+    }
+    for (int i = 0; i < plan->naccounting; i++)
+        cg.accounting[i] = open(plan->accounting[i], O_RDONLY | O_CLOEXEC);
+    return cg;
+}
+
+static void close_cgroups(const struct plan *plan, const struct cgroups *cg) {
+    for (int i = 0; i < plan->ncgroups; i++) {
+        close(cg->procs[i]);
+        close(cg->parents[i]);
+    }
+    for (int i = 0; i < plan->naccounting; i++)
+        if (cg->accounting[i] >= 0)
+            close(cg->accounting[i]);
+}
+
+/* The finished line, with what the run used: read here, once PID 1 is reaped, the launcher
+ * has nothing to read from cgroupfs after a run. */
+static void send_finished(const struct plan *plan, const struct cgroups *cg) {
+    static char line[64 + MAX_ACCOUNTING * (2 * ACCOUNTING_TEXT + 8)];
+    size_t n = (size_t)snprintf(line, sizeof line, "{\"type\":\"finished\",\"accounting\":[");
+    for (int i = 0; i < plan->naccounting; i++) {
+        char text[ACCOUNTING_TEXT + 1];
+        int fd = cg->accounting[i];
+        ssize_t got = fd < 0 ? -1 : pread(fd, text, ACCOUNTING_TEXT, 0);
+        if (i)
+            line[n++] = ',';
+        if (got < 0) {
+            memcpy(line + n, "null", 4);
+            n += 4;
+            continue;
+        }
+        text[got] = 0;
+        line[n++] = '"';
+        hex(line + n, 2 * ACCOUNTING_TEXT + 1, text);
+        n += strlen(line + n);
+        line[n++] = '"';
+    }
+    memcpy(line + n, "]}\n", 3);
+    send_line(line, n + 3);
+}
+
+/* Remove the run's cgroups, last first, as the launcher would: the last of PID 1's processes
+ * leaves them asynchronously after it was reaped, so EBUSY is retried for a while. */
+static int remove_cgroups(const struct plan *plan, const struct cgroups *cg) {
+    for (int i = plan->ncgroups - 1; i >= 0; i--) {
+        int tries = 0;
+        while (unlinkat(cg->parents[i], cg->names[i], AT_REMOVEDIR) < 0 && errno != ENOENT) {
+            if (errno != EBUSY || ++tries > REMOVE_TRIES)
+                return -1;
+            usleep(1000);
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     /* The run dies with the launcher: nothing is left running when it goes away. */
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
@@ -1077,16 +1182,7 @@ int main(int argc, char **argv) {
             return supervise(child);
         }
     }
-    int *procs = array(plan.ncgroups, sizeof *procs);
-    for (int i = 0; i < plan.ncgroups; i++) {
-        char path[4200];
-        snprintf(path, sizeof path, "%s/cgroup.procs", plan.cgroups[i]);
-        /* Opened before the mount namespace changes: PID 1's pivot_root moves the root of
-         * every process of that namespace, this one's too. */
-        procs[i] = open(path, O_WRONLY | O_CLOEXEC);
-        if (procs[i] < 0)
-            fail("open", path);
-    }
+    struct cgroups cg = open_cgroups(&plan);
     int joined[2];
     if (pipe2(joined, O_CLOEXEC) < 0)
         fail("pipe2", NULL);
@@ -1103,8 +1199,7 @@ int main(int argc, char **argv) {
     if (pid1 == 0) {
         prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
         close(joined[1]);
-        for (int i = 0; i < plan.ncgroups; i++)
-            close(procs[i]);
+        close_cgroups(&plan, &cg);
         target_pid = 0;
         init(&plan, joined[0]);
     }
@@ -1117,7 +1212,7 @@ int main(int argc, char **argv) {
     char text[24];
     int len = snprintf(text, sizeof text, "%d", pid1);
     for (int i = 0; i < plan.ncgroups; i++) {
-        if (write(procs[i], text, (size_t)len) < 0) {
+        if (write(cg.procs[i], text, (size_t)len) < 0) {
             if (errno == ESRCH)
                 break; /* PID 1 ended already: its own status says why */
             int err = errno;
@@ -1125,11 +1220,10 @@ int main(int argc, char **argv) {
             errno = err;
             fail_flags("write", plan.cgroups[i], pid1);
         }
-        close(procs[i]);
     }
     (void)!write(joined[1], "j", 1);
     close(joined[1]);
-    int code = supervise(pid1);
-    send_fmt("{\"type\":\"finished\"}\n");
-    return code;
+    supervise(pid1);
+    send_finished(&plan, &cg);
+    return remove_cgroups(&plan, &cg) < 0 ? CGROUPS_LEFT : 0;
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import trio
 from binfmt.platform import Platform
 from binfmt.report import PlatformReport
 from runtimed.errors import Json, KernelError, SandboxError
+from sandbox import cgroups
 from sandbox.launch import (
     OutputChunk,
     PreparedRun,
@@ -448,19 +450,23 @@ async def test_sandbox_each_run_gets_a_fresh_network_namespace_with_lo_up(
 async def test_sandbox_runners_hand_a_spare_its_limits_and_clean_up_after(
     source: DirectorySource,
 ) -> None:
-    spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo $$"], "pids": 9})
+    args: list[Json] = ["sh", "-c", "echo $$; exec sleep 60"]
+    spec = ExecSpec.from_json({"snapshot": "s", "args": args, "pids": 9})
     groups: list[str] = []
     left: list[Path] = []
     async with open_runners() as runners:
         for _ in range(3):
             async with open_run(spec, source, NATIVE_REPORT, runners=runners) as execution:
-                chunks = [chunk.data async for chunk in execution.output]
+                first = await execution.output.receive()
+                # The command runs (its sleep): its cgroups have the limit.
                 pids_max = [d / "pids.max" for d in execution.group.dirs]
                 assert [p.read_text() for p in pids_max if p.exists()] == ["9\n"]
+                left += execution.group.dirs
+                execution.cancel()
+                chunks = [first.data] + [chunk.data async for chunk in execution.output]
                 result = await execution.wait()
                 groups.append(execution.group.name)
-                left += execution.group.dirs
-            assert (result.exit_code, b"".join(chunks)) == (0, b"2\n")
+            assert (result.signal, b"".join(chunks)) == (signal.SIGTERM, b"2\n")
             await trio.sleep(0.3)  # time to start the next spare
     # The first run started its own runner; the next ones took the spare started meanwhile.
     assert not groups[0].startswith("runtimed-spare-")
@@ -477,22 +483,26 @@ async def test_sandbox_runners_a_cpu_limit_never_takes_a_spare_without_a_cpu_cgr
     # A spare joins a v1 cpu cgroup only when the run before it had a CPU limit: a run that
     # asks for one must not take a spare outside it (its limit would bind nothing).
     plain = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
-    limited = ExecSpec.from_json({"snapshot": "s", "args": ["true"], "cpus": 0.5})
+    args: list[Json] = ["sh", "-c", "echo up; exec sleep 60"]
+    limited = ExecSpec.from_json({"snapshot": "s", "args": args, "cpus": 0.5})
     groups = []
     async with open_runners() as runners:
         for spec in (plain, plain, limited, limited):
             async with open_run(spec, source, NATIVE_REPORT, runners=runners) as execution:
-                async for _ in execution.output:
-                    pass
-                result = await execution.wait()
-                groups.append(execution.group)
                 if spec.cpus is not None:
+                    # While it runs (its sleep): the runner removes its cgroups after.
+                    assert (await execution.output.receive()).data == b"up\n"
                     assert execution.group.has("cpu")
                     quotas = [d / "cpu.cfs_quota_us" for d in execution.group.dirs]
                     quotas += [d / "cpu.max" for d in execution.group.dirs]
                     written = [q.read_text().split()[0] for q in quotas if q.exists()]
                     assert "50000" in written
-            assert result.exit_code == 0
+                    execution.cancel()
+                async for _ in execution.output:
+                    pass
+                result = await execution.wait()
+                groups.append(execution.group)
+            assert result.signal == (None if spec.cpus is None else signal.SIGTERM)
             await trio.sleep(0.3)  # time to start the next spare
     names = [group.name for group in groups]
     assert names[1].startswith("runtimed-spare-")
@@ -572,6 +582,33 @@ async def test_sandbox_caller_cancellation_leaves_nothing_behind(
     assert scope.cancelled_caught
     assert _processes_with("98765") == []
     assert not any(d.exists() for d in dirs)
+
+
+async def test_sandbox_runner_reports_the_use_and_removes_the_cgroups_itself(
+    source: DirectorySource,
+) -> None:
+    # A group the caller owns: the launcher never removes it, so only the runner can have.
+    spec = ExecSpec.from_json(
+        {"snapshot": "s", "args": ["sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"]}
+    )
+    prepared = await trio.to_thread.run_sync(prepare_run, spec, source, NATIVE_REPORT)
+    group = cgroups.create(f"test-{uuid.uuid4().hex[:8]}", prepared.hierarchies)
+    dirs = list(group.dirs)
+    try:
+        async with open_execution(prepared, source=source, group=group) as execution:
+            async for _ in execution.output:
+                pass
+            result = await execution.wait()
+        assert result.exit_code == 0
+        assert group.dirs == []  # forgotten: the runner exited 0 after removing them
+        assert not any(d.exists() for d in dirs)
+        # What it used, read by the runner once PID 1 was reaped.
+        assert result.resources.cpu_seconds is not None
+        assert result.resources.cpu_seconds > 0
+        assert result.resources.peak_memory is not None
+        assert result.resources.peak_memory > 0
+    finally:
+        group.remove()
 
 
 async def _drain(prepared: PreparedRun) -> RunResult:

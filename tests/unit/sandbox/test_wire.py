@@ -85,19 +85,25 @@ def test_wire_shapes_without_cgroups_name_the_sandbox() -> None:
     # A spare runner already sits in cgroups of its own: plans that differ in their cgroups
     # (and in what runs) build the same sandbox, plans that differ in the sandbox do not.
     plan = _plan()
-    same = dataclasses.replace(plan, cgroups=("/elsewhere",), argv=("true",), uid=0)
+    plan = dataclasses.replace(plan, accounting=(f"{plan.cgroups[0]}/pids.peak",))
+    same = dataclasses.replace(
+        plan, cgroups=("/elsewhere",), accounting=("/elsewhere/cpu.stat",), argv=("true",), uid=0
+    )
     other = _plan(hostname="other")
-    keys = [encode_shape(dataclasses.replace(p, cgroups=())) for p in (plan, same, other)]
+    keys = [
+        encode_shape(dataclasses.replace(p, cgroups=(), accounting=())) for p in (plan, same, other)
+    ]
     assert keys[0] == keys[1] != keys[2]
     assert encode_shape(plan) != keys[0]  # with its cgroups
     assert encode_shape(plan) == encode_plan(plan, capabilities=0).shape
     assert _after(_tokens(keys[0]), "cgroups", 1) == ["0"]
     # A run's cgroups added to the shape encoded once equal the plan encoded with them.
-    assert join_cgroups(keys[0], plan.cgroups) == encode_shape(plan)
+    assert join_cgroups(keys[0], plan.cgroups, plan.accounting) == encode_shape(plan)
+    assert _after(_tokens(encode_shape(plan)), "accounting", 2) == ["1", plan.accounting[0]]
     with pytest.raises(SandboxError, match="already names its cgroups"):
-        join_cgroups(encode_shape(plan), ("/sys/fs/cgroup/other",))
+        join_cgroups(encode_shape(plan), ("/sys/fs/cgroup/other",), ())
     with pytest.raises(SandboxError, match="NUL"):
-        join_cgroups(keys[0], ("/sys/fs/cgroup/a\0b",))
+        join_cgroups(keys[0], ("/sys/fs/cgroup/a\0b",), ())
 
 
 def test_wire_plan_ops_carry_their_fields() -> None:
@@ -145,7 +151,11 @@ def test_wire_status_paths_survive_any_bytes(raw: bytes) -> None:
         (b'{"type":"exec_error","errno":13}', ExecFailed(errno=13)),
         (b'{"type":"exited","code":3}', Exited(code=3, signal=None)),
         (b'{"type":"exited","signal":9}', Exited(code=None, signal=9)),
-        (b'{"type":"finished"}', Finished()),
+        (b'{"type":"finished","accounting":[]}', Finished(accounting=())),
+        (
+            b'{"type":"finished","accounting":["757361676520310a",null]}',
+            Finished(accounting=("usage 1\n", None)),
+        ),
     ],
 )
 def test_wire_status_lines(line: bytes, expected: object) -> None:
@@ -161,6 +171,9 @@ def test_wire_status_lines(line: bytes, expected: object) -> None:
         b'{"type":"started","pid":"7","exe":""}',
         b'{"type":"started","pid":7,"exe":"zz"}',
         b'{"type":"exec_error","errno":true}',
+        b'{"type":"finished"}',
+        b'{"type":"finished","accounting":[1]}',
+        b'{"type":"finished","accounting":["zz"]}',
     ],
 )
 def test_wire_status_refuses_what_the_runner_never_writes(line: bytes) -> None:
