@@ -10,7 +10,9 @@ Every number is the median of ``--runs`` runs, each into a fresh directory on th
 system as the comparison; our import includes its ``syncfs`` (GNU tar does not sync; the
 "tar+sync" row adds one ``sync -f`` so both end with data on disk). The three are run in
 turn within each round and a ratio is the median of the per-round ratios, so that a load
-spike on a shared machine hits all of them alike.
+spike on a shared machine hits all of them alike. The CPU rows (user + system, all threads and
+processes, GNU tar's decompressor and our layer helper included) vary less than wall time
+on a shared VM: they say how much work each tool does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -62,15 +65,31 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def rounds(runs: int, base: Path, actions: list[Callable[[Path], object]]) -> list[list[float]]:
-    """Seconds per round for each action, the actions taking turns within a round, each in a
-    fresh directory under ``base``."""
-    times: list[list[float]] = [[] for _ in actions]
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its waited-for children (GNU tar's
+    zstd or gzip, our layer helper) so far."""
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )
+
+
+def rounds(
+    runs: int, base: Path, actions: list[Callable[[Path], object]]
+) -> list[tuple[list[float], list[float]]]:
+    """(wall seconds, CPU seconds) per round for each action, the actions taking turns within
+    a round, each in a fresh directory under ``base``."""
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in actions]
     for _ in range(runs):
-        for action, spent in zip(actions, times, strict=True):
+        for action, (wall, cpu) in zip(actions, times, strict=True):
             where = Path(tempfile.mkdtemp(dir=base))
             try:
-                spent.append(timed(functools.partial(action, where)))
+                before = cpu_seconds()
+                wall.append(timed(functools.partial(action, where)))
+                cpu.append(cpu_seconds() - before)
             finally:
                 shutil.rmtree(where, ignore_errors=True)
     return times
@@ -102,6 +121,12 @@ def row(name: str, seconds: float, ratio: float | None = None) -> None:
     print(f"  {name:<34} {seconds * 1000:10.1f} ms  {shown}")
 
 
+def cpu_row(name: str, seconds: list[float], reference: list[float]) -> None:
+    """CPU time varies less than wall time on a shared VM: the work each tool does."""
+    ratio = paired_ratio(seconds, reference)
+    print(f"  {name:<34} {statistics.median(seconds) * 1000:10.1f} ms  {ratio:6.2f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
@@ -131,7 +156,7 @@ def main() -> int:
                     continue
                 flags = ARCHIVES[kind]
                 print(f"\nimport {kind} on {fs_name} (median of {args.runs})")
-                tar, tar_sync, ours = rounds(
+                (tar, tar_cpu), (tar_sync, _), (ours, ours_cpu) = rounds(
                     args.runs,
                     base,
                     [
@@ -152,6 +177,8 @@ def main() -> int:
                     statistics.median(ours),
                     paired_ratio(ours, tar_sync),
                 )
+                row("GNU tar -x, CPU", statistics.median(tar_cpu))
+                cpu_row("runtimed import, CPU", ours_cpu, tar_cpu)
 
         if args.only:
             return 0
