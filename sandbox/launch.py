@@ -42,7 +42,7 @@ import queue
 import signal
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -792,18 +792,19 @@ class _Runner:
         return exited is not None and exited.si_code == os.CLD_EXITED and exited.si_status == 0
 
 
-def _start_runner() -> _Runner:
-    """Pipes, and a runner on their other ends waiting for its plan; call from a thread that
-    outlives the run: the trio thread or the pool's (see :func:`sandbox.runner.spawn`)."""
+@contextlib.contextmanager
+def _runner_pipes() -> Iterator[tuple[list[int], list[int]]]:
+    """Our ends and the runner's of its pipes (stdin, stdout, stderr, status, shape,
+    command), for the block that starts it: theirs are closed after it (the runner has its
+    own copies then), ours too if it failed."""
     ours: list[int] = []
     theirs: list[int] = []
     try:
-        # stdin, stdout, stderr, status, shape, command
         for child_reads in (True, False, False, False, True, True):
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
             ours.append(write_end if child_reads else read_end)
             theirs.append(read_end if child_reads else write_end)
-        pid, pidfd = runner.spawn(theirs)
+        yield ours, theirs
     except BaseException:
         for fd in ours:
             os.close(fd)
@@ -811,6 +812,23 @@ def _start_runner() -> _Runner:
     finally:
         for fd in theirs:
             os.close(fd)
+
+
+def _start_runner(
+    spawn: Callable[[Sequence[int]], tuple[int, int]] = runner.spawn,
+) -> _Runner:
+    """A runner on pipes, waiting for its plan, started by ``spawn`` (a
+    :class:`sandbox.runner.Spawner`'s, or posix_spawn: from a thread that outlives the run,
+    the trio thread or the pool's, see :func:`sandbox.runner.spawn`)."""
+    with _runner_pipes() as (ours, theirs):
+        pid, pidfd = spawn(theirs)
+    return _Runner(pid=pid, pidfd=pidfd, fds=ours)
+
+
+async def _fork_runner(spawner: runner.Spawner) -> _Runner:
+    """:func:`_start_runner` by ``spawner``, serving other tasks meanwhile."""
+    with _runner_pipes() as (ours, theirs):
+        pid, pidfd = await spawner.spawn_async(theirs)
     return _Runner(pid=pid, pidfd=pidfd, fds=ours)
 
 
@@ -922,13 +940,13 @@ class _PoolThreads:
 
 
 def _runner_and_cgroups(
-    make: Callable[[], cgroups.RunCgroup],
+    make: Callable[[], cgroups.RunCgroup], spawner: runner.Spawner
 ) -> tuple[_Runner, cgroups.RunCgroup]:
     """A runner waiting for its plan, and the cgroups ``make`` creates for it; blocking, for
     a thread of the pool's. When the runner cannot start, the cgroups are removed again."""
     group = make()
     try:
-        return _start_runner(), group
+        return _start_runner(spawner.spawn), group
     except BaseException:
         group.remove()
         raise
@@ -955,9 +973,12 @@ class Runners:
     removing its cgroups and run directory happen in the background.
     """
 
-    def __init__(self, nursery: trio.Nursery, threads: _PoolThreads) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, threads: _PoolThreads, spawner: runner.Spawner
+    ) -> None:
         self._nursery = nursery
-        self.threads = threads  # runners are started on them
+        self.threads = threads  # runners are started on them (or asked of the spawner there)
+        self.spawner = spawner
         # Clean-ups and looks at running processes wait in line for two worker threads:
         # after a burst of runs, one thread each would be started anew (trio keeps few idle),
         # on the trio thread's time.
@@ -1069,9 +1090,14 @@ class Runners:
         try:
             # On the trio thread, unlike a run's own runner: one spare at a time, built while
             # a run goes on, and back-to-back runs took 10-25% longer with the spare made on
-            # the pool's threads (the hop, and the GIL going back and forth, delay it).
-            make = partial(_spare_cgroups, hierarchies, cpu=self._cpu)
-            proc, group = _runner_and_cgroups(make)
+            # the pool's threads (the hop, and the GIL going back and forth, delay it). The
+            # spawner forks its runner meanwhile.
+            group = _spare_cgroups(hierarchies, cpu=self._cpu)
+            try:
+                proc = await _fork_runner(self.spawner)
+            except BaseException:
+                group.remove()
+                raise
             try:
                 shape = join_cgroups(key, *group.for_runner())
                 shape_fd, proc.fds[SHAPE] = proc.fds[SHAPE], -1
@@ -1118,16 +1144,19 @@ async def _shielded(action: Callable[[], Awaitable[object]]) -> None:
 async def open_runners() -> AsyncIterator[Runners]:
     """A :class:`Runners` pool for many runs (the daemon keeps one for its lifetime); on exit
     the spare is discarded and every deferred clean-up has finished."""
+    # Started on the trio thread, which outlives the pool: the runners it forks die with it.
+    spawner = runner.Spawner()
     threads = _PoolThreads(RUNNER_THREADS)
     try:
         async with trio.open_nursery() as nursery:
-            pool = Runners(nursery, threads)
+            pool = Runners(nursery, threads, spawner)
             try:
                 yield pool
             finally:
                 await _shielded(pool.aclose)
     finally:
         threads.close()  # every runner they started has been reaped by now
+        spawner.close()
 
 
 @contextlib.asynccontextmanager
@@ -1166,7 +1195,7 @@ async def open_run(
         elif runners is not None:
             # Its cgroups and its runner, in one job on a thread of the pool's (see _PoolThreads).
             started, group = await runners.threads.run(
-                partial(_runner_and_cgroups, partial(_create_cgroups, prepared))
+                partial(_runner_and_cgroups, partial(_create_cgroups, prepared), runners.spawner)
             )
         else:
             group = _create_cgroups(prepared)

@@ -2,8 +2,8 @@
 
 The runner (``sandbox/native/runner.c``, built with the package as ``runtimed-runner``) does
 steps 2 to 10 of a run: namespaces, the overlay root and the plan's mounts, ``pivot_root``,
-capabilities, the command under a PID 1 of its own. It is started with ``posix_spawn`` (a
-vfork: cheap even from the daemon's large process) and gets the two halves of its plan on
+capabilities, the command under a PID 1 of its own. It is started with ``posix_spawn``
+(:func:`spawn`), or forked by a :class:`Spawner`, and gets the two halves of its plan on
 fds 3 and 5 (pipes it reads to the end) and the status pipe on fd 4 (``sandbox.wire``).
 Namespaces are never set up by the daemon itself: ``unshare`` of some of them fails with
 EINVAL in a threaded process.
@@ -11,17 +11,25 @@ EINVAL in a threaded process.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import signal
+import socket
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
+
+import trio
 
 from runtimed.errors import ExecFailedError, KernelError, RuntimedError, SandboxError
 from sandbox import idmap, syscalls
 from sandbox.plan import Plan
 from sandbox.wire import EncodedPlan, ExecFailed, StepFailed, encode_plan
+
+log = logging.getLogger(__name__)
 
 RUNNER: Final = Path(__file__).parent / "native" / "runtimed-runner"
 SHAPE_FD: Final = 3
@@ -90,13 +98,17 @@ def spawn(fds: Sequence[int]) -> tuple[int, int]:
     Raises:
         SandboxError: the runner is missing or could not be started.
     """
-    path = runner_path()
     targets = (0, 1, 2, STATUS_FD, SHAPE_FD, COMMAND_FD)
+    return _start([], list(zip(fds, targets, strict=True)))
+
+
+def _start(mode: list[str], dup2: list[tuple[int, int]]) -> tuple[int, int]:
+    path = runner_path()
     try:
         pid = syscalls.posix_spawn(
             path,
-            [path.name, str(os.getpid())],
-            dup2=list(zip(fds, targets, strict=True)),
+            [path.name, *mode, str(os.getpid())],
+            dup2=dup2,
             default=_RESTORED_SIGNALS,  # Python ignores them; the command must not
         )
     except KernelError as exc:
@@ -105,6 +117,110 @@ def spawn(fds: Sequence[int]) -> tuple[int, int]:
         return pid, os.pidfd_open(pid)
     except OSError as exc:  # never: the child stays a zombie until reaped
         raise SandboxError(f"pidfd_open of the sandbox runner {pid}: {exc}") from exc
+
+
+class _SpawnerGone(Exception):
+    """The spawner did not answer (it was killed): start the runner without it."""
+
+
+class Spawner:
+    """A ``runtimed-runner spawner`` process, which forks runners on request.
+
+    ``posix_spawn`` from the daemon blocks its thread until the new runner has been exec'd,
+    half a millisecond and more when other runners hold the cgroup locks; a fork of the small
+    spawner takes it off the daemon's thread. The spawner clones each runner with
+    CLONE_PARENT: it is the caller's child, as a posix_spawn'd one is (reaped by it, killed
+    with the thread that started the spawner). A runner it forks is the same program in the
+    same state as one started by :func:`spawn`, on the same fds. Should the spawner be gone,
+    runners are started with :func:`spawn` instead.
+
+    Start it from a thread that outlives every runner it forks (see :func:`spawn`);
+    :meth:`close` it once they have been reaped.
+
+    Raises:
+        SandboxError: the spawner could not be started.
+    """
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.pid, self._pidfd = _start(
+                ["spawner"], [(null, 0), (null, 1), (null, 2), (theirs.fileno(), SHAPE_FD)]
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            os.close(null)
+            theirs.close()
+        self._socket = ours
+
+    def spawn(self, fds: Sequence[int]) -> tuple[int, int]:
+        """:func:`spawn`, forked by the spawner: blocking until it answered.
+
+        Raises:
+            SandboxError: the runner could not be started.
+        """
+        try:
+            return _answer(self._request(fds))
+        except _SpawnerGone:
+            return spawn(fds)
+
+    async def spawn_async(self, fds: Sequence[int]) -> tuple[int, int]:
+        """:meth:`spawn` for the trio thread, which serves others while the fork goes on.
+        The answer is awaited even when cancelled: it names a child to reap.
+
+        Raises:
+            SandboxError: the runner could not be started.
+        """
+        try:
+            reply = self._request(fds)
+            with trio.CancelScope(shield=True):
+                await trio.lowlevel.wait_readable(reply)
+            return _answer(reply)
+        except _SpawnerGone:
+            return spawn(fds)
+
+    def _request(self, fds: Sequence[int]) -> socket.socket:
+        reply, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            socket.send_fds(self._socket, [b"r"], [*fds, theirs.fileno()])
+        except OSError as exc:
+            reply.close()
+            log.warning("the runner spawner is gone (%s): starting runners without it", exc)
+            raise _SpawnerGone from exc
+        finally:
+            theirs.close()
+        return reply
+
+    def close(self) -> None:
+        """Stop the spawner and reap it."""
+        self._socket.close()
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
+        os.close(self._pidfd)
+
+
+def _answer(reply: socket.socket) -> tuple[int, int]:
+    """The spawner's answer on ``reply`` (closed then): the runner's PID and pidfd."""
+    with reply:
+        data, fds, _, _ = socket.recv_fds(reply, 4, 1, socket.MSG_CMSG_CLOEXEC)
+    if len(data) != 4:  # it closed the answer socket unanswered: gone, or never got it
+        for fd in fds:
+            os.close(fd)
+        log.warning("the runner spawner did not answer: starting runners without it")
+        raise _SpawnerGone
+    value = int.from_bytes(data, sys.byteorder, signed=True)
+    if value > 0 and len(fds) == 1:
+        return value, fds[0]
+    for fd in fds:
+        os.close(fd)
+    if value < 0:
+        raise SandboxError(f"cannot start the sandbox runner: {os.strerror(-value)}")
+    raise SandboxError(f"the runner spawner answered {value} without a pidfd")
 
 
 def step_error(failure: StepFailed, plan: Plan) -> RuntimedError:

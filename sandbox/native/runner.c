@@ -17,6 +17,16 @@
  *                                           sandbox is built: a runner can build one ahead)
  * Both halves of the plan are NUL-separated tokens (sandbox/wire.py).
  *
+ * or forked by a spawner the launcher keeps (posix_spawn of a runner from the daemon, a big
+ * process, waits for the exec; a fork of this small one does not):
+ *
+ *     runtimed-runner spawner PARENT_PID   fd 3: a SOCK_SEQPACKET socket; each message
+ *                                          carries the six fds above (stdin, stdout, stderr,
+ *                                          status, shape, command) and a socket to answer on
+ * It clones a runner with CLONE_PARENT, so that the runner is the launcher's child as a
+ * posix_spawn'd one is (reaped by it, killed by PR_SET_PDEATHSIG with it), and answers with
+ * the runner's PID and a pidfd for it (or -errno and none). EOF on fd 3 ends it.
+ *
  * Processes:
  *
  *     runner ── [user namespace child] ── unshare, fork ──► PID 1 ── fork ──► command
@@ -47,6 +57,7 @@
 #include <grp.h>
 #include <linux/capability.h>
 #include <linux/openat2.h>
+#include <linux/sched.h>
 #include <net/if.h>
 #include <sched.h>
 #include <signal.h>
@@ -1153,13 +1164,123 @@ static int remove_cgroups(const struct plan *plan, const struct cgroups *cg) {
     return 0;
 }
 
+/* --- the spawner -------------------------------------------------------------------------- */
+
+#define SPAWNER_FD 3
+#define RUNNER_FDS 6      /* stdin, stdout, stderr, status, shape, command: */
+#define REQUEST_FDS 7     /* and the socket to answer on */
+#define REQUEST_SPARE_FD 16 /* above every fd a runner is given, for moving them into place */
+
+static int runner(void);
+
+/* One request: REQUEST_FDS descriptors, or 0 at EOF, or -1 for a message without them (its
+ * descriptors closed: its sender sees the answer socket closed). */
+static int receive_request(int fds[REQUEST_FDS]) {
+    char byte;
+    struct iovec iov = {&byte, 1};
+    union {
+        struct cmsghdr header;
+        char buffer[CMSG_SPACE(REQUEST_FDS * sizeof(int))];
+    } control;
+    struct msghdr message = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buffer,
+        .msg_controllen = sizeof control.buffer,
+    };
+    ssize_t n;
+    while ((n = recvmsg(SPAWNER_FD, &message, MSG_CMSG_CLOEXEC)) < 0 && errno == EINTR) {
+    }
+    if (n <= 0)
+        return 0;
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    if (!header || header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS)
+        return -1;
+    size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    memcpy(fds, CMSG_DATA(header), count * sizeof(int));
+    if (count != REQUEST_FDS || (message.msg_flags & MSG_CTRUNC)) {
+        for (size_t i = 0; i < count; i++)
+            close(fds[i]);
+        return -1;
+    }
+    return 1;
+}
+
+/* The runner's side of a spawn: its fds into place (moved above them first, as a received
+ * fd may sit on a target), then the runner itself, as if exec'd. */
+static _Noreturn void become_runner(const int fds[REQUEST_FDS], pid_t parent) {
+    static const int targets[RUNNER_FDS] = {0, 1, 2, STATUS_FD, SHAPE_FD, COMMAND_FD};
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    if (getppid() != parent)
+        _exit(2);
+    int moved[RUNNER_FDS];
+    for (int i = 0; i < RUNNER_FDS; i++)
+        if ((moved[i] = fcntl(fds[i], F_DUPFD, REQUEST_SPARE_FD)) < 0)
+            _exit(2);
+    for (int i = 0; i < RUNNER_FDS; i++)
+        if (dup2(moved[i], targets[i]) < 0)
+            _exit(2);
+    _exit(runner());
+}
+
+static void answer(int socket_fd, int value, int pidfd) {
+    struct iovec iov = {&value, sizeof value};
+    union {
+        struct cmsghdr header;
+        char buffer[CMSG_SPACE(sizeof(int))];
+    } control;
+    struct msghdr message = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (pidfd >= 0) {
+        message.msg_control = control.buffer;
+        message.msg_controllen = sizeof control.buffer;
+        struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+        header->cmsg_level = SOL_SOCKET;
+        header->cmsg_type = SCM_RIGHTS;
+        header->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(header), &pidfd, sizeof(int));
+    }
+    while (sendmsg(socket_fd, &message, MSG_NOSIGNAL) < 0 && errno == EINTR) {
+    }
+}
+
+static int spawner(pid_t parent) {
+    if (syscall(SYS_close_range, SPAWNER_FD + 1, ~0U, 0) < 0)
+        return 2;
+    for (;;) {
+        int fds[REQUEST_FDS];
+        int got = receive_request(fds);
+        if (got == 0)
+            return 0;
+        if (got < 0)
+            continue;
+        int pidfd = -1;
+        struct clone_args args;
+        memset(&args, 0, sizeof args);
+        args.flags = CLONE_PARENT | CLONE_PIDFD;
+        args.pidfd = (uint64_t)(uintptr_t)&pidfd;
+        long pid = syscall(SYS_clone3, &args, sizeof args);
+        if (pid == 0)
+            become_runner(fds, parent);
+        answer(fds[RUNNER_FDS], pid < 0 ? -errno : (int)pid, pid < 0 ? -1 : pidfd);
+        if (pidfd >= 0)
+            close(pidfd);
+        for (int i = 0; i < REQUEST_FDS; i++)
+            close(fds[i]);
+    }
+}
+
 int main(int argc, char **argv) {
     /* The run dies with the launcher: nothing is left running when it goes away. */
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    if (argc == 3 && !strcmp(argv[1], "spawner") && getppid() == (pid_t)atoi(argv[2]))
+        return spawner(getppid());
     if (argc != 2 || getppid() != (pid_t)atoi(argv[1])) {
-        fprintf(stderr, "usage: runtimed-runner PARENT_PID (started by runtimed, fds 3 and 4)\n");
+        fprintf(stderr, "usage: runtimed-runner [spawner] PARENT_PID (started by runtimed)\n");
         return 2;
     }
+    return runner();
+}
+
+/* A runner: the sandbox of the shape on fd 3, the command from fd 5 in it, status on fd 4. */
+static int runner(void) {
     /* Only the five descriptors it was given: whatever else the launcher left inheritable
      * would reach the command. The status fd stays ours: with it, a command could forge
      * status lines. */

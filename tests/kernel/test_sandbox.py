@@ -517,8 +517,10 @@ async def test_sandbox_runners_replace_a_spare_that_died(source: DirectorySource
     async with open_runners() as runners:
         for kill_spare in (False, True, False):
             if kill_spare:
-                # The spare built after the last run: a runner of ours nobody uses yet.
-                (spare,) = psutil.Process().children()
+                # The spare built after the last run: a runner of ours nobody uses yet (the
+                # other child is the pool's spawner).
+                children = psutil.Process().children()
+                (spare,) = [child for child in children if child.pid != runners.spawner.pid]
                 spare.kill()
                 await trio.to_thread.run_sync(spare.wait)
             async with open_run(spec, source, NATIVE_REPORT, runners=runners) as execution:

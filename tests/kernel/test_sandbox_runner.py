@@ -3,29 +3,56 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
 
+import psutil
 import pytest
 
 from sandbox import runner
 from sandbox.wire import StepFailed, parse_status
 
 
-def _spawn(plan: bytes) -> tuple[int, list[bytes]]:
+def _spawn(
+    plan: bytes, spawn: Callable[[Sequence[int]], tuple[int, int]] = runner.spawn
+) -> tuple[int, list[bytes], bool]:
+    """Run a runner on ``plan``: its exit status, its status lines, and whether the spawner
+    forked it (its argv is the spawner's then: not exec'd anew)."""
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     plan_r, plan_w = os.pipe2(os.O_CLOEXEC)
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
-        pid, pidfd = runner.spawn([null, null, null, status_w, plan_r, null])
+        pid, pidfd = spawn([null, null, null, status_w, plan_r, null])
     finally:
         for fd in (status_w, plan_r, null):
             os.close(fd)
+    runner_process = psutil.Process(pid)
+    assert runner_process.ppid() == os.getpid()  # ours to reap, however started
+    argv = runner_process.cmdline()
+    deadline = time.monotonic() + 5
+    while not argv and time.monotonic() < deadline:  # a posix_spawn'd one may be mid-exec
+        argv = runner_process.cmdline()
+    forked = argv[1] == "spawner"
     os.write(plan_w, plan)
     os.close(plan_w)
+    exited = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)  # the pidfd is the runner's
     os.close(pidfd)
-    _, wait_status = os.waitpid(pid, 0)
+    assert exited is not None
+    assert (exited.si_pid, exited.si_code) == (pid, os.CLD_EXITED)
     with os.fdopen(status_r, "rb") as status:
-        return os.waitstatus_to_exitcode(wait_status), status.read().splitlines()
+        return exited.si_status, status.read().splitlines(), forked
+
+
+@pytest.fixture
+def spawner() -> Iterator[runner.Spawner]:
+    started = runner.Spawner()
+    try:
+        yield started
+    finally:
+        started.close()
+    assert not psutil.pid_exists(started.pid)  # reaped
 
 
 @pytest.mark.parametrize(
@@ -39,8 +66,8 @@ def _spawn(plan: bytes) -> tuple[int, list[bytes]]:
     ],
 )
 def test_sandbox_runner_refuses_a_malformed_plan(plan: bytes) -> None:
-    code, lines = _spawn(plan)
-    assert code == 125
+    code, lines, forked = _spawn(plan)
+    assert (code, forked) == (125, False)
     assert [parse_status(line) for line in lines] == [
         StepFailed(syscall="plan", errno=22, path=None, flags=None, op=None)
     ]
@@ -52,3 +79,28 @@ def test_sandbox_runner_is_only_started_by_its_parent() -> None:
     )
     assert done.returncode == 2
     assert "started by runtimed" in done.stderr
+
+
+def test_sandbox_runner_forked_by_the_spawner_is_the_same_runner(spawner: runner.Spawner) -> None:
+    # A bad plan: the same refusal, on the same fds, from a runner that is our child.
+    for _ in range(3):
+        code, lines, forked = _spawn(b"not-a-plan\0", spawner.spawn)
+        assert (code, forked) == (125, True)
+        assert [parse_status(line) for line in lines] == [
+            StepFailed(syscall="plan", errno=22, path=None, flags=None, op=None)
+        ]
+
+
+def test_sandbox_runner_spawner_survives_a_malformed_request(spawner: runner.Spawner) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        socket.send_fds(spawner._socket, [b"r"], [a.fileno(), b.fileno()])  # 2 fds, not 7
+        spawner._socket.send(b"no fds at all")
+    code, _, forked = _spawn(b"not-a-plan\0", spawner.spawn)
+    assert (code, forked) == (125, True)
+
+
+def test_sandbox_runner_without_its_spawner_is_posix_spawned(spawner: runner.Spawner) -> None:
+    os.kill(spawner.pid, 9)
+    code, _, forked = _spawn(b"not-a-plan\0", spawner.spawn)
+    assert (code, forked) == (125, False)
