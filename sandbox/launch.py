@@ -807,7 +807,8 @@ def _runner_pipes() -> Iterator[tuple[list[int], list[int]]]:
         yield ours, theirs
     except BaseException:
         for fd in ours:
-            os.close(fd)
+            if fd >= 0:  # not one the block used up
+                os.close(fd)
         raise
     finally:
         for fd in theirs:
@@ -825,11 +826,17 @@ def _start_runner(
     return _Runner(pid=pid, pidfd=pidfd, fds=ours)
 
 
-async def _fork_runner(spawner: runner.Spawner) -> _Runner:
-    """:func:`_start_runner` by ``spawner``, serving other tasks meanwhile."""
+async def _fork_runner(spawner: runner.Spawner, shape: bytes) -> tuple[_Runner, bytes]:
+    """A runner forked by ``spawner`` (serving other tasks meanwhile) with ``shape`` in its
+    pipe before it starts: it reads it without waiting, and no write has to wake it. The
+    part that did not fit, if any, is for the caller to :func:`_feed` to ``fds[SHAPE]``;
+    else that is -1, as for a spare."""
     with _runner_pipes() as (ours, theirs):
+        rest = _write_ahead(ours[SHAPE], shape)
+        if not rest:
+            ours[SHAPE] = -1  # written and closed
         pid, pidfd = await spawner.spawn_async(theirs)
-    return _Runner(pid=pid, pidfd=pidfd, fds=ours)
+    return _Runner(pid=pid, pidfd=pidfd, fds=ours), rest
 
 
 def _pidfd_signal(pidfd: int, signum: int) -> None:
@@ -1094,15 +1101,15 @@ class Runners:
             # spawner forks its runner meanwhile.
             group = _spare_cgroups(hierarchies, cpu=self._cpu)
             try:
-                proc = await _fork_runner(self.spawner)
+                # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
+                shape = join_cgroups(key, *group.for_runner())
+                proc, rest = await _fork_runner(self.spawner, shape)
             except BaseException:
                 group.remove()
                 raise
             try:
-                shape = join_cgroups(key, *group.for_runner())
-                shape_fd, proc.fds[SHAPE] = proc.fds[SHAPE], -1
-                # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
-                if rest := _write_ahead(shape_fd, shape):
+                if rest:
+                    shape_fd, proc.fds[SHAPE] = proc.fds[SHAPE], -1
                     await _feed(shape_fd, rest)
             except BaseException:
                 await _shielded(partial(_discard_spare_parts, proc, group))
