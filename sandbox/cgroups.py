@@ -141,20 +141,15 @@ class RunCgroup:
         self.dirs: list[Path] = []
         self._v2: Path | None = None
         self._v1: dict[str, Path] = {}
+        self._deferred = False  # setup(defer=True) is naming the directories, not making them
 
     def _make(self, parent: Path) -> Path:
         path = parent / self.name
-        try:
-            path.mkdir()
-        except OSError as exc:
-            hint = (
-                "run as root, or delegate a cgroup to runtimed (systemd Delegate=yes)"
-                if isinstance(exc, PermissionError)
-                else None
-            )
-            raise SandboxError(
-                f"create cgroup {path}: {exc.strerror}", details={"path": str(path)}, hint=hint
-            ) from exc
+        if not self._deferred:
+            try:
+                path.mkdir()
+            except OSError as exc:
+                raise creation_error(path, exc.errno or errno.EIO) from exc
         self.dirs.append(path)
         return path
 
@@ -177,22 +172,30 @@ class RunCgroup:
             )
         return path
 
-    def setup(self, *, cpu: bool = False) -> None:
+    def setup(self, *, cpu: bool = False, defer: bool = False) -> None:
         """Create the directories: v2's, memory and pids (for accounting), the v1 cpuacct and
         freezer without v2; with ``cpu`` the cpu controller's too, so that a CPU limit never
-        needs a new one (for a group joined before its limits are known)."""
+        needs a new one (for a group joined before its limits are known). With ``defer``,
+        only name them (``dirs``, in the order to create them): a runner's spawner creates
+        them (:class:`sandbox.runner.Spawner`)."""
         h = self.hierarchies
-        if h.unified is not None:
-            self._v2 = self._make(v2_parent(h))
-            enabled: frozenset[str] = frozenset()
-            with contextlib.suppress(OSError):
-                enabled = frozenset(_read(self._v2 / "cgroup.controllers").split())
-            self.hierarchies = dataclasses.replace(h, unified_controllers=enabled)
-        for controller in ("memory", "pids", *(("cpu",) if cpu else ())):
-            self._controller_dir(controller)
-        if self._v2 is None:
-            self._controller_dir("cpuacct")
-            self._controller_dir("freezer")
+        self._deferred = defer
+        try:
+            if h.unified is not None:
+                parent = v2_parent(h)
+                # What a new child gets: the controllers its parent enables for children.
+                enabled: frozenset[str] = frozenset()
+                with contextlib.suppress(OSError):
+                    enabled = frozenset(_read(parent / "cgroup.subtree_control").split())
+                self._v2 = self._make(parent)
+                self.hierarchies = dataclasses.replace(h, unified_controllers=enabled)
+            for controller in ("memory", "pids", *(("cpu",) if cpu else ())):
+                self._controller_dir(controller)
+            if self._v2 is None:
+                self._controller_dir("cpuacct")
+                self._controller_dir("freezer")
+        finally:
+            self._deferred = False
 
     def has(self, controller: str) -> bool:
         """Whether the run's processes are in a cgroup of ``controller`` (made by setup)."""
@@ -359,6 +362,34 @@ class RunCgroup:
         self.dirs.clear()
 
 
+def creation_error(path: Path, number: int) -> SandboxError:
+    """The error for cgroup ``path`` that mkdir(2) refused with errno ``number``."""
+    hint = (
+        "run as root, or delegate a cgroup to runtimed (systemd Delegate=yes)"
+        if number in (errno.EPERM, errno.EACCES)
+        else None
+    )
+    return SandboxError(
+        f"create cgroup {path}: {os.strerror(number)}", details={"path": str(path)}, hint=hint
+    )
+
+
+def make(paths: Sequence[Path]) -> None:
+    """Create the directories :meth:`RunCgroup.setup` named with ``defer``, in order; those
+    made are removed again when one fails.
+
+    Raises:
+        SandboxError: a directory could not be created.
+    """
+    for i, path in enumerate(paths):
+        try:
+            path.mkdir()
+        except OSError as exc:
+            for made in reversed(paths[:i]):
+                made.rmdir()
+            raise creation_error(path, exc.errno or errno.EIO) from exc
+
+
 def _write(path: Path, value: str) -> None:
     try:
         path.write_text(value)
@@ -415,17 +446,20 @@ def create(
     pids: int | None = None,
     cpus: float | None = None,
     cpu: bool = False,
+    defer: bool = False,
 ) -> RunCgroup:
     """The cgroups of a run named ``name`` in ``hierarchies`` (from :func:`detect`), limits
     applied (``cpu``: a cpu cgroup even without a CPU limit yet); remove() them when done.
+    With ``defer``, named only (see :meth:`RunCgroup.setup`; no limits then).
 
     Raises:
         SandboxError: a cgroup could not be created or a requested limit cannot be enforced.
     """
     group = RunCgroup(hierarchies, f"runtimed-{name}")
     try:
-        group.setup(cpu=cpu)
-        group.limit(memory=memory, pids=pids, cpus=cpus)
+        group.setup(cpu=cpu, defer=defer)
+        if not defer:
+            group.limit(memory=memory, pids=pids, cpus=cpus)
     except BaseException:
         group.remove()
         raise

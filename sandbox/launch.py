@@ -826,16 +826,19 @@ def _start_runner(
     return _Runner(pid=pid, pidfd=pidfd, fds=ours)
 
 
-async def _fork_runner(spawner: runner.Spawner, shape: bytes) -> tuple[_Runner, bytes]:
-    """A runner forked by ``spawner`` (serving other tasks meanwhile) with ``shape`` in its
-    pipe before it starts: it reads it without waiting, and no write has to wake it. The
-    part that did not fit, if any, is for the caller to :func:`_feed` to ``fds[SHAPE]``;
-    else that is -1, as for a spare."""
+async def _fork_runner(
+    spawner: runner.Spawner, shape: bytes, group: cgroups.RunCgroup
+) -> tuple[_Runner, bytes]:
+    """A runner forked by ``spawner`` (serving other tasks meanwhile) once it created
+    ``group``'s directories (named by ``setup(defer=True)``), with ``shape`` in its pipe
+    before it starts: it reads it without waiting, and no write has to wake it. The part
+    that did not fit, if any, is for the caller to :func:`_feed` to ``fds[SHAPE]``; else
+    that is -1, as for a spare."""
     with _runner_pipes() as (ours, theirs):
         rest = _write_ahead(ours[SHAPE], shape)
         if not rest:
             ours[SHAPE] = -1  # written and closed
-        pid, pidfd = await spawner.spawn_async(theirs)
+        pid, pidfd = await spawner.spawn_async(theirs, group.dirs)
     return _Runner(pid=pid, pidfd=pidfd, fds=ours), rest
 
 
@@ -960,8 +963,9 @@ def _runner_and_cgroups(
 
 
 def _spare_cgroups(hierarchies: cgroups.Hierarchies, *, cpu: bool) -> cgroups.RunCgroup:
-    """A spare's fresh cgroups, no limits yet: cpu's too when ``cpu``."""
-    return cgroups.create(f"spare-{uuid.uuid4().hex[:12]}", hierarchies, cpu=cpu)
+    """A spare's fresh cgroups, no limits yet: cpu's too when ``cpu``. Named only: the
+    spawner creates them."""
+    return cgroups.create(f"spare-{uuid.uuid4().hex[:12]}", hierarchies, cpu=cpu, defer=True)
 
 
 class Runners:
@@ -1098,12 +1102,13 @@ class Runners:
             # On the trio thread, unlike a run's own runner: one spare at a time, built while
             # a run goes on, and back-to-back runs took 10-25% longer with the spare made on
             # the pool's threads (the hop, and the GIL going back and forth, delay it). The
-            # spawner forks its runner meanwhile.
+            # spawner makes its cgroups and forks its runner meanwhile: a mkdir in cgroupfs
+            # can wait for the cgroup lock.
             group = _spare_cgroups(hierarchies, cpu=self._cpu)
             try:
                 # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
                 shape = join_cgroups(key, *group.for_runner())
-                proc, rest = await _fork_runner(self.spawner, shape)
+                proc, rest = await _fork_runner(self.spawner, shape, group)
             except BaseException:
                 group.remove()
                 raise

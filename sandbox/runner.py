@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import socket
-import sys
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
@@ -25,7 +25,7 @@ from typing import Final
 import trio
 
 from runtimed.errors import ExecFailedError, KernelError, RuntimedError, SandboxError
-from sandbox import idmap, syscalls
+from sandbox import cgroups, idmap, syscalls
 from sandbox.plan import Plan
 from sandbox.wire import EncodedPlan, ExecFailed, StepFailed, encode_plan
 
@@ -156,36 +156,40 @@ class Spawner:
             theirs.close()
         self._socket = ours
 
-    def spawn(self, fds: Sequence[int]) -> tuple[int, int]:
-        """:func:`spawn`, forked by the spawner: blocking until it answered.
+    def spawn(self, fds: Sequence[int], make: Sequence[Path] = ()) -> tuple[int, int]:
+        """:func:`spawn`, forked by the spawner once it created the cgroup directories
+        ``make`` (named by ``RunCgroup.setup(defer=True)``): blocking until it answered.
 
         Raises:
-            SandboxError: the runner could not be started.
+            SandboxError: a cgroup could not be created (none is left then), or the runner
+                could not be started.
         """
         try:
-            return _answer(self._request(fds))
+            return _answer(self._request(fds, make), make)
         except _SpawnerGone:
-            return spawn(fds)
+            return _spawn_after(fds, make)
 
-    async def spawn_async(self, fds: Sequence[int]) -> tuple[int, int]:
-        """:meth:`spawn` for the trio thread, which serves others while the fork goes on.
-        The answer is awaited even when cancelled: it names a child to reap.
+    async def spawn_async(self, fds: Sequence[int], make: Sequence[Path] = ()) -> tuple[int, int]:
+        """:meth:`spawn` for the trio thread, which serves others while the spawner creates
+        the cgroups and forks. The answer is awaited even when cancelled: it names a child
+        to reap.
 
         Raises:
-            SandboxError: the runner could not be started.
+            SandboxError: as :meth:`spawn`.
         """
         try:
-            reply = self._request(fds)
+            reply = self._request(fds, make)
             with trio.CancelScope(shield=True):
                 await trio.lowlevel.wait_readable(reply)
-            return _answer(reply)
+            return _answer(reply, make)
         except _SpawnerGone:
-            return spawn(fds)
+            return _spawn_after(fds, make)
 
-    def _request(self, fds: Sequence[int]) -> socket.socket:
+    def _request(self, fds: Sequence[int], make: Sequence[Path]) -> socket.socket:
+        data = b"r" + b"".join(os.fsencode(path) + b"\0" for path in make)
         reply, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            socket.send_fds(self._socket, [b"r"], [*fds, theirs.fileno()])
+            socket.send_fds(self._socket, [data], [*fds, theirs.fileno()])
         except OSError as exc:
             reply.close()
             log.warning("the runner spawner is gone (%s): starting runners without it", exc)
@@ -204,23 +208,34 @@ class Spawner:
         os.close(self._pidfd)
 
 
-def _answer(reply: socket.socket) -> tuple[int, int]:
+_ANSWER: Final = struct.Struct("=ii")  # the PID or -errno, and the cgroup that failed or -1
+
+
+def _answer(reply: socket.socket, make: Sequence[Path]) -> tuple[int, int]:
     """The spawner's answer on ``reply`` (closed then): the runner's PID and pidfd."""
     with reply:
-        data, fds, _, _ = socket.recv_fds(reply, 4, 1, socket.MSG_CMSG_CLOEXEC)
-    if len(data) != 4:  # it closed the answer socket unanswered: gone, or never got it
+        data, fds, _, _ = socket.recv_fds(reply, _ANSWER.size, 1, socket.MSG_CMSG_CLOEXEC)
+    if len(data) != _ANSWER.size:  # it closed the answer socket unanswered: gone, or never got it
         for fd in fds:
             os.close(fd)
         log.warning("the runner spawner did not answer: starting runners without it")
         raise _SpawnerGone
-    value = int.from_bytes(data, sys.byteorder, signed=True)
+    value, failed = _ANSWER.unpack(data)
     if value > 0 and len(fds) == 1:
         return value, fds[0]
     for fd in fds:
         os.close(fd)
+    if value < 0 and 0 <= failed < len(make):
+        raise cgroups.creation_error(make[failed], -value)
     if value < 0:
         raise SandboxError(f"cannot start the sandbox runner: {os.strerror(-value)}")
     raise SandboxError(f"the runner spawner answered {value} without a pidfd")
+
+
+def _spawn_after(fds: Sequence[int], make: Sequence[Path]) -> tuple[int, int]:
+    """Without the spawner: the cgroups, then :func:`spawn`."""
+    cgroups.make(make)
+    return spawn(fds)
 
 
 def step_error(failure: StepFailed, plan: Plan) -> RuntimedError:

@@ -22,10 +22,14 @@
  *
  *     runtimed-runner spawner PARENT_PID   fd 3: a SOCK_SEQPACKET socket; each message
  *                                          carries the six fds above (stdin, stdout, stderr,
- *                                          status, shape, command) and a socket to answer on
- * It clones a runner with CLONE_PARENT, so that the runner is the launcher's child as a
- * posix_spawn'd one is (reaped by it, killed by PR_SET_PDEATHSIG with it), and answers with
- * the runner's PID and a pidfd for it (or -errno and none). EOF on fd 3 ends it.
+ *                                          status, shape, command) and a socket to answer on,
+ *                                          and as data "r" and the NUL-terminated paths of
+ *                                          the run's cgroups, to create first
+ * It creates the cgroups, then clones a runner with CLONE_PARENT, so that the runner is the
+ * launcher's child as a posix_spawn'd one is (reaped by it, killed by PR_SET_PDEATHSIG with
+ * it), and answers with two ints, the runner's PID and 0, and a pidfd for it; or -errno and
+ * the index of the cgroup it could not create (-1: the clone failed), the cgroups it did
+ * create removed again. EOF on fd 3 ends it.
  *
  * Processes:
  *
@@ -1170,14 +1174,14 @@ static int remove_cgroups(const struct plan *plan, const struct cgroups *cg) {
 #define RUNNER_FDS 6      /* stdin, stdout, stderr, status, shape, command: */
 #define REQUEST_FDS 7     /* and the socket to answer on */
 #define REQUEST_SPARE_FD 16 /* above every fd a runner is given, for moving them into place */
+#define REQUEST_DATA (16 * 4096) /* "r" and the cgroups' paths */
 
 static int runner(void);
 
-/* One request: REQUEST_FDS descriptors, or 0 at EOF, or -1 for a message without them (its
- * descriptors closed: its sender sees the answer socket closed). */
-static int receive_request(int fds[REQUEST_FDS]) {
-    char byte;
-    struct iovec iov = {&byte, 1};
+/* One request: REQUEST_FDS descriptors and its data (NUL-terminated), or 0 at EOF, or -1
+ * for a malformed message (its descriptors closed: its sender sees the answer socket closed). */
+static int receive_request(int fds[REQUEST_FDS], char *data, size_t *size) {
+    struct iovec iov = {data, REQUEST_DATA};
     union {
         struct cmsghdr header;
         char buffer[CMSG_SPACE(REQUEST_FDS * sizeof(int))];
@@ -1196,7 +1200,10 @@ static int receive_request(int fds[REQUEST_FDS]) {
         return -1;
     size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
     memcpy(fds, CMSG_DATA(header), count * sizeof(int));
-    if (count != REQUEST_FDS || (message.msg_flags & MSG_CTRUNC)) {
+    *size = (size_t)n;
+    int ends = n == 1 || data[n - 1] == 0;
+    if (count != REQUEST_FDS || (message.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) || data[0] != 'r' ||
+        !ends) {
         for (size_t i = 0; i < count; i++)
             close(fds[i]);
         return -1;
@@ -1221,8 +1228,9 @@ static _Noreturn void become_runner(const int fds[REQUEST_FDS], pid_t parent) {
     _exit(runner());
 }
 
-static void answer(int socket_fd, int value, int pidfd) {
-    struct iovec iov = {&value, sizeof value};
+static void answer(int socket_fd, int value, int index, int pidfd) {
+    int ints[2] = {value, index};
+    struct iovec iov = {ints, sizeof ints};
     union {
         struct cmsghdr header;
         char buffer[CMSG_SPACE(sizeof(int))];
@@ -1241,16 +1249,56 @@ static void answer(int socket_fd, int value, int pidfd) {
     }
 }
 
+#define REQUEST_CGROUPS 16
+
+/* The request's cgroups: the NUL-terminated paths after "r" (at most REQUEST_CGROUPS). */
+static int request_cgroups(const char *data, size_t size, const char *paths[REQUEST_CGROUPS]) {
+    int n = 0;
+    for (size_t at = 1; at < size && n < REQUEST_CGROUPS; at += strlen(data + at) + 1)
+        paths[n++] = data + at;
+    return n;
+}
+
+static void remove_made(const char *paths[], int made) {
+    int err = errno;
+    while (made-- > 0)
+        rmdir(paths[made]);
+    errno = err;
+}
+
+/* Create them in order: the index of the one that failed (errno set, the others removed
+ * again), or -1. */
+static int make_cgroups(const char *paths[], int n) {
+    for (int i = 0; i < n; i++) {
+        if (mkdir(paths[i], 0755) < 0) {
+            remove_made(paths, i);
+            return i;
+        }
+    }
+    return -1;
+}
+
 static int spawner(pid_t parent) {
     if (syscall(SYS_close_range, SPAWNER_FD + 1, ~0U, 0) < 0)
         return 2;
+    static char data[REQUEST_DATA];
     for (;;) {
         int fds[REQUEST_FDS];
-        int got = receive_request(fds);
+        size_t size = 0;
+        int got = receive_request(fds, data, &size);
         if (got == 0)
             return 0;
         if (got < 0)
             continue;
+        const char *paths[REQUEST_CGROUPS];
+        int ncgroups = request_cgroups(data, size, paths);
+        int failed = make_cgroups(paths, ncgroups);
+        if (failed >= 0) {
+            answer(fds[RUNNER_FDS], -errno, failed, -1);
+            for (int i = 0; i < REQUEST_FDS; i++)
+                close(fds[i]);
+            continue;
+        }
         int pidfd = -1;
         struct clone_args args;
         memset(&args, 0, sizeof args);
@@ -1259,7 +1307,9 @@ static int spawner(pid_t parent) {
         long pid = syscall(SYS_clone3, &args, sizeof args);
         if (pid == 0)
             become_runner(fds, parent);
-        answer(fds[RUNNER_FDS], pid < 0 ? -errno : (int)pid, pid < 0 ? -1 : pidfd);
+        if (pid < 0)
+            remove_made(paths, ncgroups);
+        answer(fds[RUNNER_FDS], pid < 0 ? -errno : (int)pid, -1, pid < 0 ? -1 : pidfd);
         if (pidfd >= 0)
             close(pidfd);
         for (int i = 0; i < REQUEST_FDS; i++)

@@ -6,13 +6,17 @@ import os
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import psutil
 import pytest
 
-from sandbox import runner
+from runtimed.errors import SandboxError
+from sandbox import cgroups, runner
 from sandbox.wire import StepFailed, parse_status
+from tests.support import require_root
 
 
 def _spawn(
@@ -104,3 +108,42 @@ def test_sandbox_runner_without_its_spawner_is_posix_spawned(spawner: runner.Spa
     os.kill(spawner.pid, 9)
     code, _, forked = _spawn(b"not-a-plan\0", spawner.spawn)
     assert (code, forked) == (125, False)
+
+
+def _deferred_group() -> cgroups.RunCgroup:
+    require_root()
+    return cgroups.create(f"test-{uuid.uuid4().hex[:8]}", cgroups.detect(), defer=True)
+
+
+def test_sandbox_runner_spawner_makes_the_cgroups_first(spawner: runner.Spawner) -> None:
+    group = _deferred_group()
+    assert group.dirs
+    assert not any(d.exists() for d in group.dirs)  # named, not made
+    try:
+        code, _, forked = _spawn(b"not-a-plan\0", partial(spawner.spawn, make=group.dirs))
+        assert (code, forked) == (125, True)
+        assert all(d.is_dir() for d in group.dirs)
+    finally:
+        group.remove()
+
+
+def test_sandbox_runner_spawner_leaves_no_cgroup_when_one_fails(spawner: runner.Spawner) -> None:
+    group = _deferred_group()
+    impossible = group.dirs[0] / "no" / "such" / "parent"
+    with pytest.raises(SandboxError, match=f"create cgroup {impossible}: No such file") as info:
+        spawner.spawn([0, 1, 2, 0, 0, 0], make=[*group.dirs, impossible])
+    assert info.value.details == {"path": str(impossible)}
+    assert not any(d.exists() for d in group.dirs)  # made, then removed again
+
+
+def test_sandbox_runner_without_its_spawner_makes_the_cgroups_itself(
+    spawner: runner.Spawner,
+) -> None:
+    group = _deferred_group()
+    os.kill(spawner.pid, 9)
+    try:
+        code, _, forked = _spawn(b"not-a-plan\0", partial(spawner.spawn, make=group.dirs))
+        assert (code, forked) == (125, False)
+        assert all(d.is_dir() for d in group.dirs)
+    finally:
+        group.remove()
