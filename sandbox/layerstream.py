@@ -33,7 +33,11 @@ from runtimed.errors import InternalError, InvalidArchiveError, LimitExceededErr
 from sandbox import syscalls
 from sandbox.archive import MAGIC, SNIFF_BYTES, Compression, UnpackLimits, sniff_compression
 
-CHUNK: Final = 1024 * 1024
+# Decoded chunks of 2 MiB rather than 1: half the decompress calls and queue hand-offs, each of
+# which needs the GIL back from the parsing thread. The parser waited 110-157 ms for data per
+# import of a Debian rootfs tar.zst instead of 239 (medians, in-process, alternating), and
+# the helper's wall time dropped by 4-13% over three sets of 8-10 alternating runs.
+CHUNK: Final = 2 * 1024 * 1024
 _QUEUE_CHUNKS: Final = 8
 _STOP_POLL: Final = 0.1  # seconds between checks of the stop flag while the queue is full
 
