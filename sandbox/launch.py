@@ -38,15 +38,13 @@ import enum
 import logging
 import math
 import os
-import queue
 import signal
-import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Final, Protocol, TypeVar
+from typing import Final, Protocol
 
 import psutil
 import trio
@@ -75,12 +73,10 @@ from sandbox.wire import (
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 STOP_GRACE: Final = 2.0
 CLEANUP_TIMEOUT: Final = 10.0
 WORKER_THREADS: Final = 2
-RUNNER_THREADS: Final = 3
 SAMPLE_INTERVAL: Final = 0.02
 SAMPLE_INTERVAL_MAX: Final = 0.32
 OUTPUT_BUFFER: Final = 64
@@ -815,14 +811,11 @@ def _runner_pipes() -> Iterator[tuple[list[int], list[int]]]:
             os.close(fd)
 
 
-def _start_runner(
-    spawn: Callable[[Sequence[int]], tuple[int, int]] = runner.spawn,
-) -> _Runner:
-    """A runner on pipes, waiting for its plan, started by ``spawn`` (a
-    :class:`sandbox.runner.Spawner`'s, or posix_spawn: from a thread that outlives the run,
-    the trio thread or the pool's, see :func:`sandbox.runner.spawn`)."""
+def _start_runner() -> _Runner:
+    """A runner on pipes, waiting for its plan, posix_spawn'd: from the trio thread, which
+    outlives the run (see :func:`sandbox.runner.spawn`)."""
     with _runner_pipes() as (ours, theirs):
-        pid, pidfd = spawn(theirs)
+        pid, pidfd = runner.spawn(theirs)
     return _Runner(pid=pid, pidfd=pidfd, fds=ours)
 
 
@@ -838,7 +831,7 @@ async def _fork_runner(
         rest = _write_ahead(ours[SHAPE], shape)
         if not rest:
             ours[SHAPE] = -1  # written and closed
-        pid, pidfd = await spawner.spawn_async(theirs, group.dirs)
+        pid, pidfd = await spawner.spawn(theirs, group.dirs)
     return _Runner(pid=pid, pidfd=pidfd, fds=ours), rest
 
 
@@ -898,74 +891,11 @@ class _Spare:
     key: bytes  # the shape it built, without its cgroups
 
 
-class _PoolThreads:
-    """The pool's own threads, for the work of starting a runner: ``posix_spawn`` waits until
-    the new process has been scheduled and exec'd (in a burst of runs, milliseconds), without
-    holding the GIL (:func:`sandbox.syscalls.posix_spawn`), and a mkdir in cgroupfs waits for
-    the cgroup lock, which other runners' moves into their cgroups hold for an RCU grace
-    period at times: the trio thread serves other runs meanwhile. A runner dies with the
-    thread that started it (``PR_SET_PDEATHSIG``), so these live until the pool has reaped
-    every runner, not just as long as a trio worker thread stays cached."""
-
-    def __init__(self, count: int) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._serve, name=f"runtimed-runners-{i}", daemon=True)
-            for i in range(count)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
-
-    async def run(self, job: Callable[[], T]) -> T:
-        """``job()`` on one of the pool's threads. Its result is always delivered (the wait is
-        shielded): what it started is the caller's to keep or discard."""
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        outcome: list[T] = []
-        failure: list[BaseException] = []
-
-        def call() -> None:
-            try:
-                outcome.append(job())
-            except BaseException as exc:  # handed to the caller, raised there
-                failure.append(exc)
-            token.run_sync_soon(done.set)
-
-        self._jobs.put(call)
-        with trio.CancelScope(shield=True):
-            await done.wait()
-        if failure:
-            raise failure[0]
-        return outcome[0]
-
-    def close(self) -> None:
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
-
-
-def _runner_and_cgroups(
-    make: Callable[[], cgroups.RunCgroup], spawner: runner.Spawner
-) -> tuple[_Runner, cgroups.RunCgroup]:
-    """A runner waiting for its plan, and the cgroups ``make`` creates for it; blocking, for
-    a thread of the pool's. When the runner cannot start, the cgroups are removed again."""
-    group = make()
-    try:
-        return _start_runner(spawner.spawn), group
-    except BaseException:
-        group.remove()
-        raise
-
-
-def _spare_cgroups(hierarchies: cgroups.Hierarchies, *, cpu: bool) -> cgroups.RunCgroup:
-    """A spare's fresh cgroups, no limits yet: cpu's too when ``cpu``. Named only: the
-    spawner creates them."""
-    return cgroups.create(f"spare-{uuid.uuid4().hex[:12]}", hierarchies, cpu=cpu, defer=True)
+def _named_cgroups(kind: str, hierarchies: cgroups.Hierarchies, *, cpu: bool) -> cgroups.RunCgroup:
+    """Fresh cgroups for a runner (a spare's or a run's own), named only: the spawner
+    creates them. With ``cpu`` in a cpu cgroup too, so that a CPU limit applied once they
+    exist needs no directory the runner was not told to join."""
+    return cgroups.create(f"{kind}-{uuid.uuid4().hex[:12]}", hierarchies, cpu=cpu, defer=True)
 
 
 class Runners:
@@ -984,11 +914,8 @@ class Runners:
     removing its cgroups and run directory happen in the background.
     """
 
-    def __init__(
-        self, nursery: trio.Nursery, threads: _PoolThreads, spawner: runner.Spawner
-    ) -> None:
+    def __init__(self, nursery: trio.Nursery, spawner: runner.Spawner) -> None:
         self._nursery = nursery
-        self.threads = threads  # runners are started on them (or asked of the spawner there)
         self.spawner = spawner
         # Clean-ups and looks at running processes wait in line for two worker threads:
         # after a burst of runs, one thread each would be started anew (trio keeps few idle),
@@ -1099,26 +1026,9 @@ class Runners:
 
     async def _refill(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
         try:
-            # On the trio thread, unlike a run's own runner: one spare at a time, built while
-            # a run goes on, and back-to-back runs took 10-25% longer with the spare made on
-            # the pool's threads (the hop, and the GIL going back and forth, delay it). The
-            # spawner makes its cgroups and forks its runner meanwhile: a mkdir in cgroupfs
-            # can wait for the cgroup lock.
-            group = _spare_cgroups(hierarchies, cpu=self._cpu)
-            try:
-                # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
-                shape = join_cgroups(key, *group.for_runner())
-                proc, rest = await _fork_runner(self.spawner, shape, group)
-            except BaseException:
-                group.remove()
-                raise
-            try:
-                if rest:
-                    shape_fd, proc.fds[SHAPE] = proc.fds[SHAPE], -1
-                    await _feed(shape_fd, rest)
-            except BaseException:
-                await _shielded(partial(_discard_spare_parts, proc, group))
-                raise
+            group = _named_cgroups("spare", hierarchies, cpu=self._cpu)
+            # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
+            proc = await self._start(group, join_cgroups(key, *group.for_runner()))
             spare = _Spare(runner=proc, group=group, hierarchies=hierarchies, key=key)
             if self._closed:  # and maybe cancelled: its parts must go all the same
                 await _shielded(partial(_discard_spare, spare))
@@ -1132,6 +1042,52 @@ class Runners:
             if self._making is not None:
                 self._making[1].set()
             self._making = None
+
+    async def start(
+        self, prepared: PreparedRun, encoded: EncodedPlan | None
+    ) -> tuple[cgroups.RunCgroup, _Runner, EncodedPlan]:
+        """A run's own runner, when no spare fits: its cgroups (limits applied once they
+        exist), and its plan (``encoded`` without cgroups, or encoded now) with the shape
+        in the runner's pipe.
+
+        Raises:
+            SandboxError: the cgroups or the runner could not be made, or a limit applied.
+        """
+        spec = prepared.spec
+        group = _named_cgroups("run", prepared.hierarchies, cpu=spec.cpus is not None)
+        dirs, accounting = group.for_runner()
+        if encoded is None:
+            plan = dataclasses.replace(prepared.plan, cgroups=dirs, accounting=accounting)
+            encoded = runner.encode(plan)
+            shape = encoded.shape
+        else:
+            shape = join_cgroups(encoded.shape, dirs, accounting)
+        proc = await self._start(group, shape)
+        try:
+            # A few small writes to cgroupfs: not worth a trip to a thread.
+            group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
+        except BaseException:
+            await _shielded(partial(_discard_spare_parts, proc, group))
+            raise
+        return group, proc, encoded
+
+    async def _start(self, group: cgroups.RunCgroup, shape: bytes) -> _Runner:
+        """A runner the spawner forks once it made ``group`` (named only), ``shape`` in its
+        pipe: on the trio thread, which serves other runs while the spawner waits for the
+        cgroup lock and forks. A mkdir or a posix_spawn there took milliseconds at times."""
+        try:
+            proc, rest = await _fork_runner(self.spawner, shape, group)
+        except BaseException:
+            group.remove()
+            raise
+        try:
+            if rest:
+                shape_fd, proc.fds[SHAPE] = proc.fds[SHAPE], -1
+                await _feed(shape_fd, rest)
+        except BaseException:
+            await _shielded(partial(_discard_spare_parts, proc, group))
+            raise
+        return proc
 
     async def aclose(self) -> None:
         self._closed = True
@@ -1158,17 +1114,15 @@ async def open_runners() -> AsyncIterator[Runners]:
     the spare is discarded and every deferred clean-up has finished."""
     # Started on the trio thread, which outlives the pool: the runners it forks die with it.
     spawner = runner.Spawner()
-    threads = _PoolThreads(RUNNER_THREADS)
     try:
         async with trio.open_nursery() as nursery:
-            pool = Runners(nursery, threads, spawner)
+            pool = Runners(nursery, spawner)
             try:
                 yield pool
             finally:
                 await _shielded(pool.aclose)
     finally:
-        threads.close()  # every runner they started has been reaped by now
-        spawner.close()
+        spawner.close()  # every runner it forked has been reaped by now
 
 
 @contextlib.asynccontextmanager
@@ -1205,10 +1159,7 @@ async def open_run(
             spare.group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
             group = spare.group
         elif runners is not None:
-            # Its cgroups and its runner, in one job on a thread of the pool's (see _PoolThreads).
-            started, group = await runners.threads.run(
-                partial(_runner_and_cgroups, partial(_create_cgroups, prepared), runners.spawner)
-            )
+            group, started, encoded = await runners.start(prepared, encoded)
         else:
             group = _create_cgroups(prepared)
     except BaseException:

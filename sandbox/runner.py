@@ -127,8 +127,10 @@ class Spawner:
     """A ``runtimed-runner spawner`` process, which forks runners on request.
 
     ``posix_spawn`` from the daemon blocks its thread until the new runner has been exec'd,
-    half a millisecond and more when other runners hold the cgroup locks; a fork of the small
-    spawner takes it off the daemon's thread. The spawner clones each runner with
+    and a mkdir in cgroupfs until the cgroup lock is free: half a millisecond and more when
+    other runners hold the cgroup locks. The spawner does both (the run's cgroups, then a
+    fork of its small self) while the daemon's trio thread serves others, with no thread
+    of the daemon's waiting and no Python run for it. It clones each runner with
     CLONE_PARENT: it is the caller's child, as a posix_spawn'd one is (reaped by it, killed
     with the thread that started the spawner). A runner it forks is the same program in the
     same state as one started by :func:`spawn`, on the same fds. Should the spawner be gone,
@@ -156,26 +158,14 @@ class Spawner:
             theirs.close()
         self._socket = ours
 
-    def spawn(self, fds: Sequence[int], make: Sequence[Path] = ()) -> tuple[int, int]:
+    async def spawn(self, fds: Sequence[int], make: Sequence[Path] = ()) -> tuple[int, int]:
         """:func:`spawn`, forked by the spawner once it created the cgroup directories
-        ``make`` (named by ``RunCgroup.setup(defer=True)``): blocking until it answered.
+        ``make`` (named by ``RunCgroup.setup(defer=True)``); the trio thread serves others
+        meanwhile. The answer is awaited even when cancelled: it names a child to reap.
 
         Raises:
             SandboxError: a cgroup could not be created (none is left then), or the runner
                 could not be started.
-        """
-        try:
-            return _answer(self._request(fds, make), make)
-        except _SpawnerGone:
-            return _spawn_after(fds, make)
-
-    async def spawn_async(self, fds: Sequence[int], make: Sequence[Path] = ()) -> tuple[int, int]:
-        """:meth:`spawn` for the trio thread, which serves others while the spawner creates
-        the cgroups and forks. The answer is awaited even when cancelled: it names a child
-        to reap.
-
-        Raises:
-            SandboxError: as :meth:`spawn`.
         """
         try:
             reply = self._request(fds, make)

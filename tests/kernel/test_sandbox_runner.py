@@ -8,10 +8,11 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
+from pathlib import Path
 
 import psutil
 import pytest
+import trio
 
 from runtimed.errors import SandboxError
 from sandbox import cgroups, runner
@@ -47,6 +48,13 @@ def _spawn(
     assert (exited.si_pid, exited.si_code) == (pid, os.CLD_EXITED)
     with os.fdopen(status_r, "rb") as status:
         return exited.si_status, status.read().splitlines(), forked
+
+
+def _forked_by(
+    spawner: runner.Spawner, make: Sequence[Path] = ()
+) -> Callable[[Sequence[int]], tuple[int, int]]:
+    """``spawner.spawn`` for the synchronous helpers here."""
+    return lambda fds: trio.run(spawner.spawn, fds, make)
 
 
 @pytest.fixture
@@ -88,7 +96,7 @@ def test_sandbox_runner_is_only_started_by_its_parent() -> None:
 def test_sandbox_runner_forked_by_the_spawner_is_the_same_runner(spawner: runner.Spawner) -> None:
     # A bad plan: the same refusal, on the same fds, from a runner that is our child.
     for _ in range(3):
-        code, lines, forked = _spawn(b"not-a-plan\0", spawner.spawn)
+        code, lines, forked = _spawn(b"not-a-plan\0", _forked_by(spawner))
         assert (code, forked) == (125, True)
         assert [parse_status(line) for line in lines] == [
             StepFailed(syscall="plan", errno=22, path=None, flags=None, op=None)
@@ -100,13 +108,13 @@ def test_sandbox_runner_spawner_survives_a_malformed_request(spawner: runner.Spa
     with a, b:
         socket.send_fds(spawner._socket, [b"r"], [a.fileno(), b.fileno()])  # 2 fds, not 7
         spawner._socket.send(b"no fds at all")
-    code, _, forked = _spawn(b"not-a-plan\0", spawner.spawn)
+    code, _, forked = _spawn(b"not-a-plan\0", _forked_by(spawner))
     assert (code, forked) == (125, True)
 
 
 def test_sandbox_runner_without_its_spawner_is_posix_spawned(spawner: runner.Spawner) -> None:
     os.kill(spawner.pid, 9)
-    code, _, forked = _spawn(b"not-a-plan\0", spawner.spawn)
+    code, _, forked = _spawn(b"not-a-plan\0", _forked_by(spawner))
     assert (code, forked) == (125, False)
 
 
@@ -120,7 +128,7 @@ def test_sandbox_runner_spawner_makes_the_cgroups_first(spawner: runner.Spawner)
     assert group.dirs
     assert not any(d.exists() for d in group.dirs)  # named, not made
     try:
-        code, _, forked = _spawn(b"not-a-plan\0", partial(spawner.spawn, make=group.dirs))
+        code, _, forked = _spawn(b"not-a-plan\0", _forked_by(spawner, group.dirs))
         assert (code, forked) == (125, True)
         assert all(d.is_dir() for d in group.dirs)
     finally:
@@ -131,7 +139,7 @@ def test_sandbox_runner_spawner_leaves_no_cgroup_when_one_fails(spawner: runner.
     group = _deferred_group()
     impossible = group.dirs[0] / "no" / "such" / "parent"
     with pytest.raises(SandboxError, match=f"create cgroup {impossible}: No such file") as info:
-        spawner.spawn([0, 1, 2, 0, 0, 0], make=[*group.dirs, impossible])
+        _forked_by(spawner, [*group.dirs, impossible])([0, 1, 2, 0, 0, 0])
     assert info.value.details == {"path": str(impossible)}
     assert not any(d.exists() for d in group.dirs)  # made, then removed again
 
@@ -142,7 +150,7 @@ def test_sandbox_runner_without_its_spawner_makes_the_cgroups_itself(
     group = _deferred_group()
     os.kill(spawner.pid, 9)
     try:
-        code, _, forked = _spawn(b"not-a-plan\0", partial(spawner.spawn, make=group.dirs))
+        code, _, forked = _spawn(b"not-a-plan\0", _forked_by(spawner, group.dirs))
         assert (code, forked) == (125, False)
         assert all(d.is_dir() for d in group.dirs)
     finally:
