@@ -156,7 +156,11 @@ class Spawner:
         finally:
             os.close(null)
             theirs.close()
+        # Non-blocking: a burst of requests fills its queue (net.unix.max_dgram_qlen), and a
+        # blocking send would stall the trio thread until the spawner caught up.
+        ours.setblocking(False)
         self._socket = ours
+        self._room = trio.Lock()
 
     async def spawn(self, fds: Sequence[int], make: Sequence[Path] = ()) -> tuple[int, int]:
         """:func:`spawn`, forked by the spawner once it created the cgroup directories
@@ -167,26 +171,30 @@ class Spawner:
             SandboxError: a cgroup could not be created (none is left then), or the runner
                 could not be started.
         """
+        data = b"r" + b"".join(os.fsencode(path) + b"\0" for path in make)
+        reply, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            reply = self._request(fds, make)
-            with trio.CancelScope(shield=True):
+            with theirs:
+                await self._send(data, [*fds, theirs.fileno()])
+            with trio.CancelScope(shield=True):  # sent: it forks, and its answer must be read
                 await trio.lowlevel.wait_readable(reply)
             return _answer(reply, make)
         except _SpawnerGone:
             return _spawn_after(fds, make)
-
-    def _request(self, fds: Sequence[int], make: Sequence[Path]) -> socket.socket:
-        data = b"r" + b"".join(os.fsencode(path) + b"\0" for path in make)
-        reply, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            socket.send_fds(self._socket, [data], [*fds, theirs.fileno()])
-        except OSError as exc:
-            reply.close()
-            log.warning("the runner spawner is gone (%s): starting runners without it", exc)
-            raise _SpawnerGone from exc
         finally:
-            theirs.close()
-        return reply
+            reply.close()
+
+    async def _send(self, data: bytes, fds: Sequence[int]) -> None:
+        while True:
+            try:
+                socket.send_fds(self._socket, [data], fds)
+                return
+            except BlockingIOError:  # its queue is full
+                async with self._room:  # trio lets one task at a time wait on an fd
+                    await trio.lowlevel.wait_writable(self._socket)
+            except OSError as exc:
+                log.warning("the runner spawner is gone (%s): starting runners without it", exc)
+                raise _SpawnerGone from exc
 
     def close(self) -> None:
         """Stop the spawner and reap it."""
@@ -202,9 +210,8 @@ _ANSWER: Final = struct.Struct("=ii")  # the PID or -errno, and the cgroup that 
 
 
 def _answer(reply: socket.socket, make: Sequence[Path]) -> tuple[int, int]:
-    """The spawner's answer on ``reply`` (closed then): the runner's PID and pidfd."""
-    with reply:
-        data, fds, _, _ = socket.recv_fds(reply, _ANSWER.size, 1, socket.MSG_CMSG_CLOEXEC)
+    """The spawner's answer on ``reply``: the runner's PID and pidfd."""
+    data, fds, _, _ = socket.recv_fds(reply, _ANSWER.size, 1, socket.MSG_CMSG_CLOEXEC)
     if len(data) != _ANSWER.size:  # it closed the answer socket unanswered: gone, or never got it
         for fd in fds:
             os.close(fd)

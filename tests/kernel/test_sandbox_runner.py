@@ -155,3 +155,34 @@ def test_sandbox_runner_without_its_spawner_makes_the_cgroups_itself(
         assert all(d.is_dir() for d in group.dirs)
     finally:
         group.remove()
+
+
+def test_sandbox_runner_spawner_takes_a_burst_beyond_its_queue(
+    spawner: runner.Spawner, caplog: pytest.LogCaptureFixture
+) -> None:
+    # More requests at once than the socket's buffer holds (made small here): the sender
+    # waits for room instead of blocking the trio thread, or taking the spawner for gone.
+    spawner._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    started: list[tuple[int, int]] = []
+
+    async def burst() -> None:
+        async def one() -> None:
+            started.append(await spawner.spawn([null] * 6))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(one)
+
+    try:
+        trio.run(burst)
+    finally:
+        os.close(null)
+    codes = []
+    for _, pidfd in started:
+        exited = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        os.close(pidfd)
+        assert exited is not None
+        codes.append(exited.si_status)
+    assert codes == [125] * 40  # each read an empty plan
+    assert "spawner is gone" not in caplog.text
