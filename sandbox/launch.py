@@ -38,6 +38,7 @@ import enum
 import logging
 import math
 import os
+import select
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -719,7 +720,8 @@ class Execution:
             async with trio.open_nursery() as nursery:
                 if shape is not None:
                     _feed_soon(nursery, shape_fd, shape)
-                _feed_soon(nursery, command_fd, self._encoded.command)
+                if command_fd >= 0:  # else it was written before the runner started
+                    _feed_soon(nursery, command_fd, self._encoded.command)
                 _feed_soon(nursery, stdin, self.prepared.spec.stdin or b"")
                 for fd, name in ((stdout, Stream.STDOUT), (stderr, Stream.STDERR)):
                     stream = trio.lowlevel.FdStream(fd)
@@ -740,7 +742,8 @@ class Execution:
             self._done.set()
 
 
-SHAPE: Final = 4  # the index of the shape pipe among a runner's fds
+SHAPE: Final = 4  # the indexes of the shape and command pipes among a runner's fds
+COMMAND: Final = 5
 
 
 @dataclass(slots=True)
@@ -820,17 +823,21 @@ def _start_runner() -> _Runner:
 
 
 async def _fork_runner(
-    spawner: runner.Spawner, shape: bytes, group: cgroups.RunCgroup
+    spawner: runner.Spawner, group: cgroups.RunCgroup, shape: bytes, command: bytes | None
 ) -> tuple[_Runner, bytes]:
     """A runner forked by ``spawner`` (serving other tasks meanwhile) once it created
     ``group``'s directories (named by ``setup(defer=True)``), with ``shape`` in its pipe
     before it starts: it reads it without waiting, and no write has to wake it. The part
     that did not fit, if any, is for the caller to :func:`_feed` to ``fds[SHAPE]``; else
-    that is -1, as for a spare."""
+    that is -1, as for a spare. A ``command`` that fits in one atomic pipe write goes in
+    ahead the same way (``fds[COMMAND]`` is -1 then)."""
     with _runner_pipes() as (ours, theirs):
         rest = _write_ahead(ours[SHAPE], shape)
         if not rest:
             ours[SHAPE] = -1  # written and closed
+        if command is not None and len(command) <= select.PIPE_BUF:
+            _write_ahead(ours[COMMAND], command)  # into an empty pipe: all of it
+            ours[COMMAND] = -1
         pid, pidfd = await spawner.spawn(theirs, group.dirs)
     return _Runner(pid=pid, pidfd=pidfd, fds=ours), rest
 
@@ -1062,7 +1069,7 @@ class Runners:
             shape = encoded.shape
         else:
             shape = join_cgroups(encoded.shape, dirs, accounting)
-        proc = await self._start(group, shape)
+        proc = await self._start(group, shape, encoded.command)
         try:
             # A few small writes to cgroupfs: not worth a trip to a thread.
             group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
@@ -1071,12 +1078,14 @@ class Runners:
             raise
         return group, proc, encoded
 
-    async def _start(self, group: cgroups.RunCgroup, shape: bytes) -> _Runner:
+    async def _start(
+        self, group: cgroups.RunCgroup, shape: bytes, command: bytes | None = None
+    ) -> _Runner:
         """A runner the spawner forks once it made ``group`` (named only), ``shape`` in its
         pipe: on the trio thread, which serves other runs while the spawner waits for the
         cgroup lock and forks. A mkdir or a posix_spawn there took milliseconds at times."""
         try:
-            proc, rest = await _fork_runner(self.spawner, shape, group)
+            proc, rest = await _fork_runner(self.spawner, group, shape, command)
         except BaseException:
             group.remove()
             raise
@@ -1147,13 +1156,14 @@ async def open_run(
         prepared = await trio.to_thread.run_sync(prepare_run, spec, source, report)
     else:
         prepared, encoded = await runners.prepare(spec, source, report)
+    # The sandbox's key for the pool (its shape without cgroups), for a run that can use and
+    # leave a spare; the plan itself may be encoded with the run's own cgroups below.
+    key = None if encoded is None else encoded.shape
     spare: _Spare | None = None
     started: _Runner | None = None
     try:
-        if runners is not None and encoded is not None:
-            spare = await runners.take(
-                encoded.shape, prepared.hierarchies, cpu=spec.cpus is not None
-            )
+        if runners is not None and key is not None:
+            spare = await runners.take(key, prepared.hierarchies, cpu=spec.cpus is not None)
         if spare is not None:
             # A few small writes to cgroupfs: not worth a trip to a thread.
             spare.group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
@@ -1179,14 +1189,14 @@ async def open_run(
     )
     try:
         async with _executing(execution):
-            if runners is not None and encoded is not None:
-                runners.running(encoded.shape, prepared.hierarchies)
+            if runners is not None and key is not None:
+                runners.running(key, prepared.hierarchies)
             yield execution
     finally:
         if runners is not None:
             clean_up = partial(_clean_up, execution, source, runners.workers)
-            if encoded is not None:
-                runners.ended(encoded.shape, prepared.hierarchies)
+            if key is not None:
+                runners.ended(key, prepared.hierarchies)
             runners.defer(clean_up)
         else:
             await _shielded(partial(_clean_up, execution, source))

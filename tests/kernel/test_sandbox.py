@@ -531,7 +531,7 @@ async def test_sandbox_runners_replace_a_spare_that_died(source: DirectorySource
 
 
 async def test_sandbox_runners_remember_a_plan_until_the_report_changes(
-    source: DirectorySource,
+    source: DirectorySource, caplog: pytest.LogCaptureFixture
 ) -> None:
     spec = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
     other_report = dataclasses.replace(NATIVE_REPORT)
@@ -551,6 +551,8 @@ async def test_sandbox_runners_remember_a_plan_until_the_report_changes(
     assert seen[0] is seen[1]  # decided and planned once
     assert seen[2] is not seen[1]  # the platforms changed: decided again
     assert execution.prepared.run_dir is not None  # a commit gets a run directory of its own
+    # The commit's plan, encoded with its own cgroups, is never taken for a spare's key.
+    assert "no spare runner" not in caplog.text
 
 
 def _cgroup_dirs() -> list[Path]:
