@@ -156,8 +156,8 @@ class Spawner:
         finally:
             os.close(null)
             theirs.close()
-        # Non-blocking: a burst of requests fills its queue (net.unix.max_dgram_qlen), and a
-        # blocking send would stall the trio thread until the spawner caught up.
+        # Non-blocking: requests faster than the spawner serves them fill the socket's buffer
+        # (some 280 of them here), and a blocking send would stall the trio thread then.
         ours.setblocking(False)
         self._socket = ours
         self._room = trio.Lock()
