@@ -161,6 +161,7 @@ class Spawner:
         ours.setblocking(False)
         self._socket = ours
         self._room = trio.Lock()
+        self.gone = False  # it was found gone (killed): runners are posix_spawn'd instead
 
     async def spawn(self, fds: Sequence[int], make: Sequence[Path] = ()) -> tuple[int, int]:
         """:func:`spawn`, forked by the spawner once it created the cgroup directories
@@ -171,6 +172,8 @@ class Spawner:
             SandboxError: a cgroup could not be created (none is left then), or the runner
                 could not be started.
         """
+        if self.gone:
+            return _spawn_after(fds, make)
         data = b"r" + b"".join(os.fsencode(path) + b"\0" for path in make)
         reply, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -179,7 +182,10 @@ class Spawner:
             with trio.CancelScope(shield=True):  # sent: it forks, and its answer must be read
                 await trio.lowlevel.wait_readable(reply)
             return _answer(reply, make)
-        except _SpawnerGone:
+        except _SpawnerGone as exc:
+            # Said once: the runners of this pool are posix_spawn'd from now on.
+            log.warning("the runner spawner is gone (%s): starting runners without it", exc)
+            self.gone = True
             return _spawn_after(fds, make)
         finally:
             reply.close()
@@ -193,8 +199,7 @@ class Spawner:
                 async with self._room:  # trio lets one task at a time wait on an fd
                     await trio.lowlevel.wait_writable(self._socket)
             except OSError as exc:
-                log.warning("the runner spawner is gone (%s): starting runners without it", exc)
-                raise _SpawnerGone from exc
+                raise _SpawnerGone(exc.strerror) from exc
 
     def close(self) -> None:
         """Stop the spawner and reap it."""
@@ -215,8 +220,7 @@ def _answer(reply: socket.socket, make: Sequence[Path]) -> tuple[int, int]:
     if len(data) != _ANSWER.size:  # it closed the answer socket unanswered: gone, or never got it
         for fd in fds:
             os.close(fd)
-        log.warning("the runner spawner did not answer: starting runners without it")
-        raise _SpawnerGone
+        raise _SpawnerGone("no answer")
     value, failed = _ANSWER.unpack(data)
     if value > 0 and len(fds) == 1:
         return value, fds[0]

@@ -112,10 +112,15 @@ def test_sandbox_runner_spawner_survives_a_malformed_request(spawner: runner.Spa
     assert (code, forked) == (125, True)
 
 
-def test_sandbox_runner_without_its_spawner_is_posix_spawned(spawner: runner.Spawner) -> None:
+def test_sandbox_runner_without_its_spawner_is_posix_spawned(
+    spawner: runner.Spawner, caplog: pytest.LogCaptureFixture
+) -> None:
     os.kill(spawner.pid, 9)
-    code, _, forked = _spawn(b"not-a-plan\0", _forked_by(spawner))
-    assert (code, forked) == (125, False)
+    for _ in range(3):
+        code, _, forked = _spawn(b"not-a-plan\0", _forked_by(spawner))
+        assert (code, forked) == (125, False)
+    assert spawner.gone
+    assert caplog.text.count("the runner spawner is gone") == 1  # said once, not per run
 
 
 def _deferred_group() -> cgroups.RunCgroup:
