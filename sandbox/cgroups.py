@@ -172,12 +172,12 @@ class RunCgroup:
             )
         return path
 
-    def setup(self, *, cpu: bool = False, defer: bool = False) -> None:
-        """Create the directories: v2's, memory and pids (for accounting), the v1 cpuacct and
-        freezer without v2; with ``cpu`` the cpu controller's too, so that a CPU limit never
-        needs a new one (for a group joined before its limits are known). With ``defer``,
-        only name them (``dirs``, in the order to create them): a runner's spawner creates
-        them (:class:`sandbox.runner.Spawner`)."""
+    def setup(self, *, limitable: frozenset[str] = frozenset(), defer: bool = False) -> None:
+        """Create the directories: v2's, memory's (for the peak memory), the v1 cpuacct and
+        freezer without v2, and those of the controllers in ``limitable`` (``cpu``,
+        ``pids``), so that such a limit never needs a new one (for a group joined before its
+        limits are known). With ``defer``, only name them (``dirs``, in the order to create
+        them): a runner's spawner creates them (:class:`sandbox.runner.Spawner`)."""
         h = self.hierarchies
         self._deferred = defer
         try:
@@ -189,7 +189,7 @@ class RunCgroup:
                     enabled = frozenset(_read(parent / "cgroup.subtree_control").split())
                 self._v2 = self._make(parent)
                 self.hierarchies = dataclasses.replace(h, unified_controllers=enabled)
-            for controller in ("memory", "pids", *(("cpu",) if cpu else ())):
+            for controller in ("memory", *sorted(limitable)):
                 self._controller_dir(controller)
             if self._v2 is None:
                 self._controller_dir("cpuacct")
@@ -438,6 +438,11 @@ def _keyed(text: str) -> dict[str, int]:
     return out
 
 
+def limited(*, pids: int | None, cpus: float | None) -> frozenset[str]:
+    """The optional controllers limits need: ``pids`` and ``cpu`` (memory is always joined)."""
+    return frozenset(name for name, limit in (("pids", pids), ("cpu", cpus)) if limit is not None)
+
+
 def create(
     name: str,
     hierarchies: Hierarchies,
@@ -445,19 +450,20 @@ def create(
     memory: int | None = None,
     pids: int | None = None,
     cpus: float | None = None,
-    cpu: bool = False,
+    limitable: frozenset[str] = frozenset(),
     defer: bool = False,
 ) -> RunCgroup:
     """The cgroups of a run named ``name`` in ``hierarchies`` (from :func:`detect`), limits
-    applied (``cpu``: a cpu cgroup even without a CPU limit yet); remove() them when done.
-    With ``defer``, named only (see :meth:`RunCgroup.setup`; no limits then).
+    applied; ``limitable``: the controllers (``cpu``, ``pids``) to join even without such a
+    limit yet; remove() them when done. With ``defer``, named only (see
+    :meth:`RunCgroup.setup`; no limits then).
 
     Raises:
         SandboxError: a cgroup could not be created or a requested limit cannot be enforced.
     """
     group = RunCgroup(hierarchies, f"runtimed-{name}")
     try:
-        group.setup(cpu=cpu, defer=defer)
+        group.setup(limitable=limitable | limited(pids=pids, cpus=cpus), defer=defer)
         if not defer:
             group.limit(memory=memory, pids=pids, cpus=cpus)
     except BaseException:

@@ -898,11 +898,15 @@ class _Spare:
     key: bytes  # the shape it built, without its cgroups
 
 
-def _named_cgroups(kind: str, hierarchies: cgroups.Hierarchies, *, cpu: bool) -> cgroups.RunCgroup:
+def _named_cgroups(
+    kind: str, hierarchies: cgroups.Hierarchies, limitable: frozenset[str]
+) -> cgroups.RunCgroup:
     """Fresh cgroups for a runner (a spare's or a run's own), named only: the spawner
-    creates them. With ``cpu`` in a cpu cgroup too, so that a CPU limit applied once they
-    exist needs no directory the runner was not told to join."""
-    return cgroups.create(f"{kind}-{uuid.uuid4().hex[:12]}", hierarchies, cpu=cpu, defer=True)
+    creates them. In the cgroups of the ``limitable`` controllers too (``cpu``, ``pids``),
+    so that such a limit applied once they exist needs no directory the runner was not told
+    to join."""
+    name = f"{kind}-{uuid.uuid4().hex[:12]}"
+    return cgroups.create(name, hierarchies, limitable=limitable, defer=True)
 
 
 class Runners:
@@ -911,7 +915,7 @@ class Runners:
 
     After each run, a spare runner builds the same sandbox again (the same snapshot, mounts
     and profile: the shape of :class:`sandbox.wire.EncodedPlan`) in a fresh set of cgroups
-    (no limits yet; a cpu cgroup only after a run with a CPU limit), and waits for a
+    (no limits yet; cpu and pids cgroups only after a run with such limits), and waits for a
     command. The next run with that shape takes it: it writes its limits and sends its
     command, and pays neither the runner's
     start, nor the namespaces and mounts, nor the move into new cgroups (which waits for an
@@ -933,9 +937,10 @@ class Runners:
         self._awaited = False  # a run waits for that one already
         self._closed = False
         self._eager = False  # runs come back to back: spares are built during runs
-        # The last run had a CPU limit: the next spare joins a cpu cgroup too (in v1, a
-        # hierarchy of its own that a run without one need not join).
-        self._cpu = False
+        # The controllers the last run had limits for (cpu, pids): the next spare joins their
+        # cgroups too (in v1, hierarchies of their own that a run without such limits need
+        # not join: a mkdir, a move and an rmdir each).
+        self._limitable: frozenset[str] = frozenset()
         self._last_end = -math.inf
         # Recent decisions: (spec, snapshot ID) -> (report, resolv.conf text, the run, its
         # plan encoded without cgroups).
@@ -978,7 +983,7 @@ class Runners:
         return prepared, encoded
 
     async def take(
-        self, key: bytes, hierarchies: cgroups.Hierarchies, *, cpu: bool
+        self, key: bytes, hierarchies: cgroups.Hierarchies, *, limited: frozenset[str]
     ) -> _Spare | None:
         """The spare, if it built the sandbox ``key`` (a shape without cgroups) in these cgroup
         hierarchies and is still alive. When the spare for ``key`` is still being started, the
@@ -994,13 +999,13 @@ class Runners:
         if spare is not None and (
             spare.key != key
             or spare.hierarchies != hierarchies
-            or (cpu and not spare.group.has("cpu"))
+            or not all(spare.group.has(controller) for controller in limited)
             or not spare.runner.alive()
         ):
             self.defer(partial(_discard_spare, spare))
             spare = None
         self._eager = spare is None or trio.current_time() - self._last_end < EAGER_GAP
-        self._cpu = cpu
+        self._limitable = limited
         return spare
 
     def running(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
@@ -1033,7 +1038,7 @@ class Runners:
 
     async def _refill(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
         try:
-            group = _named_cgroups("spare", hierarchies, cpu=self._cpu)
+            group = _named_cgroups("spare", hierarchies, self._limitable)
             # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
             proc = await self._start(group, join_cgroups(key, *group.for_runner()))
             spare = _Spare(runner=proc, group=group, hierarchies=hierarchies, key=key)
@@ -1061,7 +1066,7 @@ class Runners:
             SandboxError: the cgroups or the runner could not be made, or a limit applied.
         """
         spec = prepared.spec
-        group = _named_cgroups("run", prepared.hierarchies, cpu=spec.cpus is not None)
+        group = _named_cgroups("run", prepared.hierarchies, _limited(spec))
         dirs, accounting = group.for_runner()
         if encoded is None:
             plan = dataclasses.replace(prepared.plan, cgroups=dirs, accounting=accounting)
@@ -1103,6 +1108,10 @@ class Runners:
         spare, self._spare = self._spare, None
         if spare is not None:
             await _discard_spare(spare)
+
+
+def _limited(spec: ExecSpec) -> frozenset[str]:
+    return cgroups.limited(pids=spec.pids, cpus=spec.cpus)
 
 
 def _reusable(spec: ExecSpec) -> bool:
@@ -1163,7 +1172,7 @@ async def open_run(
     started: _Runner | None = None
     try:
         if runners is not None and key is not None:
-            spare = await runners.take(key, prepared.hierarchies, cpu=spec.cpus is not None)
+            spare = await runners.take(key, prepared.hierarchies, limited=_limited(spec))
         if spare is not None:
             # A few small writes to cgroupfs: not worth a trip to a thread.
             spare.group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)

@@ -477,39 +477,48 @@ async def test_sandbox_runners_hand_a_spare_its_limits_and_clean_up_after(
     assert not any(p.name.startswith("runtimed-spare-") for p in _cgroup_dirs())
 
 
-async def test_sandbox_runners_a_cpu_limit_never_takes_a_spare_without_a_cpu_cgroup(
+@pytest.mark.parametrize(
+    ("controller", "limit", "files", "written"),
+    [
+        ("cpu", {"cpus": 0.5}, ("cpu.cfs_quota_us", "cpu.max"), "50000"),
+        ("pids", {"pids": 9}, ("pids.max",), "9"),
+    ],
+)
+async def test_sandbox_runners_a_limit_never_takes_a_spare_outside_its_cgroup(
     source: DirectorySource,
+    controller: str,
+    limit: dict[str, Json],
+    files: tuple[str, ...],
+    written: str,
 ) -> None:
-    # A spare joins a v1 cpu cgroup only when the run before it had a CPU limit: a run that
-    # asks for one must not take a spare outside it (its limit would bind nothing).
+    # A spare joins a v1 cpu or pids cgroup only when the run before it had such a limit: a
+    # run that asks for one must not take a spare outside it (its limit would bind nothing).
     plain = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
     args: list[Json] = ["sh", "-c", "echo up; exec sleep 60"]
-    limited = ExecSpec.from_json({"snapshot": "s", "args": args, "cpus": 0.5})
+    limited = ExecSpec.from_json({"snapshot": "s", "args": args, **limit})
     groups = []
     async with open_runners() as runners:
         for spec in (plain, plain, limited, limited):
             async with open_run(spec, source, NATIVE_REPORT, runners=runners) as execution:
-                if spec.cpus is not None:
+                if spec is limited:
                     # While it runs (its sleep): the runner removes its cgroups after.
                     assert (await execution.output.receive()).data == b"up\n"
-                    assert execution.group.has("cpu")
-                    quotas = [d / "cpu.cfs_quota_us" for d in execution.group.dirs]
-                    quotas += [d / "cpu.max" for d in execution.group.dirs]
-                    written = [q.read_text().split()[0] for q in quotas if q.exists()]
-                    assert "50000" in written
+                    assert execution.group.has(controller)
+                    paths = [d / name for d in execution.group.dirs for name in files]
+                    assert written in [p.read_text().split()[0] for p in paths if p.exists()]
                     execution.cancel()
                 async for _ in execution.output:
                     pass
                 result = await execution.wait()
                 groups.append(execution.group)
-            assert result.signal == (None if spec.cpus is None else signal.SIGTERM)
+            assert result.signal == (None if spec is plain else signal.SIGTERM)
             await trio.sleep(0.3)  # time to start the next spare
     names = [group.name for group in groups]
     assert names[1].startswith("runtimed-spare-")
-    # The spare made after a run without a limit has a cpu cgroup only where it comes with
-    # the others (cgroup v2): elsewhere the limited run starts its own.
-    assert names[2].startswith("runtimed-spare-") == groups[1].has("cpu")
-    assert names[3].startswith("runtimed-spare-")  # made after a limited run: with cpu
+    # The spare made after a run without a limit is in that controller's cgroup only where
+    # it comes with the others (cgroup v2): elsewhere the limited run starts its own.
+    assert names[2].startswith("runtimed-spare-") == groups[1].has(controller)
+    assert names[3].startswith("runtimed-spare-")  # made after a limited run: in it
 
 
 async def test_sandbox_runners_replace_a_spare_that_died(source: DirectorySource) -> None:

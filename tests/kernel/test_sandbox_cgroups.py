@@ -81,7 +81,10 @@ def test_cgroups_refuse_a_limit_nothing_can_enforce() -> None:
 def test_cgroups_a_group_joined_before_its_limits_gets_them(version: int) -> None:
     # A spare's PID 1 joins its cgroups before the request that sets the limits: every
     # directory a limit needs exists from the start, so limit() never adds one it is not in.
-    group = cgroups.create(f"test-{uuid.uuid4().hex[:8]}", _hierarchies(version), cpu=True)
+    limitable = frozenset({"cpu", "pids"})
+    group = cgroups.create(
+        f"test-{uuid.uuid4().hex[:8]}", _hierarchies(version), limitable=limitable
+    )
     try:
         sleeper = subprocess.Popen(["sleep", "987663"])
         try:
