@@ -1251,11 +1251,14 @@ static void answer(int socket_fd, int value, int index, int pidfd) {
 
 #define REQUEST_CGROUPS 16
 
-/* The request's cgroups: the NUL-terminated paths after "r" (at most REQUEST_CGROUPS). */
+/* The request's cgroups: the NUL-terminated paths after "r"; -1 beyond REQUEST_CGROUPS. */
 static int request_cgroups(const char *data, size_t size, const char *paths[REQUEST_CGROUPS]) {
     int n = 0;
-    for (size_t at = 1; at < size && n < REQUEST_CGROUPS; at += strlen(data + at) + 1)
+    for (size_t at = 1; at < size; at += strlen(data + at) + 1) {
+        if (n == REQUEST_CGROUPS)
+            return -1;
         paths[n++] = data + at;
+    }
     return n;
 }
 
@@ -1278,6 +1281,13 @@ static int make_cgroups(const char *paths[], int n) {
     return -1;
 }
 
+/* Answer a request that gets no runner, and let go of its fds. */
+static void refuse(const int fds[REQUEST_FDS], int err, int index) {
+    answer(fds[RUNNER_FDS], -err, index, -1);
+    for (int i = 0; i < REQUEST_FDS; i++)
+        close(fds[i]);
+}
+
 static int spawner(pid_t parent) {
     if (syscall(SYS_close_range, SPAWNER_FD + 1, ~0U, 0) < 0)
         return 2;
@@ -1292,11 +1302,13 @@ static int spawner(pid_t parent) {
             continue;
         const char *paths[REQUEST_CGROUPS];
         int ncgroups = request_cgroups(data, size, paths);
+        if (ncgroups < 0) {
+            refuse(fds, E2BIG, -1);
+            continue;
+        }
         int failed = make_cgroups(paths, ncgroups);
         if (failed >= 0) {
-            answer(fds[RUNNER_FDS], -errno, failed, -1);
-            for (int i = 0; i < REQUEST_FDS; i++)
-                close(fds[i]);
+            refuse(fds, errno, failed);
             continue;
         }
         int pidfd = -1;

@@ -149,6 +149,16 @@ def test_sandbox_runner_spawner_leaves_no_cgroup_when_one_fails(spawner: runner.
     assert not any(d.exists() for d in group.dirs)  # made, then removed again
 
 
+def test_sandbox_runner_spawner_refuses_more_cgroups_than_a_run_has(
+    spawner: runner.Spawner,
+) -> None:
+    many = [Path(f"/sys/fs/cgroup/no-such-{i}") for i in range(17)]
+    with pytest.raises(SandboxError, match="cannot start the sandbox runner: Argument list"):
+        _forked_by(spawner, many)([0, 1, 2, 0, 0, 0])
+    code, _, forked = _spawn(b"not-a-plan\0", _forked_by(spawner))  # and serves on
+    assert (code, forked) == (125, True)
+
+
 def test_sandbox_runner_without_its_spawner_makes_the_cgroups_itself(
     spawner: runner.Spawner,
 ) -> None:
