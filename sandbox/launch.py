@@ -504,10 +504,9 @@ class Execution:
         self.prepared = prepared
         self.group = group
         self.source = source
-        # A runner started for this run, or a spare that built its sandbox already in
-        # ``group`` (:attr:`_Runner.built`), else run() starts one; the plan encoded without
-        # cgroups when the caller has it already; the worker threads for looks at the run's
-        # processes.
+        # A runner that has its shape already (a spare, or one the pool started for this
+        # run) with the plan it got, or neither: run() encodes the plan and starts a runner;
+        # the worker threads for looks at the run's processes.
         self._runner = runner
         self._encoded = encoded
         self._workers = workers
@@ -700,21 +699,13 @@ class Execution:
         if log.isEnabledFor(logging.DEBUG):  # not built on every run for nothing
             for line in self.prepared.plan.describe():
                 log.debug("%s", line)
-        shape: bytes | None = None  # a spare has built its sandbox already
-        if self._runner is None or not self._runner.built:
-            dirs, accounting = self.group.for_runner()
-            plan = dataclasses.replace(self.prepared.plan, cgroups=dirs, accounting=accounting)
-            if self._encoded is None:
-                self._encoded = runner.encode(plan)
-                shape = self._encoded.shape
-            else:  # encoded without cgroups; the command half is the same
-                shape = join_cgroups(self._encoded.shape, dirs, accounting)
-            if self._runner is None:
-                # From the trio thread, which lives as long as the run (the runner's
-                # PDEATHSIG).
-                self._runner = _start_runner()
-        assert self._encoded is not None  # a spare comes with its plan
-        assert self._runner is not None
+        shape: bytes | None = None  # a pool's runner has its shape already
+        if self._runner is None:
+            self._encoded = _with_cgroups(self.prepared, self.group, None)
+            shape = self._encoded.shape
+            # From the trio thread, which lives as long as the run (the runner's PDEATHSIG).
+            self._runner = _start_runner()
+        assert self._encoded is not None  # a pool's runner comes with its plan
         stdin, stdout, stderr, status_fd, shape_fd, command_fd = self._runner.take_fds()
         try:
             async with trio.open_nursery() as nursery:
@@ -754,11 +745,6 @@ class _Runner:
     pid: int
     pidfd: int
     fds: list[int]
-
-    @property
-    def built(self) -> bool:
-        """Whether it has its shape already, and builds or has built its sandbox (a spare)."""
-        return bool(self.fds) and self.fds[SHAPE] < 0
 
     def take_fds(self) -> list[int]:
         fds, self.fds = self.fds, []
@@ -896,6 +882,17 @@ class _Spare:
     group: cgroups.RunCgroup
     hierarchies: cgroups.Hierarchies
     key: bytes  # the shape it built, without its cgroups
+
+
+def _with_cgroups(
+    prepared: PreparedRun, group: cgroups.RunCgroup, encoded: EncodedPlan | None
+) -> EncodedPlan:
+    """The run's plan for the runner in ``group``: ``encoded`` (without cgroups) with them
+    added to its shape, or the whole plan encoded now."""
+    dirs, accounting = group.for_runner()
+    if encoded is not None:
+        return dataclasses.replace(encoded, shape=join_cgroups(encoded.shape, dirs, accounting))
+    return runner.encode(dataclasses.replace(prepared.plan, cgroups=dirs, accounting=accounting))
 
 
 def _named_cgroups(
@@ -1067,14 +1064,8 @@ class Runners:
         """
         spec = prepared.spec
         group = _named_cgroups("run", prepared.hierarchies, _limited(spec))
-        dirs, accounting = group.for_runner()
-        if encoded is None:
-            plan = dataclasses.replace(prepared.plan, cgroups=dirs, accounting=accounting)
-            encoded = runner.encode(plan)
-            shape = encoded.shape
-        else:
-            shape = join_cgroups(encoded.shape, dirs, accounting)
-        proc = await self._start(group, shape, encoded.command)
+        encoded = _with_cgroups(prepared, group, encoded)
+        proc = await self._start(group, encoded.shape, encoded.command)
         try:
             # A few small writes to cgroupfs: not worth a trip to a thread.
             group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)
