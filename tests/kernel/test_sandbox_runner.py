@@ -128,13 +128,17 @@ def _deferred_group() -> cgroups.RunCgroup:
     return cgroups.create(f"test-{uuid.uuid4().hex[:8]}", cgroups.detect(), defer=True)
 
 
-def test_sandbox_runner_spawner_makes_the_cgroups_first(spawner: runner.Spawner) -> None:
+@pytest.mark.parametrize("alive", [True, False])
+def test_sandbox_runner_cgroups_are_made_first(spawner: runner.Spawner, alive: bool) -> None:
+    # By the spawner, or, once it is gone, in Python before a posix_spawn.
     group = _deferred_group()
     assert group.dirs
     assert not any(d.exists() for d in group.dirs)  # named, not made
+    if not alive:
+        os.kill(spawner.pid, 9)
     try:
         code, _, forked = _spawn(b"not-a-plan\0", _forked_by(spawner, group.dirs))
-        assert (code, forked) == (125, True)
+        assert (code, forked) == (125, alive)
         assert all(d.is_dir() for d in group.dirs)
     finally:
         group.remove()
@@ -157,19 +161,6 @@ def test_sandbox_runner_spawner_refuses_more_cgroups_than_a_run_has(
         _forked_by(spawner, many)([0, 1, 2, 0, 0, 0])
     code, _, forked = _spawn(b"not-a-plan\0", _forked_by(spawner))  # and serves on
     assert (code, forked) == (125, True)
-
-
-def test_sandbox_runner_without_its_spawner_makes_the_cgroups_itself(
-    spawner: runner.Spawner,
-) -> None:
-    group = _deferred_group()
-    os.kill(spawner.pid, 9)
-    try:
-        code, _, forked = _spawn(b"not-a-plan\0", _forked_by(spawner, group.dirs))
-        assert (code, forked) == (125, False)
-        assert all(d.is_dir() for d in group.dirs)
-    finally:
-        group.remove()
 
 
 def test_sandbox_runner_spawner_takes_a_burst_beyond_its_queue(
