@@ -512,8 +512,14 @@ class Execution:
         self._workers = workers
         send, self.output = trio.open_memory_channel[OutputChunk](OUTPUT_BUFFER)
         self._send = send
-        self._stop_requested = trio.Event()
-        self._exited = trio.Event()
+        # The run's nursery (set once it runs): the stop and the looks at the processes start
+        # there when they are due, so that a short run costs neither task.
+        self._nursery: trio.Nursery | None = None
+        self._stopping = False
+        self._ended = False  # the sandbox is gone (its status ended); output may still come
+        # When the first look at the processes and the stop at the timeout are due.
+        self._observe_at = math.inf
+        self._stop_at = math.inf
         self._done = trio.Event()
         self._observer = _Observer()
         self._error: RuntimedError | None = None
@@ -530,9 +536,15 @@ class Execution:
 
     def cancel(self) -> None:
         """Stop the run: SIGTERM to the command, then kill the whole tree after the grace."""
-        if not self._exited.is_set() and not self._stop_requested.is_set():
-            self.cancelled = not self.timed_out
-            self._stop_requested.set()
+        if not self._ended and not self._stopping:
+            self.cancelled = True
+            self._stop()
+
+    def _stop(self) -> None:
+        self._stopping = True
+        assert self._nursery is not None  # cancel() and the timeout come once it runs
+        assert self._runner is not None
+        self._nursery.start_soon(self._stop_tree, self._runner.pidfd)
 
     async def wait(self) -> RunResult:
         """The result once the command, its runner and the output streams have ended.
@@ -591,17 +603,11 @@ class Execution:
         # the whole tree with it (SIGKILL, by us after the grace or by someone else).
         return 128 + signal.SIGKILL, signal.SIGKILL
 
-    async def _stop_when_asked(self, pidfd: int) -> None:
+    async def _stop_tree(self, pidfd: int) -> None:
         """On :meth:`cancel` or at the timeout: SIGTERM, the grace, then kill the whole tree
         (what trio's ``deliver_cancel`` does for ``run_process``). Cancelled once the sandbox
         is gone."""
         with self._stop_scope:
-            timeout = self.prepared.spec.timeout
-            with trio.move_on_after(math.inf if timeout is None else timeout):
-                await self._stop_requested.wait()
-            if not self._stop_requested.is_set():
-                self.timed_out = True
-                self._stop_requested.set()
             _pidfd_signal(pidfd, signal.SIGTERM)
             await trio.sleep(STOP_GRACE)
             await trio.to_thread.run_sync(self.group.kill)
@@ -625,28 +631,97 @@ class Execution:
         if runner.collect():
             self.group.forget()  # the runner removed the cgroups
 
-    async def _pump(
-        self,
-        stream: trio.abc.ReceiveStream,
-        name: Stream,
-        send: trio.MemorySendChannel[OutputChunk],
-    ) -> None:
-        async with send, stream:
-            while data := await stream.receive_some(READ_SIZE):
-                await send.send(OutputChunk(stream=name, data=bytes(data)))
+    async def _relay(self, status_fd: int, stdout: int, stderr: int) -> None:
+        """Relay the runner's status and the command's output, from one task: the three pipes
+        are in an epoll set of the run's own, which trio waits on (a task per pipe cost more
+        than the rest of a short run's relaying).
 
-    async def _read_status(self, stream: trio.lowlevel.FdStream) -> None:
-        """Relay the runner's status until the sandbox is gone: the runner reaped PID 1
-        (``finished``: the PID namespace is empty; only the runner's own exit, which tears
-        down the mount namespace, is left) or the runner's processes all ended (EOF on the
-        status pipe, which only they hold)."""
-        buffer = b""
-        async with stream:
-            while self._finished is None and (data := await stream.receive_some(READ_SIZE)):
-                buffer += data
-                while b"\n" in buffer and self._finished is None:
-                    line, buffer = buffer.split(b"\n", 1)
-                    self._on_status(line)
+        The status counts until the sandbox is gone: the runner reaped PID 1 (``finished``:
+        the PID namespace is empty; only the runner's own exit, which tears down the mount
+        namespace, is left) or the runner's processes all ended (EOF on the status pipe,
+        which only they hold). Then whatever is left in the cgroup dies, and the output is
+        relayed up to its end. Meanwhile the timeout and the first look at the processes
+        (one :data:`SAMPLE_INTERVAL` after the start) start their tasks when they are due."""
+        names = {stdout: Stream.STDOUT, stderr: Stream.STDERR}
+        poller = select.epoll()
+        pending = {status_fd, stdout, stderr}
+        timeout = self.prepared.spec.timeout
+        self._observe_at = trio.current_time() + SAMPLE_INTERVAL
+        self._stop_at = math.inf if timeout is None else trio.current_time() + timeout
+        try:
+            for fd in pending:
+                os.set_blocking(fd, False)
+                poller.register(fd, select.EPOLLIN)
+            status = b""
+            while pending:
+                with trio.move_on_at(self._next_due()):
+                    await trio.lowlevel.wait_readable(poller.fileno())
+                self._start_due()
+                for fd, _ in poller.poll(0):
+                    data = _read_ready(fd)
+                    if data is None:
+                        continue
+                    if fd in names:
+                        if data:
+                            await self._deliver(OutputChunk(stream=names[fd], data=data))
+                            continue
+                    else:
+                        status += data
+                        while b"\n" in status and self._finished is None:
+                            line, status = status.split(b"\n", 1)
+                            self._on_status(line)
+                        if data and self._finished is None:
+                            continue
+                        self._end()
+                    poller.unregister(fd)
+                    os.close(fd)
+                    pending.discard(fd)
+        finally:
+            trio.lowlevel.notify_closing(poller.fileno())
+            poller.close()
+            for fd in pending:
+                os.close(fd)
+            self._send.close()
+
+    def _next_due(self) -> float:
+        return math.inf if self._ended else min(self._observe_at, self._stop_at)
+
+    def _start_due(self) -> None:
+        """Start the first look at the processes, and the stop at the timeout, once due."""
+        if self._ended:
+            return
+        now = trio.current_time()
+        assert self._nursery is not None  # it runs
+        if now >= self._observe_at:
+            self._observe_at = math.inf
+            self._nursery.start_soon(self._observe)
+        if now >= self._stop_at:
+            self._stop_at = math.inf
+            if not self._stopping:
+                self.timed_out = True
+                self._stop()
+
+    async def _deliver(self, chunk: OutputChunk) -> None:
+        """Hand a chunk of output on; while the reader is slow, what falls due still starts
+        (a run whose output nobody reads still times out)."""
+        try:
+            self._send.send_nowait(chunk)
+            return
+        except trio.WouldBlock:
+            pass
+        while True:
+            with trio.move_on_at(self._next_due()):
+                await self._send.send(chunk)
+                return
+            self._start_due()
+
+    def _end(self) -> None:
+        """The sandbox is gone: whatever is left in the cgroup dies now, so the output pipes
+        reach EOF. A few small reads of cgroupfs: not worth a trip to a thread."""
+        self._ended = True
+        self._stop_scope.cancel()
+        self._observe_scope.cancel()
+        self._usage = self._finish_cgroup()
 
     def _on_status(self, line: bytes) -> None:
         try:
@@ -674,14 +749,11 @@ class Execution:
         interval after the start: the command itself is known from its ``started`` status,
         and a run over sooner (most build steps' ``true``, ``test``, ``mkdir``) costs no look.
         A look under way when the run ends is abandoned (its thread finishes on its own, and
-        nothing of it is used): the result does not wait for it."""
+        nothing of it is used): the result does not wait for it. Started by :meth:`_relay`
+        once the first interval is over, cancelled once the sandbox is gone."""
         interval = SAMPLE_INTERVAL
         with self._observe_scope:
             while True:
-                with trio.move_on_after(interval):
-                    await self._exited.wait()
-                if self._exited.is_set():
-                    return
                 if self._started:
                     exclude = frozenset(self._observer.exclude)
                     look = await trio.to_thread.run_sync(
@@ -691,6 +763,7 @@ class Execution:
                     # Often at first, when short-lived build steps come and go, then less: a
                     # look is a trip to a thread and a /proc read per process.
                     interval = min(interval * 2, SAMPLE_INTERVAL_MAX)
+                await trio.sleep(interval)
 
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Hand the plan to the runner (a spare, one started for the run, or one started now)
@@ -709,27 +782,18 @@ class Execution:
         stdin, stdout, stderr, status_fd, shape_fd, command_fd = self._runner.take_fds()
         try:
             async with trio.open_nursery() as nursery:
-                if shape is not None:
-                    _feed_soon(nursery, shape_fd, shape)
-                if command_fd >= 0:  # else it was written before the runner started
-                    _feed_soon(nursery, command_fd, self._encoded.command)
-                _feed_soon(nursery, stdin, self.prepared.spec.stdin or b"")
-                for fd, name in ((stdout, Stream.STDOUT), (stderr, Stream.STDERR)):
-                    stream = trio.lowlevel.FdStream(fd)
-                    nursery.start_soon(self._pump, stream, name, self._send.clone())
-                nursery.start_soon(self._observe)
-                nursery.start_soon(self._stop_when_asked, self._runner.pidfd)
-                self._send.close()
-                task_status.started()
-                await self._read_status(trio.lowlevel.FdStream(status_fd))
-                # The sandbox is gone: whatever is left in the cgroup dies now, so the output
-                # pipes reach EOF. A few small reads of cgroupfs: not worth a trip to a thread.
-                self._exited.set()
-                self._stop_scope.cancel()
-                self._observe_scope.cancel()
-                self._usage = self._finish_cgroup()
+                self._nursery = nursery
+                try:
+                    if shape is not None:
+                        _feed_soon(nursery, shape_fd, shape)
+                    if command_fd >= 0:  # else it was written before the runner started
+                        _feed_soon(nursery, command_fd, self._encoded.command)
+                    _feed_soon(nursery, stdin, self.prepared.spec.stdin or b"")
+                    task_status.started()
+                    await self._relay(status_fd, stdout, stderr)
+                finally:
+                    self._ended = True  # nothing starts in the nursery any more
         finally:
-            self._exited.set()
             self._done.set()
 
 
@@ -831,6 +895,15 @@ async def _fork_runner(
 def _pidfd_signal(pidfd: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         signal.pidfd_send_signal(pidfd, signum)
+
+
+def _read_ready(fd: int) -> bytes | None:
+    """A chunk from pipe ``fd``, which epoll found readable: b"" at its end, None if there
+    was nothing after all."""
+    try:
+        return os.read(fd, READ_SIZE)
+    except BlockingIOError:
+        return None
 
 
 def _write_ahead(fd: int, data: bytes) -> bytes:

@@ -260,6 +260,26 @@ async def test_sandbox_timeout_kills_setsid_grandchild(source: DirectorySource) 
     assert _processes_with("98765") == []
 
 
+@pytest.mark.slow
+async def test_sandbox_timeout_holds_while_nobody_reads_the_output(
+    source: DirectorySource,
+) -> None:
+    # More output than the pipe and the output channel hold: the launcher waits for a reader
+    # of its output, and the timeout must stop the command all the same.
+    script = "while :; do echo 987657 a line of output; done"
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", script], "timeout": 0.3})
+    with trio.fail_after(10):
+        async with open_run(spec, source, NATIVE_REPORT) as execution:
+            await trio.sleep(1.5)  # nobody reads
+            left = _processes_with("987657")
+            async for _ in execution.output:
+                pass
+            result = await execution.wait()
+    assert left == []
+    assert result.timed_out
+    assert result.signal == 15
+
+
 async def test_sandbox_pids_limit_contains_a_fork_bomb(source: DirectorySource) -> None:
     script = "i=0; while [ $i -lt 64 ]; do sleep 30 & i=$((i+1)); done; echo spawned"
     with trio.fail_after(20):
