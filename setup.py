@@ -1,8 +1,12 @@
-"""Build the sandbox's native runner (sandbox/native/runner.c) with the package.
+"""Build the sandbox's native parts with the package: the runner (sandbox/native/runner.c) and
+the layer decoder (sandbox/native/layerdecode.c).
 
 Everything else is declared in pyproject.toml. The runner is a standalone static executable,
 not a Python extension: it is exec'd once per run, and a static binary starts in a fraction
-of a millisecond (no dynamic loader). An editable install builds it in the source tree.
+of a millisecond (no dynamic loader). The layer decoder is a plain shared library that
+``sandbox.layerdecode`` loads with ctypes (no Python C API, so no rebuild per Python
+version), linked against libzstd and OpenSSL's libcrypto. An editable install builds both in
+the source tree.
 """
 
 import os
@@ -13,24 +17,32 @@ from pathlib import Path
 from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
 
-SOURCE = Path("sandbox", "native", "runner.c")
-TARGET = Path("sandbox", "native", "runtimed-runner")
-CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-static")
+NATIVE = Path("sandbox", "native")
+CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
+# (source, target, compiler options, libraries: these go after the source that needs them)
+BUILDS = (
+    ("runner.c", "runtimed-runner", ("-static",), ()),
+    ("layerdecode.c", "layerdecode.so", ("-shared", "-fPIC"), ("-lzstd", "-lcrypto")),
+)
 
 
 class BuildPyWithRunner(build_py):
-    """build_py, then compile the runner next to the package's modules."""
+    """build_py, then compile the runner and the layer decoder next to the package's modules."""
 
     def run(self) -> None:
         super().run()
-        target = TARGET if self.editable_mode else Path(self.build_lib, TARGET)
-        target.parent.mkdir(parents=True, exist_ok=True)
         compiler = shlex.split(os.environ.get("CC", "cc"))
-        subprocess.run([*compiler, *CFLAGS, "-o", str(target), str(SOURCE)], check=True)
+        for source, target, options, libraries in BUILDS:
+            out = NATIVE / target if self.editable_mode else Path(self.build_lib, NATIVE, target)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                [*compiler, *CFLAGS, *options, "-o", str(out), str(NATIVE / source), *libraries],
+                check=True,
+            )
 
 
 class BinaryDistribution(Distribution):
-    """A wheel with the runner in it is for this platform only (not ``py3-none-any``)."""
+    """A wheel with the native parts in it is for this platform only (not ``py3-none-any``)."""
 
     def has_ext_modules(self) -> bool:
         return True

@@ -6,9 +6,12 @@ hashed (the diff_id, and the compressed bytes unless their digest is known) and 
 ``sandbox.unpack`` reads from. Concatenated members are legal (gzip members, RFC 1952 2.2;
 zstd frames, RFC 8878 3; xz streams; bzip2 streams); anything else after the last one is
 garbage, NUL padding and zstd skippable frames included. Decoding and hashing run in two
-daemon threads of a bounded pipeline (zlib, lzma, bz2, zstd and hashlib release the GIL), so
-they overlap with parsing and writing as GNU tar's separate gzip process does: start a stream
-only after any ``unshare``, which needs a single-threaded process.
+daemon threads of a bounded pipeline (decoder -> hasher -> parser), so they overlap with
+parsing and writing as GNU tar's separate decompressor process does: start a stream only
+after any ``unshare``, which needs a single-threaded process. zlib, lzma, bz2 and hashlib
+release the GIL while they work; zstd, the fastest codec and so the one where the GIL hand-offs
+cost most, is read and decoded in one native call per chunk (``sandbox.layerdecode``) into a
+small pool of reused buffers.
 """
 
 from __future__ import annotations
@@ -18,20 +21,15 @@ import hashlib
 import lzma
 import os
 import queue
-import sys
 import threading
 import zlib
 from collections.abc import Callable
 from typing import Final, Protocol, TypeVar
 
-if sys.version_info >= (3, 14):
-    from compression import zstd
-else:
-    from backports import zstd
-
 from runtimed.errors import InternalError, InvalidArchiveError, LimitExceededError
 from sandbox import syscalls
 from sandbox.archive import MAGIC, SNIFF_BYTES, Compression, UnpackLimits, sniff_compression
+from sandbox.layerdecode import Buffer, ZstdDecoder, new_buffer
 
 # Decoded chunks of 2 MiB rather than 1: half the decompress calls and queue hand-offs, each of
 # which needs the GIL back from the parsing thread. The parser waited 110-157 ms for data per
@@ -39,6 +37,7 @@ from sandbox.archive import MAGIC, SNIFF_BYTES, Compression, UnpackLimits, sniff
 # the helper's wall time dropped by 4-13% over three sets of 8-10 alternating runs.
 CHUNK: Final = 2 * 1024 * 1024
 _QUEUE_CHUNKS: Final = 8
+_POOL_CHUNKS: Final = 6
 _STOP_POLL: Final = 0.1  # seconds between checks of the stop flag while the queue is full
 
 
@@ -88,59 +87,67 @@ class _GzipMember:
 
 _DECOMPRESSORS: Final[dict[Compression, Callable[[], _Decompressor]]] = {
     Compression.GZIP: _GzipMember,
-    Compression.ZSTD: zstd.ZstdDecompressor,
     Compression.XZ: lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ),
     Compression.BZIP2: bz2.BZ2Decompressor,
 }
-_DECOMPRESS_ERRORS: Final = (zlib.error, lzma.LZMAError, OSError, EOFError, zstd.ZstdError)
+_DECOMPRESS_ERRORS: Final = (zlib.error, lzma.LZMAError, OSError, EOFError)
+_EMPTY: Final = memoryview(b"")
 
 
-_Item = bytes | BaseException | None
+_Item = memoryview | BaseException | None
 _T = TypeVar("_T")
 
 
 class _Decoder:
     """The producer half of :class:`LayerStream`: raw reads, decompression and the digests.
 
-    Runs in its own thread (zlib, lzma, bz2, zstd and hashlib release the GIL), so that
-    decompressing and hashing overlap with parsing and writing, as GNU tar's separate
-    decompressor process does. Hands over at most ``_QUEUE_CHUNKS`` chunks of at most
-    :data:`CHUNK` bytes: a decompression bomb never sits in memory.
+    Two threads, so that decompressing and hashing overlap with each other and with parsing
+    and writing, as GNU tar's separate decompressor process does: :meth:`run` reads and
+    decodes, :meth:`hash_all` hashes each decoded chunk (and the compressed bytes read, unless
+    the caller knows their digest) and passes it on to the consumer. At most
+    ``_QUEUE_CHUNKS`` decoded chunks of at most :data:`CHUNK` bytes wait on either side of
+    the hasher: a decompression bomb never sits in memory. zstd chunks are decoded natively
+    into the buffers of a fixed pool, which the consumer gives back (:meth:`recycle`) once it
+    has read them; the other codecs' chunks are new bytes.
     """
 
     def __init__(self, fd: int, limits: UnpackLimits, name: str, *, hash_compressed: bool) -> None:
         self._fd = fd
         self._limits = limits
         self.name = name
-        self.raw_hash: hashlib._Hash | None = hashlib.sha256() if hash_compressed else None
-        self.hash = hashlib.sha256()
         self.total = 0
         self._raw_eof = False
         self._input = b""
         while len(self._input) < SNIFF_BYTES and not self._raw_eof:
-            self._input += self._read_raw()
+            self._input += self._read_raw(SNIFF_BYTES - len(self._input))
         self.compression = sniff_compression(self._input)
-        if self.raw_hash is not None and self.compression is not Compression.NONE:
-            self.raw_hash.update(self._input)
-        self._decoder: _Decompressor | None = None
+        self.hash = hashlib.sha256()
+        self.raw_hash: hashlib._Hash | None = None
+        # Decoder -> hasher: decoded chunks (memoryview) and compressed bytes to hash only.
+        self._decoded: queue.Queue[_Item | bytes] = queue.Queue(2 * _QUEUE_CHUNKS)
+        # Hasher -> consumer: decoded chunks, then None or the exception that stopped them.
         self.queue: queue.Queue[_Item] = queue.Queue(_QUEUE_CHUNKS)
-        # (hash, data) pairs for the hasher thread; both digests are computed there, which
-        # keeps the decoder (the slowest stage for zstd) doing nothing but read and decode.
-        self.hash_queue: queue.Queue[tuple[hashlib._Hash, bytes] | None] = queue.Queue(
-            2 * _QUEUE_CHUNKS
-        )
         self.stopped = threading.Event()
+        self._decoder: _Decompressor | None = None
+        self.native: ZstdDecoder | None = None
+        self._native_digest: str | None = None
+        self._pool: queue.Queue[Buffer] = queue.Queue()
+        if self.compression is Compression.ZSTD:
+            self.native = ZstdDecoder(
+                fd, self._input, hash_compressed=hash_compressed, invalid=self.invalid
+            )
+            # One buffer being filled, one being hashed, one the consumer reads, and a few
+            # queued between them.
+            for _ in range(_POOL_CHUNKS):
+                self._pool.put(new_buffer(CHUNK))
+        elif hash_compressed:
+            self.raw_hash = hashlib.sha256()
+            if self.compression is not Compression.NONE:
+                self.raw_hash.update(self._input)
 
-    @property
-    def compressed_digest(self) -> str | None:
-        # An uncompressed stream is hashed once: its digest is its diff_id.
-        if self.compression is Compression.NONE:
-            return _digest(self.hash)
-        return None if self.raw_hash is None else _digest(self.raw_hash)
-
-    def _read_raw(self) -> bytes:
+    def _read_raw(self, size: int = CHUNK) -> bytes:
         try:
-            data = os.read(self._fd, CHUNK)
+            data = os.read(self._fd, size)
         except OSError as exc:
             raise syscalls.oserror(exc, syscall="read") from exc
         self._raw_eof = not data
@@ -149,7 +156,7 @@ class _Decoder:
     def _read_compressed(self) -> bytes:
         data = self._read_raw()
         if self.raw_hash is not None:
-            self._put(self.hash_queue, (self.raw_hash, data))
+            self._put(self._decoded, data)
         return data
 
     def invalid(self, why: str) -> InvalidArchiveError:
@@ -170,14 +177,16 @@ class _Decoder:
         self._decoder = _DECOMPRESSORS[self.compression]()
         return True
 
-    def _produce(self) -> bytes:
-        """Up to CHUNK new uncompressed bytes; b"" only at the end of the stream."""
+    def _produce(self) -> memoryview:
+        """Up to CHUNK new uncompressed bytes; empty only at the end of the stream."""
+        if self.native is not None:
+            return self._produce_native(self.native)
         if self.compression is Compression.NONE:
             data, self._input = self._input or self._read_raw(), b""
-            return data
+            return memoryview(data)
         while True:
             if self._decoder is None and not self._start_member():
-                return b""
+                return _EMPTY
             decoder = self._decoder
             assert decoder is not None
             data, at_end = b"", False
@@ -192,39 +201,76 @@ class _Decoder:
                 self._input = decoder.unused_data
                 self._decoder = None
             if out:
-                return out
+                return memoryview(out)
             # Only when no input is left *and* the decoder had nothing more to give (zlib may
             # still hold output with its input all consumed) is the member cut short.
             if at_end and self._decoder is not None:
                 raise self.invalid("truncated: the stream ends inside a member")
 
+    def _produce_native(self, native: ZstdDecoder) -> memoryview:
+        buffer = self._get(self._pool)
+        if buffer is None:
+            raise InternalError(f"{self.name}: the stream was closed while it was decoded")
+        got = native.read_into(buffer)
+        if not got:
+            self._pool.put(buffer)
+            self._native_digest = native.digest()
+            return _EMPTY
+        return memoryview(buffer).cast("B")[:got]
+
+    def recycle(self, chunk: memoryview) -> None:
+        """Give a chunk's buffer back to the pool: the consumer holds no view of it any more."""
+        if self.native is not None:
+            self._pool.put(chunk.obj)  # type: ignore[arg-type]  # a Buffer of the pool
+
     def run(self) -> None:
         """Decoder thread: every chunk, then None; or the exception that stopped it."""
-        item: bytes | BaseException | None
+        item: _Item
         try:
-            while True:
-                item = self._produce()
-                if not item:
-                    item = None
-                    break
-                self.total += len(item)
+            while chunk := self._produce():
+                self.total += len(chunk)
                 if self.total > self._limits.max_bytes:
                     raise LimitExceededError(
                         f"{self.name}: more than {self._limits.max_bytes} uncompressed bytes",
                         details={"blob": self.name, "limit": "max_bytes"},
                     )
-                self._put(self.hash_queue, (self.hash, item))
-                self._put(self.queue, item)
+                self._put(self._decoded, chunk)
+            item = None
         except BaseException as exc:  # handed to the consumer, which raises it
             item = exc
-        self._put(self.hash_queue, None)
-        self._put(self.queue, item)
+        finally:
+            # Here, in the thread that reads: a read blocked on a stalled pipe keeps the
+            # native state until the process exits.
+            if self.native is not None:
+                self.native.close()
+        self._put(self._decoded, item)
 
     def hash_all(self) -> None:
-        """Hasher thread: the sha256 digests (diff_id, compressed bytes) run beside
-        decompression, as a third stage of the pipe."""
-        while (item := self.hash_queue.get()) is not None:
-            item[0].update(item[1])
+        """Hasher thread: the diff_id over each decoded chunk, which it then hands to the
+        consumer, and the compressed bytes' digest; last, the decoder's end or error."""
+        while True:
+            item = self._get(self._decoded)
+            if self.stopped.is_set():
+                return
+            if isinstance(item, bytes):
+                assert self.raw_hash is not None  # only sent with hash_compressed
+                self.raw_hash.update(item)
+                continue
+            if isinstance(item, memoryview):
+                self.hash.update(item)
+            self._put(self.queue, item)
+            if not isinstance(item, memoryview):
+                return
+
+    def digests(self) -> tuple[str, str | None]:
+        """(diff_id, compressed digest or None) once both threads have ended at the end of
+        the stream. An uncompressed stream is hashed once: its digest is its diff_id."""
+        diff_id = _digest(self.hash)
+        if self.compression is Compression.NONE:
+            return diff_id, diff_id
+        if self.native is not None:
+            return diff_id, self._native_digest
+        return diff_id, None if self.raw_hash is None else _digest(self.raw_hash)
 
     def _put(self, into: queue.Queue[_T], item: _T) -> None:
         while not self.stopped.is_set():
@@ -233,6 +279,15 @@ class _Decoder:
                 return
             except queue.Full:
                 continue
+
+    def _get(self, source: queue.Queue[_T]) -> _T | None:
+        """The next item, or None once the consumer has stopped."""
+        while not self.stopped.is_set():
+            try:
+                return source.get(timeout=_STOP_POLL)
+            except queue.Empty:
+                continue
+        return None
 
 
 class LayerStream:
@@ -265,45 +320,63 @@ class LayerStream:
         for thread in self._threads:
             thread.start()
         self._done = False
-        self._buf = b""
+        # The decoded bytes at hand: a chunk from the decoder (``_held``, given back once
+        # consumed) or, where a read spans two chunks, a copy of the two joined (None).
+        self._buf = _EMPTY
+        self._held: memoryview | None = None
         self._off = 0
         self._pos = 0
 
     @property
     def diff_id(self) -> str:
-        return _digest(self._decoder.hash)
+        """The sha256 of the decoded stream, once :meth:`finish` has returned."""
+        return self._decoder.digests()[0]
 
     @property
     def compressed_digest(self) -> str | None:
         """The digest of the bytes read; None for a compressed stream read without
         ``hash_compressed``. An uncompressed stream's is its diff_id."""
-        return self._decoder.compressed_digest
+        return self._decoder.digests()[1]
 
-    def _next_chunk(self) -> bytes:
+    def _next_chunk(self) -> memoryview:
+        """The next chunk (empty at the end). The current one goes back to the decoder:
+        nothing may read a view of it after this."""
+        if self._held is not None:
+            self._decoder.recycle(self._held)
+            self._held = None
+        self._buf, self._off = _EMPTY, 0
         if self._done:
-            return b""
+            return _EMPTY
         item = self._decoder.queue.get()
         if isinstance(item, BaseException):
             self._done = True
             raise item
         if item is None:
             self._done = True
-            return b""
+            return _EMPTY
+        self._buf = self._held = item
         return item
 
     def _fill(self, size: int) -> None:
         while len(self._buf) - self._off < size:
+            rest = bytes(self._buf[self._off :])
             data = self._next_chunk()
+            if not rest:
+                if not data:
+                    break
+                continue
             if not data:
+                self._buf = memoryview(rest)
                 break
-            self._buf = self._buf[self._off :] + data if self._off < len(self._buf) else data
-            self._off = 0
+            self._buf = memoryview(rest + data)
+            self._decoder.recycle(data)
+            self._held = None
 
     def peek(self, size: int) -> bytes:
         """The next ``size`` bytes (fewer at the end) without consuming them."""
         if self._off + size > len(self._buf):
             self._fill(size)
-        return self._buf[self._off : self._off + size]
+        return bytes(self._buf[self._off : self._off + size])
 
     def read(self, size: int = -1) -> bytes:
         """The next ``size`` bytes; fewer only at the end of the stream."""
@@ -313,17 +386,18 @@ class LayerStream:
                 chunks.append(chunk)
             return b"".join(chunks)
         self._fill(size)
-        out = self._buf[self._off : self._off + size]
+        out = bytes(self._buf[self._off : self._off + size])
         self._off += len(out)
         self._pos += len(out)
         return out
 
     def read_some(self, size: int) -> memoryview:
         """Between 1 and ``size`` bytes (empty only at the end), a view into the current
-        chunk: neither joined with the next one nor copied."""
+        chunk: neither joined with the next one nor copied, and valid only until the next
+        call on this stream (its buffer is reused)."""
         if self._off >= len(self._buf):
-            self._buf, self._off = self._next_chunk(), 0
-        out = memoryview(self._buf)[self._off : self._off + size]
+            self._next_chunk()
+        out = self._buf[self._off : self._off + size]
         self._off += len(out)
         self._pos += len(out)
         return out
