@@ -142,6 +142,7 @@ class RunCgroup:
         self._v2: Path | None = None
         self._v1: dict[str, Path] = {}
         self._deferred = False  # setup(defer=True) is naming the directories, not making them
+        self._files: tuple[Path | None, Path | None, Path | None] = (None, None, None)
 
     def _make(self, parent: Path) -> Path:
         path = parent / self.name
@@ -196,6 +197,7 @@ class RunCgroup:
                 self._controller_dir("freezer")
         finally:
             self._deferred = False
+        self._files = self._find_accounting_files()
 
     def has(self, controller: str) -> bool:
         """Whether the run's processes are in a cgroup of ``controller`` (made by setup)."""
@@ -286,7 +288,11 @@ class RunCgroup:
         """Where the run's use is read at its end, in this order: CPU time (v2 ``cpu.stat``,
         else v1 ``cpuacct.usage``), peak memory (``memory.peak`` or
         ``memory.max_usage_in_bytes``) and memory events (``memory.events`` or
-        ``memory.oom_control``); None for what its cgroups do not have."""
+        ``memory.oom_control``); None for what its cgroups do not have. Found once, by
+        :meth:`setup`: a run asks twice (the runner's plan, the result)."""
+        return self._files
+
+    def _find_accounting_files(self) -> tuple[Path | None, Path | None, Path | None]:
         cpu: Path | None = None
         if self._v2 is not None:
             cpu = self._v2 / "cpu.stat"

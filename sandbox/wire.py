@@ -133,10 +133,13 @@ def join_cgroups(shape: bytes, cgroups: Sequence[str], accounting: Sequence[str]
     Raises:
         SandboxError: ``shape`` names cgroups already, or a path holds a NUL byte.
     """
-    tail = _encode(_cgroups_tokens((), ()))
-    if not shape.endswith(tail):
+    if not shape.endswith(_NO_CGROUPS):
         raise SandboxError("sandbox shape already names its cgroups")
-    return shape[: -len(tail)] + _encode(_cgroups_tokens(cgroups, accounting))
+    return shape[: -len(_NO_CGROUPS)] + _encode(_cgroups_tokens(cgroups, accounting))
+
+
+_NO_CGROUPS: Final = _encode(_cgroups_tokens((), ()))
+"""The end of a shape encoded without cgroups."""
 
 
 def encode_plan(
