@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from runtimed.errors import (
 )
 from runtimed.handlers import ExecGate, OutputSink, ProgressSink, method_table
 from runtimed.protocol import Call, Connection, Reply, Role
-from runtimed.server import Peer, Server, StreamTransport, peer_allowed
+from runtimed.server import Peer, Server, StreamTransport, UnixTransport, peer_allowed
 
 DESCRIPTION = resources.files("runtimed").joinpath("io.runtimed.varlink").read_text()
 ROOT = Peer(pid=1, uid=0, gid=0)
@@ -438,3 +439,18 @@ async def test_daemon_rpc_a_reply_that_is_not_json_becomes_an_internal_error() -
             await client.list_snapshots()
         h.backend.bad_json = False
         assert await client.list_snapshots() == [{"id": "s1"}]
+
+
+async def test_unix_transport_writes_what_fits_and_reports_a_gone_client() -> None:
+    ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    transport = UnixTransport(trio.SocketStream(ours))
+    with theirs:
+        assert transport.send_nowait(b"reply") == 5
+        assert await theirs.recv(16) == b"reply"
+        big = b"x" * (8 << 20)  # more than any socket buffer
+        sent = transport.send_nowait(big)
+        assert 0 < sent < len(big)
+        assert transport.send_nowait(big) == 0  # full: the rest is for send_all
+    with pytest.raises(trio.BrokenResourceError):
+        transport.send_nowait(b"reply")  # the client closed its end
+    await transport.aclose()
