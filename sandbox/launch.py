@@ -505,14 +505,14 @@ class Execution:
         self.group = group
         self.source = source
         # A runner that has its shape already (a spare, or one the pool started for this
-        # run) with the plan it got, or neither: run() encodes the plan and starts a runner;
+        # run) with the plan it got, or neither: start() encodes the plan and starts a runner;
         # the worker threads for looks at the run's processes.
         self._runner = runner
         self._encoded = encoded
         self._workers = workers
         send, self.output = trio.open_memory_channel[OutputChunk](OUTPUT_BUFFER)
         self._send = send
-        # The run's nursery (set once it runs): the stop and the looks at the processes start
+        # The nursery the run started in: the stop and the looks at the processes start
         # there when they are due, so that a short run costs neither task.
         self._nursery: trio.Nursery | None = None
         self._stopping = False
@@ -682,6 +682,8 @@ class Execution:
             for fd in pending:
                 os.close(fd)
             self._send.close()
+            self._ended = True  # nothing more starts for the run
+            self._done.set()
 
     def _next_due(self) -> float:
         return math.inf if self._ended else min(self._observe_at, self._stop_at)
@@ -765,10 +767,10 @@ class Execution:
                     interval = min(interval * 2, SAMPLE_INTERVAL_MAX)
                 await trio.sleep(interval)
 
-    async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
+    def start(self, nursery: trio.Nursery) -> None:
         """Hand the plan to the runner (a spare, one started for the run, or one started now)
-        and relay everything until the sandbox has ended. :meth:`release` reaps the runner
-        afterwards."""
+        and relay everything in ``nursery`` until the sandbox has ended; a stop and the looks
+        at the processes run there too. :meth:`release` reaps the runner afterwards."""
         if log.isEnabledFor(logging.DEBUG):  # not built on every run for nothing
             for line in self.prepared.plan.describe():
                 log.debug("%s", line)
@@ -780,21 +782,13 @@ class Execution:
             self._runner = _start_runner()
         assert self._encoded is not None  # a pool's runner comes with its plan
         stdin, stdout, stderr, status_fd, shape_fd, command_fd = self._runner.take_fds()
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                try:
-                    if shape is not None:
-                        _feed_soon(nursery, shape_fd, shape)
-                    if command_fd >= 0:  # else it was written before the runner started
-                        _feed_soon(nursery, command_fd, self._encoded.command)
-                    _feed_soon(nursery, stdin, self.prepared.spec.stdin or b"")
-                    task_status.started()
-                    await self._relay(status_fd, stdout, stderr)
-                finally:
-                    self._ended = True  # nothing starts in the nursery any more
-        finally:
-            self._done.set()
+        self._nursery = nursery
+        nursery.start_soon(self._relay, status_fd, stdout, stderr)
+        if shape is not None:
+            _feed_soon(nursery, shape_fd, shape)
+        if command_fd >= 0:  # else it was written before the runner started
+            _feed_soon(nursery, command_fd, self._encoded.command)
+        _feed_soon(nursery, stdin, self.prepared.spec.stdin or b"")
 
 
 SHAPE: Final = 4  # the indexes of the shape and command pipes among a runner's fds
@@ -1290,7 +1284,7 @@ async def _discard_spare_parts(proc: _Runner, group: cgroups.RunCgroup) -> None:
 async def _executing(execution: Execution) -> AsyncIterator[None]:
     """Run ``execution`` in a nursery of its own; leaving the block early cancels it."""
     async with _single_errors(), trio.open_nursery() as nursery:
-        await nursery.start(execution.run)
+        execution.start(nursery)
         try:
             yield
         finally:
