@@ -105,8 +105,9 @@ class _Decoder:
     and writing, as GNU tar's separate decompressor process does: :meth:`run` reads and
     decodes, :meth:`hash_all` hashes each decoded chunk (and the compressed bytes read, unless
     the caller knows their digest) and passes it on to the consumer. At most
-    ``_QUEUE_CHUNKS`` decoded chunks of at most :data:`CHUNK` bytes wait on either side of
-    the hasher: a decompression bomb never sits in memory. zstd chunks are decoded natively
+    ``2 * _QUEUE_CHUNKS`` pieces (decoded chunks and compressed reads, each at most
+    :data:`CHUNK` bytes) wait for the hasher and ``_QUEUE_CHUNKS`` chunks after it: a
+    decompression bomb never sits in memory. zstd chunks are decoded natively
     into the buffers of a fixed pool, which the consumer gives back (:meth:`recycle`) once it
     has read them; the other codecs' chunks are new bytes.
     """
