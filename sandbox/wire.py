@@ -125,6 +125,10 @@ def encode_shape(plan: Plan, *, uid_map: str = "", gid_map: str = "") -> bytes:
     return _encode(_shape_tokens(plan, uid_map, gid_map))
 
 
+_NO_CGROUPS: Final = _encode(_cgroups_tokens((), ()))
+"""The end of a shape encoded without cgroups."""
+
+
 def join_cgroups(shape: bytes, cgroups: Sequence[str], accounting: Sequence[str]) -> bytes:
     """``shape``, encoded without cgroups, now with ``cgroups`` to join and their
     ``accounting`` files to read at the end: the launcher encodes a sandbox's shape once and
@@ -136,10 +140,6 @@ def join_cgroups(shape: bytes, cgroups: Sequence[str], accounting: Sequence[str]
     if not shape.endswith(_NO_CGROUPS):
         raise SandboxError("sandbox shape already names its cgroups")
     return shape[: -len(_NO_CGROUPS)] + _encode(_cgroups_tokens(cgroups, accounting))
-
-
-_NO_CGROUPS: Final = _encode(_cgroups_tokens((), ()))
-"""The end of a shape encoded without cgroups."""
 
 
 def encode_plan(
