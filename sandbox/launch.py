@@ -646,8 +646,9 @@ class Execution:
         poller = select.epoll()
         pending = {status_fd, stdout, stderr}
         timeout = self.prepared.spec.timeout
-        self._observe_at = trio.current_time() + SAMPLE_INTERVAL
-        self._stop_at = math.inf if timeout is None else trio.current_time() + timeout
+        now = trio.current_time()
+        self._observe_at = now + SAMPLE_INTERVAL
+        self._stop_at = math.inf if timeout is None else now + timeout
         try:
             for fd in pending:
                 os.set_blocking(fd, False)
