@@ -1048,13 +1048,18 @@ class Runners:
         return prepared, encoded
 
     async def take(
-        self, key: bytes, hierarchies: cgroups.Hierarchies, *, limited: frozenset[str]
+        self,
+        key: bytes,
+        hierarchies: cgroups.Hierarchies,
+        *,
+        limited: frozenset[str],
+        emulated: bool,
     ) -> _Spare | None:
         """The spare, if it built the sandbox ``key`` (a shape without cgroups) in these cgroup
         hierarchies and is still alive. When the spare for ``key`` is still being started, the
         first run to ask waits for it: it is ready sooner than a runner started now would be.
         The spare for the next run is started once this one runs or once it ended (see
-        :meth:`running`)."""
+        :meth:`running`; ``emulated``: this run's command runs under an emulator)."""
         if self._spare is None and self._making is not None and not self._awaited:
             making_key, made = self._making
             if making_key == key:
@@ -1069,16 +1074,21 @@ class Runners:
         ):
             self.defer(partial(_discard_spare, spare))
             spare = None
-        self._eager = spare is None or trio.current_time() - self._last_end < EAGER_GAP
+        self._eager = emulated or spare is None or trio.current_time() - self._last_end < EAGER_GAP
         self._limitable = limited
         return spare
 
     def running(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
         """A run in the sandbox ``key`` has its command. Back to back (the last run ended just
-        now), or without a spare (this run is on the slow path anyway): the next spare is
-        built now, while this run runs, else it would be on the next one's path; otherwise
-        once this run ended (:meth:`ended`), so that building it does not compete with
-        this run."""
+        now), without a spare (this run is on the slow path anyway) or emulated: the next
+        spare is built now, while this run runs, else it would be on the next one's path;
+        otherwise once this run ended (:meth:`ended`), so that building it does not compete
+        with this run (a native ``true`` alone: ~1 ms slower with a spare built meanwhile).
+
+        An emulated run lasts longer than a spare takes to build (QEMU's start-up alone is
+        ~15 ms here), and the spare's first move into its cgroups after an idle spell waits
+        for an RCU grace period (6-25 ms here, with ``cgroup_mutex`` held): built after the
+        run, that wait fell on the next run's path, the second of every burst."""
         if self._eager:
             self._refill_for(key, hierarchies)
 
@@ -1231,7 +1241,12 @@ async def open_run(
     started: _Runner | None = None
     try:
         if runners is not None and key is not None:
-            spare = await runners.take(key, prepared.hierarchies, limited=_limited(spec))
+            spare = await runners.take(
+                key,
+                prepared.hierarchies,
+                limited=_limited(spec),
+                emulated=prepared.mode.mode is Mode.EMULATED,
+            )
         if spare is not None:
             # A few small writes to cgroupfs: not worth a trip to a thread.
             spare.group.limit(memory=spec.memory, pids=spec.pids, cpus=spec.cpus)

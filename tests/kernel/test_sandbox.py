@@ -23,7 +23,7 @@ import trio
 from binfmt.platform import Platform
 from binfmt.report import PlatformReport
 from runtimed.errors import Json, KernelError, SandboxError
-from sandbox import cgroups
+from sandbox import cgroups, launch
 from sandbox.launch import (
     OutputChunk,
     PreparedRun,
@@ -539,6 +539,40 @@ async def test_sandbox_runners_a_limit_never_takes_a_spare_outside_its_cgroup(
     # it comes with the others (cgroup v2): elsewhere the limited run starts its own.
     assert names[2].startswith("runtimed-spare-") == groups[1].has(controller)
     assert names[3].startswith("runtimed-spare-")  # made after a limited run: in it
+
+
+@pytest.mark.parametrize("emulated", [False, True])
+async def test_sandbox_runners_build_the_next_spare_during_an_emulated_run(
+    source: DirectorySource, emulated: bool
+) -> None:
+    # After an idle spell, the spare for a native run's successor is built once that run
+    # ended (built meanwhile, it slows a short run down); an emulated run outlasts a build, so
+    # the next spare is built while it runs (built after it, the spare's first cgroup move
+    # after the idle spell, an RCU grace period, fell on the next run's path).
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
+    async with open_runners() as runners:
+        prepared, encoded = await runners.prepare(spec, source, NATIVE_REPORT)
+        assert encoded is not None
+        key, hierarchies = encoded.shape, prepared.hierarchies
+
+        def building(taken: int) -> int:
+            others = {runners.spawner.pid, taken}
+            return len([p for p in psutil.Process().children() if p.pid not in others])
+
+        runners.ended(key, hierarchies)  # as after a first run: a spare is built
+        await trio.sleep(0.3)  # and the host is idle
+        spare = await runners.take(key, hierarchies, limited=frozenset(), emulated=emulated)
+        assert spare is not None
+        try:
+            runners.running(key, hierarchies)
+            await trio.sleep(0.3)
+            assert building(spare.runner.pid) == (1 if emulated else 0)
+            runners.ended(key, hierarchies)
+            await trio.sleep(0.3)
+            assert building(spare.runner.pid) == 1  # one spare, whenever it was built
+        finally:
+            await launch._discard_spare(spare)
+    assert psutil.Process().children(recursive=True) == []
 
 
 async def test_sandbox_runners_replace_a_spare_that_died(source: DirectorySource) -> None:
