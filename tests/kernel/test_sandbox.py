@@ -575,6 +575,31 @@ async def test_sandbox_runners_build_the_next_spare_during_an_emulated_run(
     assert psutil.Process().children(recursive=True) == []
 
 
+async def test_sandbox_runners_build_the_next_spare_during_a_lasting_native_run(
+    source: DirectorySource,
+) -> None:
+    # A native run after an idle spell builds the next spare once it has lasted a while (a
+    # short one, after it ended: see above), so that an Exec right after a long build step
+    # finds it ready.
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo up; sleep 0.6"]})
+    groups = []
+    async with open_runners() as runners:
+        for _ in range(2):  # the first run starts its own runner and leaves a spare
+            await trio.sleep(0.3)  # the host is idle
+            async with open_run(spec, source, NATIVE_REPORT, runners=runners) as execution:
+                assert (await execution.output.receive()).data == b"up\n"
+                await trio.sleep(0.3)
+                # This run's runner, and the next spare while this run sleeps.
+                children = psutil.Process().children()
+                assert len([p for p in children if p.pid != runners.spawner.pid]) == 2
+                async for _chunk in execution.output:
+                    pass
+                assert (await execution.wait()).exit_code == 0
+                groups.append(execution.group.name)
+    assert groups[1].startswith("runtimed-spare-")  # the second took the first's spare
+    assert psutil.Process().children(recursive=True) == []
+
+
 async def test_sandbox_runners_replace_a_spare_that_died(source: DirectorySource) -> None:
     spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo ok"]})
     async with open_runners() as runners:
