@@ -185,6 +185,9 @@ class DaemonBackend:
             self.store.remove(snapshot_id)
 
         await trio.to_thread.run_sync(run)
+        if self._runners is not None:
+            # A spare built on the snapshot holds its layers' files (its overlay) until it goes.
+            self._runners.discard_spares()
 
     async def export_snapshots(self, snapshot_ids: list[str], fd: int, *, fmt: str) -> int:
         def run() -> int:

@@ -85,6 +85,9 @@ READ_SIZE: Final = 65536
 HOST_RESOLV_CONF: Final = Path("/etc/resolv.conf")
 HERMETIC_KERNEL: Final = (6, 7)
 PREPARED_KEPT: Final = 16
+SPARES_KEPT: Final = 4
+"""Spares kept at most, one per sandbox shape (the most recently built): a multi-platform
+build alternates between the roots of its platforms."""
 EAGER_GAP: Final = 0.005
 
 
@@ -955,7 +958,6 @@ class _Spare:
     runner: _Runner
     group: cgroups.RunCgroup
     hierarchies: cgroups.Hierarchies
-    key: bytes  # the shape it built, without its cgroups
 
 
 def _with_cgroups(
@@ -985,7 +987,8 @@ class Runners:
     path. Open with :func:`open_runners`; the daemon keeps one for its lifetime.
 
     After each run, a spare runner builds the same sandbox again (the same snapshot, mounts
-    and profile: the shape of :class:`sandbox.wire.EncodedPlan`) in a fresh set of cgroups
+    and profile: the shape of :class:`sandbox.wire.EncodedPlan`; one spare per shape, for up
+    to :data:`SPARES_KEPT` shapes) in a fresh set of cgroups
     (no limits yet; cpu and pids cgroups only after a run with such limits), and waits for a
     command. The next run with that shape takes it: it writes its limits and sends its
     command, and pays neither the runner's
@@ -1003,9 +1006,9 @@ class Runners:
         # after a burst of runs, one thread each would be started anew (trio keeps few idle),
         # on the trio thread's time.
         self.workers = trio.CapacityLimiter(WORKER_THREADS)
-        self._spare: _Spare | None = None
-        self._making: tuple[bytes, trio.Event] | None = None  # the spare being built
-        self._awaited = False  # a run waits for that one already
+        self._spares: dict[bytes, _Spare] = {}  # by shape, the most recently built last
+        self._making: dict[bytes, trio.Event] = {}  # spares being built, by shape
+        self._awaited: set[bytes] = set()  # shapes whose spare a run waits for already
         self._closed = False
         self._eager = False  # runs come back to back: spares are built during runs
         # The controllers the last run had limits for (cpu, pids): the next spare joins their
@@ -1066,15 +1069,13 @@ class Runners:
         first run to ask waits for it: it is ready sooner than a runner started now would be.
         The spare for the next run is started once this one runs or once it ended (see
         :meth:`running`; ``emulated``: this run's command runs under an emulator)."""
-        if self._spare is None and self._making is not None and not self._awaited:
-            making_key, made = self._making
-            if making_key == key:
-                self._awaited = True
-                await made.wait()
-        spare, self._spare = self._spare, None
+        made = self._making.get(key)
+        if key not in self._spares and made is not None and key not in self._awaited:
+            self._awaited.add(key)
+            await made.wait()
+        spare = self._spares.pop(key, None)
         if spare is not None and (
-            spare.key != key
-            or spare.hierarchies != hierarchies
+            spare.hierarchies != hierarchies
             or not all(spare.group.has(controller) for controller in limited)
             or not spare.runner.alive()
         ):
@@ -1116,12 +1117,18 @@ class Runners:
             self._refill_for(key, hierarchies)
 
     def _refill_for(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
-        if self._closed or self._making is not None:
+        if self._closed or key in self._making or key in self._spares:
             return
-        if self._spare is not None and self._spare.key == key:
-            return
-        self._making, self._awaited = (key, trio.Event()), False
+        self._making[key] = trio.Event()
+        self._awaited.discard(key)
         self._nursery.start_soon(self._refill, key, hierarchies)
+
+    def discard_spares(self) -> None:
+        """Let every spare go (in the background): a snapshot was removed, and a spare's
+        overlay would keep its layers' files, and their space, until it went."""
+        spares, self._spares = self._spares, {}
+        for spare in spares.values():
+            self.defer(partial(_discard_spare, spare))
 
     def defer(self, clean_up: Callable[[], Awaitable[None]]) -> None:
         """Run ``clean_up`` in the background (shielded from cancellation)."""
@@ -1132,19 +1139,17 @@ class Runners:
             group = _named_cgroups("spare", hierarchies, self._limitable)
             # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
             proc = await self._start(group, join_cgroups(key, *group.for_runner()))
-            spare = _Spare(runner=proc, group=group, hierarchies=hierarchies, key=key)
+            spare = _Spare(runner=proc, group=group, hierarchies=hierarchies)
             if self._closed:  # and maybe cancelled: its parts must go all the same
                 await _shielded(partial(_discard_spare, spare))
             else:
-                old, self._spare = self._spare, spare
-                if old is not None:
-                    self.defer(partial(_discard_spare, old))
+                self._spares[key] = spare
+                if len(self._spares) > SPARES_KEPT:  # the least recently built goes
+                    self.defer(partial(_discard_spare, self._spares.pop(next(iter(self._spares)))))
         except RuntimedError as exc:
             log.warning("no spare runner: %s", exc)  # runs start their own meanwhile
         finally:
-            if self._making is not None:
-                self._making[1].set()
-            self._making = None
+            self._making.pop(key).set()
 
     async def start(
         self, prepared: PreparedRun, encoded: EncodedPlan | None
@@ -1190,8 +1195,8 @@ class Runners:
 
     async def aclose(self) -> None:
         self._closed = True
-        spare, self._spare = self._spare, None
-        if spare is not None:
+        spares, self._spares = self._spares, {}
+        for spare in spares.values():
             await _discard_spare(spare)
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -275,7 +276,20 @@ def test_daemon_exec_restart_after_kill_9_keeps_state(tmp_path: Path) -> None:
     assert client.exec(busybox_spec(snapshot, "uname", "-m")).stdout == b"aarch64\n"
     client.remove_snapshot(snapshot)
     assert client.list_snapshots() == []
+    # The spare built on the removed snapshot (its overlay would keep the layers' files) goes:
+    # the daemon's spawner is its only child left.
+    assert len(_children_once_settled(second)) == 1
     assert second.stop() == 0
+
+
+def _children_once_settled(daemon: Daemon) -> list[psutil.Process]:
+    """The daemon's child processes once only one is left, or after :data:`GONE_TIMEOUT`."""
+    deadline = time.monotonic() + GONE_TIMEOUT
+    while True:
+        children = psutil.Process(daemon.proc.pid).children()
+        if len(children) <= 1 or time.monotonic() > deadline:
+            return children
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("fmt", ["tar", "oci"])

@@ -600,6 +600,41 @@ async def test_sandbox_runners_build_the_next_spare_during_a_lasting_native_run(
     assert psutil.Process().children(recursive=True) == []
 
 
+async def test_sandbox_runners_keep_a_spare_per_sandbox(
+    source: DirectorySource, tmp_path: Path
+) -> None:
+    # A multi-platform build alternates between its platforms' roots: each root keeps the
+    # spare built after its last run, up to SPARES_KEPT of them; a removal lets them all go.
+    roots = [source] + [
+        DirectorySource(make_busybox_root(tmp_path / f"root{i}"), tmp_path / f"s{i}")
+        for i in range(launch.SPARES_KEPT)
+    ]
+    took: list[bool] = []
+
+    def spares(runners: launch.Runners) -> int:
+        children = psutil.Process().children()
+        return len([p for p in children if p.pid != runners.spawner.pid])
+
+    async with open_runners() as runners:
+        for n in [0, 1] * 3 + list(range(len(roots))):
+            # Snapshot n, in roots[n] (the pool remembers plans by request and snapshot ID).
+            spec = ExecSpec.from_json({"snapshot": f"s{n}", "args": ["true"]})
+            async with open_run(spec, roots[n], NATIVE_REPORT, runners=runners) as execution:
+                async for _ in execution.output:
+                    pass
+                assert (await execution.wait()).exit_code == 0
+                took.append(execution.group.name.startswith("runtimed-spare-"))
+            await trio.sleep(0.3)  # time to build the next spare
+        # Alternating, every run after the first of its root took that root's spare.
+        assert took[:6] == [False, False, True, True, True, True]
+        assert took[6:] == [True, True] + [False] * (len(roots) - 2)
+        assert spares(runners) == launch.SPARES_KEPT  # one root's spare went: the oldest
+        runners.discard_spares()
+        await trio.sleep(0.3)
+        assert spares(runners) == 0
+    assert psutil.Process().children(recursive=True) == []
+
+
 async def test_sandbox_runners_replace_a_spare_that_died(source: DirectorySource) -> None:
     spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo ok"]})
     async with open_runners() as runners:
