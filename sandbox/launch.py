@@ -1009,6 +1009,7 @@ class Runners:
         self._spares: dict[bytes, _Spare] = {}  # by shape, the most recently built last
         self._making: dict[bytes, trio.Event] = {}  # spares being built, by shape
         self._awaited: set[bytes] = set()  # shapes whose spare a run waits for already
+        self._discards = 0  # calls of discard_spares: a spare built across one goes too
         self._closed = False
         self._eager = False  # runs come back to back: spares are built during runs
         # The controllers the last run had limits for (cpu, pids): the next spare joins their
@@ -1121,11 +1122,12 @@ class Runners:
             return
         self._making[key] = trio.Event()
         self._awaited.discard(key)
-        self._nursery.start_soon(self._refill, key, hierarchies)
+        self._nursery.start_soon(self._refill, key, hierarchies, self._discards)
 
     def discard_spares(self) -> None:
         """Let every spare go (in the background): a snapshot was removed, and a spare's
         overlay would keep its layers' files, and their space, until it went."""
+        self._discards += 1
         spares, self._spares = self._spares, {}
         for spare in spares.values():
             self.defer(partial(_discard_spare, spare))
@@ -1134,7 +1136,7 @@ class Runners:
         """Run ``clean_up`` in the background (shielded from cancellation)."""
         self._nursery.start_soon(_shielded, clean_up)
 
-    async def _refill(self, key: bytes, hierarchies: cgroups.Hierarchies) -> None:
+    async def _refill(self, key: bytes, hierarchies: cgroups.Hierarchies, discards: int) -> None:
         try:
             group = _named_cgroups("spare", hierarchies, self._limitable)
             # It builds the sandbox now, and moves its PID 1 into the cgroups meanwhile.
@@ -1142,6 +1144,8 @@ class Runners:
             spare = _Spare(runner=proc, group=group, hierarchies=hierarchies)
             if self._closed:  # and maybe cancelled: its parts must go all the same
                 await _shielded(partial(_discard_spare, spare))
+            elif self._discards != discards:  # built on what may be gone now
+                self.defer(partial(_discard_spare, spare))
             else:
                 self._spares[key] = spare
                 if len(self._spares) > SPARES_KEPT:  # the least recently built goes

@@ -629,6 +629,11 @@ async def test_sandbox_runners_keep_a_spare_per_sandbox(
         assert took[:6] == [False, False, True, True, True, True]
         assert took[6:] == [True, True] + [False] * (len(roots) - 2)
         assert spares(runners) == launch.SPARES_KEPT  # one root's spare went: the oldest
+        spec = ExecSpec.from_json({"snapshot": "s1", "args": ["true"]})
+        async with open_run(spec, roots[1], NATIVE_REPORT, runners=runners) as execution:
+            async for _ in execution.output:
+                pass
+        # Its root's next spare is being built now; it goes as well once it is.
         runners.discard_spares()
         await trio.sleep(0.3)
         assert spares(runners) == 0
