@@ -278,8 +278,9 @@ def test_daemon_exec_restart_after_kill_9_keeps_state(tmp_path: Path) -> None:
     assert client.list_snapshots() == []
     # The spare built on the removed snapshot (its overlay would keep the layers' files) goes:
     # the daemon's spawner is its only child left.
-    assert len(_children_once_settled(second)) == 1
+    children = _children_once_settled(second)
     assert second.stop() == 0
+    assert len(children) == 1
 
 
 def _children_once_settled(daemon: Daemon) -> list[psutil.Process]:
