@@ -541,6 +541,12 @@ async def test_sandbox_runners_a_limit_never_takes_a_spare_outside_its_cgroup(
     assert names[3].startswith("runtimed-spare-")  # made after a limited run: in it
 
 
+def _pool_runners(runners: launch.Runners, *, besides: int | None = None) -> list[psutil.Process]:
+    """This process's children other than the pool's spawner (and the runner ``besides``):
+    runners forked for the pool, spares among them."""
+    return [p for p in psutil.Process().children() if p.pid not in (runners.spawner.pid, besides)]
+
+
 @pytest.mark.parametrize("emulated", [False, True])
 async def test_sandbox_runners_build_the_next_spare_during_an_emulated_run(
     source: DirectorySource, emulated: bool
@@ -554,11 +560,6 @@ async def test_sandbox_runners_build_the_next_spare_during_an_emulated_run(
         prepared, encoded = await runners.prepare(spec, source, NATIVE_REPORT)
         assert encoded is not None
         key, hierarchies = encoded.shape, prepared.hierarchies
-
-        def building(taken: int) -> int:
-            others = {runners.spawner.pid, taken}
-            return len([p for p in psutil.Process().children() if p.pid not in others])
-
         runners.ended(key, hierarchies)  # as after a first run: a spare is built
         await trio.sleep(0.3)  # and the host is idle
         spare = await runners.take(key, hierarchies, limited=frozenset(), emulated=emulated)
@@ -566,10 +567,11 @@ async def test_sandbox_runners_build_the_next_spare_during_an_emulated_run(
         try:
             runners.running(key, hierarchies)
             await trio.sleep(0.3)
-            assert building(spare.runner.pid) == (1 if emulated else 0)
+            assert len(_pool_runners(runners, besides=spare.runner.pid)) == (1 if emulated else 0)
             runners.ended(key, hierarchies)
             await trio.sleep(0.3)
-            assert building(spare.runner.pid) == 1  # one spare, whenever it was built
+            # One spare, whenever it was built.
+            assert len(_pool_runners(runners, besides=spare.runner.pid)) == 1
         finally:
             await launch._discard_spare(spare)
     assert psutil.Process().children(recursive=True) == []
@@ -590,8 +592,7 @@ async def test_sandbox_runners_build_the_next_spare_during_a_lasting_native_run(
                 assert (await execution.output.receive()).data == b"up\n"
                 await trio.sleep(0.3)
                 # This run's runner, and the next spare while this run sleeps.
-                children = psutil.Process().children()
-                assert len([p for p in children if p.pid != runners.spawner.pid]) == 2
+                assert len(_pool_runners(runners)) == 2
                 async for _chunk in execution.output:
                     pass
                 assert (await execution.wait()).exit_code == 0
@@ -610,11 +611,6 @@ async def test_sandbox_runners_keep_a_spare_per_sandbox(
         for i in range(launch.SPARES_KEPT)
     ]
     took: list[bool] = []
-
-    def spares(runners: launch.Runners) -> int:
-        children = psutil.Process().children()
-        return len([p for p in children if p.pid != runners.spawner.pid])
-
     async with open_runners() as runners:
         for n in [0, 1] * 3 + list(range(len(roots))):
             # Snapshot n, in roots[n] (the pool remembers plans by request and snapshot ID).
@@ -628,7 +624,7 @@ async def test_sandbox_runners_keep_a_spare_per_sandbox(
         # Alternating, every run after the first of its root took that root's spare.
         assert took[:6] == [False, False, True, True, True, True]
         assert took[6:] == [True, True] + [False] * (len(roots) - 2)
-        assert spares(runners) == launch.SPARES_KEPT  # one root's spare went: the oldest
+        assert len(_pool_runners(runners)) == launch.SPARES_KEPT  # the oldest root's went
         spec = ExecSpec.from_json({"snapshot": "s1", "args": ["true"]})
         async with open_run(spec, roots[1], NATIVE_REPORT, runners=runners) as execution:
             async for _ in execution.output:
@@ -636,7 +632,7 @@ async def test_sandbox_runners_keep_a_spare_per_sandbox(
         # Its root's next spare is being built now; it goes as well once it is.
         runners.discard_spares()
         await trio.sleep(0.3)
-        assert spares(runners) == 0
+        assert _pool_runners(runners) == []
     assert psutil.Process().children(recursive=True) == []
 
 
@@ -645,10 +641,8 @@ async def test_sandbox_runners_replace_a_spare_that_died(source: DirectorySource
     async with open_runners() as runners:
         for kill_spare in (False, True, False):
             if kill_spare:
-                # The spare built after the last run: a runner of ours nobody uses yet (the
-                # other child is the pool's spawner).
-                children = psutil.Process().children()
-                (spare,) = [child for child in children if child.pid != runners.spawner.pid]
+                # The spare built after the last run: a runner of ours nobody uses yet.
+                (spare,) = _pool_runners(runners)
                 spare.kill()
                 await trio.to_thread.run_sync(spare.wait)
             async with open_run(spec, source, NATIVE_REPORT, runners=runners) as execution:
