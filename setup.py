@@ -1,12 +1,12 @@
-"""Build the sandbox's native parts with the package: the runner (sandbox/native/runner.c) and
-the layer decoder (sandbox/native/layerdecode.c).
+"""Build the sandbox's native parts with the package: the runner (sandbox/native/runner.c), the
+layer decoder (sandbox/native/layerdecode.c) and the layer writer (sandbox/native/layerwrite.c).
 
 Everything else is declared in pyproject.toml. The runner is a standalone static executable,
 not a Python extension: it is exec'd once per run, and a static binary starts in a fraction
-of a millisecond (no dynamic loader). The layer decoder is a plain shared library that
-``sandbox.layerdecode`` loads with ctypes (no Python C API, so no rebuild per Python
-version), linked against libzstd and OpenSSL's libcrypto. An editable install builds both in
-the source tree.
+of a millisecond (no dynamic loader). The layer decoder and writer are plain shared libraries
+that ``sandbox.layerdecode`` and ``sandbox.layerwrite`` load with ctypes (no Python C API, so
+no rebuild per Python version); the decoder links against libzstd and OpenSSL's libcrypto. An
+editable install builds them all in the source tree.
 """
 
 import os
@@ -23,11 +23,12 @@ CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
 BUILDS = (
     ("runner.c", "runtimed-runner", ("-static",), ()),
     ("layerdecode.c", "layerdecode.so", ("-shared", "-fPIC"), ("-lzstd", "-lcrypto")),
+    ("layerwrite.c", "layerwrite.so", ("-shared", "-fPIC"), ()),
 )
 
 
 class BuildPyWithRunner(build_py):
-    """build_py, then compile the runner and the layer decoder next to the package's modules."""
+    """build_py, then compile the native parts next to the package's modules."""
 
     def run(self) -> None:
         super().run()

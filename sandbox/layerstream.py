@@ -10,8 +10,9 @@ daemon threads of a bounded pipeline (decoder -> hasher -> parser), so they over
 parsing and writing as GNU tar's separate decompressor process does: start a stream only
 after any ``unshare``, which needs a single-threaded process. zlib, lzma, bz2 and hashlib
 release the GIL while they work; zstd, the fastest codec and so the one where the GIL hand-offs
-cost most, is read and decoded in one native call per chunk (``sandbox.layerdecode``) into a
-small pool of reused buffers.
+cost most, is read and decoded in one native call per chunk (``sandbox.layerdecode``). Every
+chunk is a writable buffer of a small pool of reused ones (:meth:`LayerStream.window` hands
+them to the native writer of ``sandbox.layerwrite``).
 """
 
 from __future__ import annotations
@@ -107,9 +108,9 @@ class _Decoder:
     the caller knows their digest) and passes it on to the consumer. At most
     ``2 * _QUEUE_CHUNKS`` pieces (decoded chunks and compressed reads, each at most
     :data:`CHUNK` bytes) wait for the hasher and ``_QUEUE_CHUNKS`` chunks after it: a
-    decompression bomb never sits in memory. zstd chunks are decoded natively
-    into the buffers of a fixed pool, which the consumer gives back (:meth:`recycle`) once it
-    has read them; the other codecs' chunks are new bytes.
+    decompression bomb never sits in memory. Chunks are decoded (zstd natively, the other
+    codecs by copying their output) or read into the buffers of a fixed pool, which the
+    consumer gives back (:meth:`recycle`) once it has read them.
     """
 
     def __init__(self, fd: int, limits: UnpackLimits, name: str, *, hash_compressed: bool) -> None:
@@ -132,15 +133,15 @@ class _Decoder:
         self._decoder: _Decompressor | None = None
         self.native: ZstdDecoder | None = None
         self._native_digest: str | None = None
+        # One buffer being filled, one being hashed, one the consumer reads, and a few queued
+        # between them.
         self._pool: queue.Queue[Buffer] = queue.Queue()
+        for _ in range(_POOL_CHUNKS):
+            self._pool.put(new_buffer(CHUNK))
         if self.compression is Compression.ZSTD:
             self.native = ZstdDecoder(
                 fd, self._input, hash_compressed=hash_compressed, invalid=self.invalid
             )
-            # One buffer being filled, one being hashed, one the consumer reads, and a few
-            # queued between them.
-            for _ in range(_POOL_CHUNKS):
-                self._pool.put(new_buffer(CHUNK))
         elif hash_compressed:
             self.raw_hash = hashlib.sha256()
             if self.compression is not Compression.NONE:
@@ -179,15 +180,36 @@ class _Decoder:
         return True
 
     def _produce(self) -> memoryview:
-        """Up to CHUNK new uncompressed bytes; empty only at the end of the stream."""
+        """Up to CHUNK new uncompressed bytes in a buffer of the pool; empty only at the end
+        of the stream."""
+        buffer = self._get(self._pool)
+        if buffer is None:
+            raise InternalError(f"{self.name}: the stream was closed while it was decoded")
+        view = memoryview(buffer).cast("B")
+        got = self._produce_into(view)
+        if not got:
+            self._pool.put(buffer)
+            return _EMPTY
+        return view[:got]
+
+    def _produce_into(self, view: memoryview) -> int:
         if self.native is not None:
-            return self._produce_native(self.native)
+            got = self.native.read_into(view.obj)  # type: ignore[arg-type]  # a pool Buffer
+            if not got:
+                self._native_digest = self.native.digest()
+            return got
         if self.compression is Compression.NONE:
-            data, self._input = self._input or self._read_raw(), b""
-            return memoryview(data)
+            if self._input:
+                head, self._input = self._input, b""
+                view[: len(head)] = head
+                return len(head)
+            try:
+                return os.readv(self._fd, [view])
+            except OSError as exc:
+                raise syscalls.oserror(exc, syscall="read") from exc
         while True:
             if self._decoder is None and not self._start_member():
-                return _EMPTY
+                return 0
             decoder = self._decoder
             assert decoder is not None
             data, at_end = b"", False
@@ -202,27 +224,16 @@ class _Decoder:
                 self._input = decoder.unused_data
                 self._decoder = None
             if out:
-                return memoryview(out)
+                view[: len(out)] = out
+                return len(out)
             # Only when no input is left *and* the decoder had nothing more to give (zlib may
             # still hold output with its input all consumed) is the member cut short.
             if at_end and self._decoder is not None:
                 raise self.invalid("truncated: the stream ends inside a member")
 
-    def _produce_native(self, native: ZstdDecoder) -> memoryview:
-        buffer = self._get(self._pool)
-        if buffer is None:
-            raise InternalError(f"{self.name}: the stream was closed while it was decoded")
-        got = native.read_into(buffer)
-        if not got:
-            self._pool.put(buffer)
-            self._native_digest = native.digest()
-            return _EMPTY
-        return memoryview(buffer).cast("B")[:got]
-
     def recycle(self, chunk: memoryview) -> None:
         """Give a chunk's buffer back to the pool: the consumer holds no view of it any more."""
-        if self.native is not None:
-            self._pool.put(chunk.obj)  # type: ignore[arg-type]  # a Buffer of the pool
+        self._pool.put(chunk.obj)  # type: ignore[arg-type]  # a Buffer of the pool
 
     def run(self) -> None:
         """Decoder thread: every chunk, then None; or the exception that stopped it."""
@@ -360,18 +371,19 @@ class LayerStream:
 
     def _fill(self, size: int) -> None:
         while len(self._buf) - self._off < size:
-            rest = bytes(self._buf[self._off :])
+            rest = bytearray(self._buf[self._off :])
             data = self._next_chunk()
             if not rest:
                 if not data:
                     break
                 continue
-            if not data:
-                self._buf = memoryview(rest)
+            rest += data
+            self._buf = memoryview(rest)
+            if data:
+                self._decoder.recycle(data)
+                self._held = None
+            else:
                 break
-            self._buf = memoryview(rest + data)
-            self._decoder.recycle(data)
-            self._held = None
 
     def peek(self, size: int) -> bytes:
         """The next ``size`` bytes (fewer at the end) without consuming them."""
@@ -391,6 +403,14 @@ class LayerStream:
         self._off += len(out)
         self._pos += len(out)
         return out
+
+    def window(self) -> memoryview:
+        """The decoded bytes at hand from here on (the next chunk's when none are; empty at
+        the end), without consuming them: a writable view, valid until the next call on this
+        stream."""
+        if self._off >= len(self._buf):
+            self._next_chunk()
+        return self._buf[self._off :]
 
     def read_some(self, size: int) -> memoryview:
         """Between 1 and ``size`` bytes (empty only at the end), a view into the current

@@ -15,7 +15,9 @@ The building blocks the helper uses live here too (the stream it reads from is
 - :func:`unpack_stream` parses tar headers (plain ones in :func:`simple_member`, the rest
   with ``tarfile``; parsing only, strictly: a bad header anywhere or a missing end-of-archive
   marker rejects the archive) and hands each planned :class:`~sandbox.archive.Entry` to
-  :class:`LayerWriter`.
+  :class:`LayerWriter`. Runs of plain files, directories and symlinks go to the native writer
+  of ``sandbox.layerwrite`` instead (:meth:`LayerWriter.write_plain`), which writes them as
+  ``LayerWriter`` would and hands every other member back.
 - :class:`LayerWriter` performs every write relative to a root directory fd: parent directories
   are resolved with ``openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`` (symlinks met on the way
   are followed but can never leave the root), the final component is created with ``*at()``
@@ -80,6 +82,7 @@ from sandbox.archive import (
 )
 from sandbox.fstree import clear, walk_tree
 from sandbox.layerstream import CHUNK, LayerStream
+from sandbox.layerwrite import PlainWriter
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +161,10 @@ class LayerWriter:
         # O_NOFOLLOW on such a parent: what its path named when it was opened. A removal
         # (the only way that can change) drops all but the parent it happened in.
         self._dirs: dict[tuple[str, ...], int] = {}
+        self._plain = PlainWriter(root_fd)
+        # Paths the native writer created, NUL-separated, not yet in ``_created``: only
+        # whiteouts and opaque markers ask, so most layers never turn them into tuples.
+        self._plain_created: list[bytes] = []
         self.size = 0
 
     # --- resolution ---------------------------------------------------------------------------
@@ -214,6 +221,37 @@ class LayerWriter:
         )
 
     # --- entries ------------------------------------------------------------------------------
+
+    def write_plain(self, window: memoryview, *, max_entries: int) -> tuple[int, int]:
+        """Write the plain members at the start of ``window`` natively (``sandbox.layerwrite``):
+        (bytes consumed, members written). The member after them is the caller's to parse.
+
+        Raises:
+            InvalidArchiveError, KernelError: as :meth:`apply`, for the member that failed.
+        """
+        written = self._plain.run(
+            window, max_entries=max_entries, max_bytes=self._limits.max_bytes - self.size
+        )
+        self.size += written.file_bytes
+        if written.created:
+            self._plain_created.append(written.created)
+        self._dir_times.extend(
+            (_parts(path), mtime * 1_000_000_000) for path, mtime in written.dirs
+        )
+        if written.err:
+            header = bytes(window[written.consumed : written.consumed + BLOCK])
+            member = simple_member(header)
+            assert member is not None  # the native writer parsed it as simple_member does
+            entry = plan_entry(member).entry
+            assert entry is not None
+            raise _entry_error(entry, written.err, os.strerror(written.err))
+        return written.consumed, written.entries
+
+    def _created_paths(self) -> set[tuple[str, ...]]:
+        for blob in self._plain_created:
+            self._created.update(_parts(path) for path in blob.split(b"\0")[:-1])
+        self._plain_created.clear()
+        return self._created
 
     def apply(self, entry: Entry, data: Readable | None = None) -> None:
         """Write one entry; ``data`` is the file's content for FILE entries.
@@ -412,7 +450,7 @@ class LayerWriter:
             os.close(target_parent)
 
     def _whiteout(self, path: tuple[str, ...]) -> None:
-        if path in self._created:
+        if path in self._created_paths():
             return
         try:
             parent = self._open_dir(path[:-1], create=False)
@@ -430,8 +468,9 @@ class LayerWriter:
         os.close(holder)
         fd = self._open(path, _DIR_READ)
         try:
+            created = self._created_paths()
             for name in os.listdir(fd):
-                if (*path, name) not in self._created:
+                if (*path, name) not in created:
                     self._clear_anywhere(fd, name)
         finally:
             os.close(fd)
@@ -449,6 +488,12 @@ class LayerWriter:
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
             finally:
                 os.close(fd)
+
+
+def _parts(path: bytes) -> tuple[str, ...]:
+    """A path the native writer reported, as :func:`sandbox.archive.parse_member_path` gives it
+    (names decode as tarfile decodes them: UTF-8 with surrogateescape)."""
+    return tuple(os.fsdecode(path).split("/"))
 
 
 def _entry_error(entry: Entry, err: int, text: str) -> RuntimedError:
@@ -479,14 +524,17 @@ def member_from_tarinfo(info: tarfile.TarInfo) -> Member:
 
 
 def _tar_members(
-    stream: LayerStream,
+    stream: LayerStream, plain: Callable[[memoryview], int] | None
 ) -> Iterator[tuple[Member, tarfile.TarFile, tarfile.TarInfo | None]]:
     """Parse tar headers strictly, one at a time, without keeping them (stream order).
 
     Yields each member with the ``TarInfo`` tarfile parsed for it, or None when
     :func:`simple_member` parsed it: then its data, if any, starts where the stream is.
-    Ends at the end-of-archive marker (two zero blocks). Stdlib ``TarFile.next`` stops
-    silently at a bad header after the first member; we reject the archive instead.
+    Before each header after the first, ``plain`` (unless None, or a global PAX header
+    applies) is given the decoded bytes at hand and returns how many of them it took as whole
+    members of its own. Ends at the end-of-archive marker (two zero blocks). Stdlib
+    ``TarFile.next`` stops silently at a bad header after the first member; we reject the
+    archive instead.
     """
     if stream.peek(BLOCK) == _ZERO_BLOCK:
         _check_end(stream)
@@ -509,6 +557,10 @@ def _tar_members(
         tar.members.clear()  # type: ignore[attr-defined]
         yield member, tar, info
         stream.seek(tar.offset)
+        # Global PAX headers ("g") patch every later member: only tarfile applies them.
+        if plain is not None and not tar.pax_headers:
+            tar.offset += plain(stream.window())
+            stream.seek(tar.offset)
         head = stream.peek(BLOCK)
         if len(head) < BLOCK:
             raise InvalidArchiveError(
@@ -518,7 +570,6 @@ def _tar_members(
         if head == _ZERO_BLOCK:
             _check_end(stream)
             return
-        # Global PAX headers ("g") patch every later member: only tarfile applies them.
         simple = None if tar.pax_headers else simple_member(head)
         if simple is not None:
             stream.seek(tar.offset + BLOCK)
@@ -693,8 +744,23 @@ def _unpack_members(
     writer = LayerWriter(root_fd, limits)
     warnings = _Warnings(limits.max_warnings)
     entries = 0
+
+    def plain(window: memoryview) -> int:
+        nonlocal entries
+        consumed = 0
+        while True:  # a call stops early when its records are full: go on until one takes none
+            took, count = writer.write_plain(
+                window[consumed:], max_entries=limits.max_entries - entries
+            )
+            entries += count
+            consumed += took
+            if not took:
+                return consumed
+
+    # In debug mode every member goes through LayerWriter.apply, which logs it.
     try:
-        for member, tar, info in _tar_members(stream):
+        members = _tar_members(stream, None if log.isEnabledFor(logging.DEBUG) else plain)
+        for member, tar, info in members:
             entries += 1
             if entries > limits.max_entries:
                 raise LimitExceededError(
