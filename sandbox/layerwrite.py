@@ -11,6 +11,7 @@ slowest stage of a zstd import (~350-450 ms of the writer thread for a Debian ro
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -66,6 +67,12 @@ class Written:
     """(path, mtime in seconds) of each directory written, in order."""
     err: int
     """The errno of the member at ``consumed`` that failed once begun; 0 if none did."""
+
+    def last(self) -> str | None:
+        """The name of the last member written (as tarfile decodes names), if any."""
+        if not self.created:
+            return None
+        return os.fsdecode(self.created[self.created.rfind(b"\0", 0, -1) + 1 : -1])
 
 
 class PlainWriter:

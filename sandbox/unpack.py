@@ -82,7 +82,7 @@ from sandbox.archive import (
 )
 from sandbox.fstree import clear, walk_tree
 from sandbox.layerstream import CHUNK, LayerStream
-from sandbox.layerwrite import PlainWriter
+from sandbox.layerwrite import PlainWriter, Written
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +222,9 @@ class LayerWriter:
 
     # --- entries ------------------------------------------------------------------------------
 
-    def write_plain(self, window: memoryview, *, max_entries: int) -> tuple[int, int]:
-        """Write the plain members at the start of ``window`` natively (``sandbox.layerwrite``):
-        (bytes consumed, members written). The member after them is the caller's to parse.
+    def write_plain(self, window: memoryview, *, max_entries: int) -> Written:
+        """Write the plain members at the start of ``window`` natively (``sandbox.layerwrite``).
+        The member after them is the caller's to parse.
 
         Raises:
             InvalidArchiveError, KernelError: as :meth:`apply`, for the member that failed.
@@ -245,7 +245,7 @@ class LayerWriter:
             entry = plan_entry(member).entry
             assert entry is not None
             raise _entry_error(entry, written.err, os.strerror(written.err))
-        return written.consumed, written.entries
+        return written
 
     def _created_paths(self) -> set[tuple[str, ...]]:
         for blob in self._plain_created:
@@ -524,7 +524,7 @@ def member_from_tarinfo(info: tarfile.TarInfo) -> Member:
 
 
 def _tar_members(
-    stream: LayerStream, plain: Callable[[memoryview], int] | None
+    stream: LayerStream, plain: Callable[[memoryview], tuple[int, str | None]] | None
 ) -> Iterator[tuple[Member, tarfile.TarFile, tarfile.TarInfo | None]]:
     """Parse tar headers strictly, one at a time, without keeping them (stream order).
 
@@ -532,9 +532,9 @@ def _tar_members(
     :func:`simple_member` parsed it: then its data, if any, starts where the stream is.
     Before each header after the first, ``plain`` (unless None, or a global PAX header
     applies) is given the decoded bytes at hand and returns how many of them it took as whole
-    members of its own. Ends at the end-of-archive marker (two zero blocks). Stdlib
-    ``TarFile.next`` stops silently at a bad header after the first member; we reject the
-    archive instead.
+    members of its own, and the name of the last (None if it took none). Ends at the
+    end-of-archive marker (two zero blocks). Stdlib ``TarFile.next`` stops silently at a bad
+    header after the first member; we reject the archive instead.
     """
     if stream.peek(BLOCK) == _ZERO_BLOCK:
         _check_end(stream)
@@ -556,16 +556,19 @@ def _tar_members(
         # The archive object must not remember members: memory stays flat for any count.
         tar.members.clear()  # type: ignore[attr-defined]
         yield member, tar, info
+        after = member.name  # the last member, named by errors about what follows it
         stream.seek(tar.offset)
         # Global PAX headers ("g") patch every later member: only tarfile applies them.
         if plain is not None and not tar.pax_headers:
-            tar.offset += plain(stream.window())
+            took, last = plain(stream.window())
+            tar.offset += took
             stream.seek(tar.offset)
+            after = last or after
         head = stream.peek(BLOCK)
         if len(head) < BLOCK:
             raise InvalidArchiveError(
-                f"{stream.name}: truncated: no end-of-archive marker after {member.name!r}",
-                details={"blob": stream.name, "entry": member.name},
+                f"{stream.name}: truncated: no end-of-archive marker after {after!r}",
+                details={"blob": stream.name, "entry": after},
             )
         if head == _ZERO_BLOCK:
             _check_end(stream)
@@ -580,8 +583,8 @@ def _tar_members(
             info = tarfile.TarInfo.fromtarfile(tar)
         except tarfile.TarError as exc:
             raise InvalidArchiveError(
-                f"{stream.name}: bad tar header after {member.name!r}: {exc}",
-                details={"blob": stream.name, "entry": member.name},
+                f"{stream.name}: bad tar header after {after!r}: {exc}",
+                details={"blob": stream.name, "entry": after},
             ) from exc
         member = member_from_tarinfo(info)
 
@@ -745,17 +748,20 @@ def _unpack_members(
     warnings = _Warnings(limits.max_warnings)
     entries = 0
 
-    def plain(window: memoryview) -> int:
+    def plain(window: memoryview) -> tuple[int, str | None]:
         nonlocal entries
-        consumed = 0
-        while True:  # a call stops early when its records are full: go on until one takes none
-            took, count = writer.write_plain(
+        consumed, last = 0, None
+        # A call stops early when its records are full: go on until one takes none.
+        while consumed < len(window):
+            written = writer.write_plain(
                 window[consumed:], max_entries=limits.max_entries - entries
             )
-            entries += count
-            consumed += took
-            if not took:
-                return consumed
+            if not written.entries:
+                break
+            entries += written.entries
+            consumed += written.consumed
+            last = written.last()
+        return consumed, last
 
     # In debug mode every member goes through LayerWriter.apply, which logs it.
     try:

@@ -332,3 +332,16 @@ def test_unpack_failure_in_the_native_writer_names_the_member(tmp_path: Path, so
         os.close(fd)
         os.close(root_fd)
     assert raised.value.details == {"entry": "a/b/f70000", "errno": "EFBIG"}
+
+
+@pytest.mark.parametrize("last", ["a/b/f1", "a/zz-hard"])
+def test_unpack_cut_after_a_member_names_it(tmp_path: Path, source: Path, last: str) -> None:
+    """Cut right after a member written natively (f1) or by Python (the hardlink, which ends
+    the decoded bytes at hand): the archive is truncated after that member."""
+    tar = gnu_tar(source, "a/b/f0", "a/b/f1", "a/zz-hard")
+    ends = {info.name: info.offset_data + -(-info.size // 512) * 512 for _, info in headers(tar)}
+    root = tmp_path / "root"
+    (root / "a/b").mkdir(parents=True)
+    with pytest.raises(InvalidArchiveError, match="no end-of-archive marker") as raised:
+        unpack(tmp_path, tar[: ends[last]], root)
+    assert raised.value.details == {"blob": "layer", "entry": last}
