@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sandbox import helperserver
 from sandbox.store import Store
 
 CACHE = Path(os.environ.get("RUNTIMED_TEST_CACHE", "/var/cache/runtimed-tests"))
@@ -67,14 +68,25 @@ def timed(action: Callable[[], object]) -> float:
 
 def cpu_seconds() -> float:
     """CPU time of this process (all threads) and of its waited-for children (GNU tar's
-    zstd or gzip, our layer helper) so far."""
+    zstd or gzip) so far, and of our layer helpers' fork server and the helpers it reaped
+    (they are its children, not ours)."""
     return sum(
         usage.ru_utime + usage.ru_stime
         for usage in (
             resource.getrusage(resource.RUSAGE_SELF),
             resource.getrusage(resource.RUSAGE_CHILDREN),
         )
-    )
+    ) + helper_server_seconds()
+
+
+def helper_server_seconds() -> float:
+    """The fork server's utime, stime, cutime and cstime (proc(5), fields 14-17)."""
+    pid = helperserver.server_pid()
+    if pid is None:
+        return 0.0
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rpartition(")")[2].split()  # from field 3 (state) on
+    return sum(int(tick) for tick in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def rounds(

@@ -1,5 +1,6 @@
-"""IO: the exec'd, single-threaded process that applies one layer (``python -I -m
-sandbox.layerhelper``), started by :func:`sandbox.unpack.apply_layer`.
+"""IO: the single-threaded process that applies one layer, forked ready by the fork server of
+``sandbox.helperserver`` for :class:`sandbox.unpack.LayerHelper` (``python -I -m
+sandbox.layerhelper`` runs the same on its own).
 
 Why a process of its own: a layer on top of parents is unpacked into an overlay mount (lower =
 the parents, upper = the new layer directory), so that writes through a symlink that lives in a
@@ -40,7 +41,8 @@ Plan (stdin, one JSON object):
 
 =================== ===============================================================
 ``name``            blob name used in errors
-``source_fd``       inherited fd with the layer stream (read to its end)
+``source_fd``       inherited fd with the layer stream (read to its end;
+                    ``sandbox.helperserver.SOURCE_FD`` in a forked helper)
 ``parents``         layer directories, lowest first (may be empty)
 ``dest``            empty directory that becomes the layer
 ``work``            empty directory on DEST's filesystem (null without parents)
@@ -71,7 +73,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Final
+from typing import Final, NoReturn
 
 from runtimed.errors import InternalError, InvalidParamsError, Json, RuntimedError
 from sandbox import syscalls
@@ -243,12 +245,19 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_process() -> NoReturn:
+    """The whole process: :func:`main`, then exit at once.
+
+    Nothing here needs an orderly interpreter shutdown: the record went out with os.write,
+    logging writes through at once, and the daemon threads of an unpack hold nothing to
+    flush. Skipping it (tens of ms freeing the module graph and the unpack's objects) lets
+    the caller read EOF and see the helper gone that much sooner.
+    """
     status = main()
-    # Nothing here needs an orderly interpreter shutdown: the record went out with os.write,
-    # logging writes through at once, and the daemon threads of an unpack hold nothing to
-    # flush. Skipping it (tens of ms freeing the module graph and the unpack's objects) lets
-    # the parent read EOF and reap the helper that much sooner.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+if __name__ == "__main__":
+    run_process()

@@ -47,10 +47,10 @@ import errno
 import json
 import logging
 import os
+import select
+import signal
 import stat
 import struct
-import subprocess
-import sys
 import tarfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -68,7 +68,7 @@ from runtimed.errors import (
     SnapshotError,
     error_from_json,
 )
-from sandbox import syscalls
+from sandbox import helperserver, syscalls
 from sandbox.archive import (
     PAX_XATTR_PREFIX,
     Entry,
@@ -98,7 +98,6 @@ _NEW_FILE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_C
 _HOST_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM})
 _WARNING_CHARS: Final = 300
 _CACHED_DIRS: Final = 64
-HELPER_MODULE: Final = "sandbox.layerhelper"
 DEFAULT_LIMITS: Final = UnpackLimits()
 
 
@@ -844,24 +843,36 @@ def apply_layer(
 
 
 class LayerHelper:
-    """A ``sandbox.layerhelper`` process, started at once and blocked reading its plan.
+    """A ``sandbox.layerhelper`` process, forked ready by the fork server of
+    ``sandbox.helperserver`` and blocked reading its plan.
 
     Start one before the source is ready (the store creates the staging blob, starts the
-    helper on it, then copies the archive into the blob) and its interpreter start-up
-    (~120 ms of CPU) overlaps that work. The helper inherits ``source_fd`` (the same open
-    file description) and reads nothing from it before :meth:`apply` sends the plan. Use it
-    as a context manager: leaving kills a helper that never got a plan and reaps it.
+    helper on it, then copies the archive into the blob). The helper holds ``source_fd`` (the
+    same open file description, as its :data:`~sandbox.helperserver.SOURCE_FD`) and reads
+    nothing from it before :meth:`apply` sends the plan. It is followed through a pidfd: it
+    is not this process's child. Use it as a context manager: leaving kills a helper that
+    never got a plan and waits until it is gone.
     """
 
     def __init__(self, source_fd: int) -> None:
         self.source_fd = source_fd
-        self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", HELPER_MODULE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(source_fd,),
-        )
+        stdin_read, stdin = os.pipe2(os.O_CLOEXEC)
+        stdout, stdout_write = os.pipe2(os.O_CLOEXEC)
+        stderr, stderr_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            helper = helperserver.spawn(stdin_read, stdout_write, stderr_write, source_fd)
+        except BaseException:
+            for fd in (stdin, stdout, stderr):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (stdin_read, stdout_write, stderr_write):
+                os.close(fd)
+        self.pid = helper.pid
+        # Ours until close(): the plan's pipe (until it is sent), the record's, stderr's and
+        # the helper's pidfd.
+        self._fds = {"stdin": stdin, "stdout": stdout, "stderr": stderr, "pidfd": helper.pidfd}
+        self._gone = False
 
     def __enter__(self) -> LayerHelper:
         return self
@@ -870,10 +881,23 @@ class LayerHelper:
         self.close()
 
     def close(self) -> None:
-        """Kill the helper unless it has run (idempotent), and reap it."""
-        if self._proc.returncode is None:
-            self._proc.kill()
-            self._proc.communicate()
+        """Kill the helper unless it has ended (idempotent), wait until it is gone, and close
+        the descriptors."""
+        if not self._fds:
+            return
+        if not self._gone:
+            signal.pidfd_send_signal(self._fds["pidfd"], signal.SIGKILL)
+            self._wait_gone()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _wait_gone(self) -> None:
+        """Until the helper has exited (its pidfd turns readable; a zombie counts)."""
+        poller = select.poll()
+        poller.register(self._fds["pidfd"], select.POLLIN)
+        poller.poll()
+        self._gone = True
 
     def apply(
         self,
@@ -913,7 +937,7 @@ class LayerHelper:
             _require_empty(work)
         plan = UnpackPlan(
             name=name,
-            source_fd=self.source_fd,
+            source_fd=helperserver.SOURCE_FD,
             parents=tuple(os.fspath(p) for p in parents),
             dest=os.fspath(dest),
             work=None if work is None else os.fspath(work),
@@ -932,7 +956,17 @@ class LayerHelper:
 
     def _run(self, plan: UnpackPlan) -> Json:
         """Send the plan; the result record's payload, or the helper's error raised again."""
-        stdout, raw_stderr = self._proc.communicate(json.dumps(plan.to_json()).encode())
+        data = json.dumps(plan.to_json()).encode()
+        stdin = self._fds.pop("stdin")
+        try:
+            while data:
+                data = data[os.write(stdin, data) :]
+        except BrokenPipeError:
+            pass  # the helper is gone: it left no report either
+        finally:
+            os.close(stdin)
+        stdout, raw_stderr = _read_both(self._fds["stdout"], self._fds["stderr"])
+        self._wait_gone()
         stderr = raw_stderr.decode(errors="replace").strip()
         if stderr:
             log.debug("layer helper stderr: %s", stderr)
@@ -945,11 +979,28 @@ class LayerHelper:
             return result
         if isinstance(record, dict) and isinstance(record.get("error"), dict):
             raise error_from_json(record["error"], fallback="layer helper failed")
-        returncode = self._proc.returncode
         raise SnapshotError(
-            f"layer helper exited with status {returncode} without a report",
-            details={"returncode": returncode, "stderr": stderr[-2000:]},
+            f"layer helper {self.pid} ended without a report",
+            details={"pid": self.pid, "stderr": stderr[-2000:]},
         )
+
+
+def _read_both(first: int, second: int) -> tuple[bytes, bytes]:
+    """Everything two pipes carry until both end, read as it comes (neither can fill up)."""
+    out: dict[int, list[bytes]] = {first: [], second: []}
+    poller = select.poll()
+    for fd in out:
+        poller.register(fd, select.POLLIN)
+    open_fds = set(out)
+    while open_fds:
+        for fd, _ in poller.poll():
+            data = os.read(fd, 65536)
+            if data:
+                out[fd].append(data)
+            else:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+    return b"".join(out[first]), b"".join(out[second])
 
 
 def _require_empty(path: Path) -> None:

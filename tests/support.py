@@ -16,7 +16,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final, NoReturn
 
+import psutil
 import pytest
+
+from sandbox import helperserver
 
 MUST_WORK: Final = os.environ.get("RUNTIMED_TESTS_MUST_WORK") == "1"
 CACHE: Final = Path(os.environ.get("RUNTIMED_TEST_CACHE", "/var/cache/runtimed-tests"))
@@ -28,6 +31,26 @@ def unavailable(reason: str) -> NoReturn:
     if MUST_WORK:
         pytest.fail(f"RUNTIMED_TESTS_MUST_WORK=1 but: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def our_children(*, recursive: bool = False) -> list[psutil.Process]:
+    """This process's children (``recursive``: descendants) but for the layer helpers' fork
+    server, which lasts (``sandbox.helperserver``), and the helpers it forked."""
+    found = psutil.Process().children(recursive=recursive)
+    server = helperserver.server_pid()
+    if server is None:
+        return found
+    skip = {server, *(p.pid for p in psutil.Process(server).children(recursive=True))}
+    return [p for p in found if p.pid not in skip]
+
+
+def layer_helpers() -> list[psutil.Process]:
+    """The layer helpers this process has running: live children of its fork server."""
+    server = helperserver.server_pid()
+    if server is None:
+        return []
+    helpers = psutil.Process(server).children()
+    return [p for p in helpers if p.status() != psutil.STATUS_ZOMBIE]
 
 
 def require(condition: bool, reason: str) -> None:

@@ -36,7 +36,7 @@ from sandbox.launch import (
 )
 from sandbox.plan import BindMount
 from sandbox.spec import ExecSpec
-from tests.support import busybox, require, require_root
+from tests.support import busybox, our_children, require, require_root
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -379,7 +379,7 @@ async def test_sandbox_nothing_left_after_runner_sigkill(source: DirectorySource
         async for chunk in execution.output:
             assert chunk.data == b"up\n"
             cgroup_dirs = list(execution.group.dirs)
-            (runner,) = psutil.Process().children()  # the runner, started by this process
+            (runner,) = our_children()  # the runner, started by this process
             runner.kill()
         result = await execution.wait()
         workspace = execution.prepared.plan.workspace
@@ -438,7 +438,7 @@ async def test_sandbox_concurrent_runs_are_separate_and_reaped(source: Directory
         for n in range(4):
             nursery.start_soon(one, n)
     # Every run's runner was reaped when it ended: no zombie stays behind.
-    assert psutil.Process().children(recursive=True) == []
+    assert our_children(recursive=True) == []
     for n, out in outcomes.items():
         assert (out.stdout, out.stderr, out.result.exit_code) == (f"run{n}\n", f"err{n}\n", n)
 
@@ -493,7 +493,7 @@ async def test_sandbox_runners_hand_a_spare_its_limits_and_clean_up_after(
     assert all(name.startswith("runtimed-spare-") for name in groups[1:])
     # Closing the pool waited for every clean-up and discarded the last spare.
     assert not any(path.exists() for path in left)
-    assert psutil.Process().children(recursive=True) == []
+    assert our_children(recursive=True) == []
     assert not any(p.name.startswith("runtimed-spare-") for p in _cgroup_dirs())
 
 
@@ -544,7 +544,7 @@ async def test_sandbox_runners_a_limit_never_takes_a_spare_outside_its_cgroup(
 def _pool_runners(runners: launch.Runners, *, besides: int | None = None) -> list[psutil.Process]:
     """This process's children other than the pool's spawner (and the runner ``besides``):
     runners forked for the pool, spares among them."""
-    return [p for p in psutil.Process().children() if p.pid not in (runners.spawner.pid, besides)]
+    return [p for p in our_children() if p.pid not in (runners.spawner.pid, besides)]
 
 
 @pytest.mark.parametrize("emulated", [False, True])
@@ -574,7 +574,7 @@ async def test_sandbox_runners_build_the_next_spare_during_an_emulated_run(
             assert len(_pool_runners(runners, besides=spare.runner.pid)) == 1
         finally:
             await launch._discard_spare(spare)
-    assert psutil.Process().children(recursive=True) == []
+    assert our_children(recursive=True) == []
 
 
 async def test_sandbox_runners_build_the_next_spare_during_a_lasting_native_run(
@@ -598,7 +598,7 @@ async def test_sandbox_runners_build_the_next_spare_during_a_lasting_native_run(
                 assert (await execution.wait()).exit_code == 0
                 groups.append(execution.group.name)
     assert groups[1].startswith("runtimed-spare-")  # the second took the first's spare
-    assert psutil.Process().children(recursive=True) == []
+    assert our_children(recursive=True) == []
 
 
 async def test_sandbox_runners_keep_a_spare_per_sandbox(
@@ -633,7 +633,7 @@ async def test_sandbox_runners_keep_a_spare_per_sandbox(
         runners.discard_spares()
         await trio.sleep(0.3)
         assert _pool_runners(runners) == []
-    assert psutil.Process().children(recursive=True) == []
+    assert our_children(recursive=True) == []
 
 
 async def test_sandbox_runners_replace_a_spare_that_died(source: DirectorySource) -> None:

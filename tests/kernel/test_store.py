@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from binfmt.platform import Platform
@@ -42,7 +41,7 @@ from tests.kernel.store_images import (
     umoci_image,
     umoci_layered_image,
 )
-from tests.support import require_root
+from tests.support import layer_helpers, require_root
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -251,14 +250,6 @@ def test_store_commit_upper_deeper_than_the_recursion_limit(
     assert len(list(store.layers_dir.iterdir())) == len(parent.layers)
 
 
-def _layer_helpers() -> list[psutil.Process]:
-    return [
-        child
-        for child in psutil.Process().children(recursive=True)
-        if "sandbox.layerhelper" in child.cmdline()
-    ]
-
-
 def test_store_tarball_helper_started_early_never_outlives_the_import(
     store: Store, images: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -270,12 +261,12 @@ def test_store_tarball_helper_started_early_never_outlives_the_import(
     data = images["tar.zst"].read_bytes()
     copy.write_bytes(data)
     assert store.import_source(copy).id == first.id
-    assert _layer_helpers() == []
+    assert layer_helpers() == []
     truncated = tmp_path / "truncated.tar.zst"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(InvalidArchiveError, match="truncated"):
         store.import_source(truncated)
-    assert _layer_helpers() == []
+    assert layer_helpers() == []
     assert list(store.staging_dir.iterdir()) == []
     assert [info.id for info in store.list()] == [first.id]
 

@@ -4,7 +4,8 @@
   trio, psutil, pyroute2, and no project module that is not itself pure (packages' __init__
   aside), directly or lazily inside a function.
 - Modules of ``binfmt`` and ``sandbox`` import only ``runtimed.errors`` from ``runtimed``.
-- The exec'd, single-threaded helpers (``sandbox/layerhelper.py``, ``binfmt/helper.py``) import
+- The exec'd, single-threaded helpers (``sandbox/layerhelper.py``, its fork server
+  ``sandbox/helperserver.py``, ``binfmt/helper.py``) import
   only the standard library and their own package (plus the leaf ``runtimed.errors``, which
   imports only the standard library); whatever project modules they pull in import only the
   standard library: no trio, no third-party package (nothing that may start a thread).
@@ -29,7 +30,7 @@ BANNED_IN_PURE: Final = frozenset(
     {"os", "socket", "subprocess", "ctypes", "trio", "psutil", "pyroute2"}
 )
 ALLOWED_FROM_RUNTIMED: Final = frozenset({"runtimed.errors"})
-HELPERS: Final = ("sandbox.layerhelper", "binfmt.helper")
+HELPERS: Final = ("sandbox.layerhelper", "sandbox.helperserver", "binfmt.helper")
 # zstd: the stdlib's compression.zstd from 3.14, its backport before (a codec, no threads).
 STDLIB_TO_BE: Final = frozenset({"compression", "backports"})
 
