@@ -70,13 +70,16 @@ def cpu_seconds() -> float:
     """CPU time of this process (all threads) and of its waited-for children (GNU tar's
     zstd or gzip) so far, and of our layer helpers' fork server and the helpers it reaped
     (they are its children, not ours)."""
-    return sum(
-        usage.ru_utime + usage.ru_stime
-        for usage in (
-            resource.getrusage(resource.RUSAGE_SELF),
-            resource.getrusage(resource.RUSAGE_CHILDREN),
+    return (
+        sum(
+            usage.ru_utime + usage.ru_stime
+            for usage in (
+                resource.getrusage(resource.RUSAGE_SELF),
+                resource.getrusage(resource.RUSAGE_CHILDREN),
+            )
         )
-    ) + helper_server_seconds()
+        + helper_server_seconds()
+    )
 
 
 def helper_server_seconds() -> float:
