@@ -148,10 +148,13 @@ class _Server:
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
         )
         try:
+            # A session of its own: a Ctrl-C meant for a CLI run does not reach the server
+            # (and print its traceback); the server ends with its socket instead.
             self.process = subprocess.Popen(
                 [sys.executable, "-I", "-m", MODULE],
                 stdin=theirs.fileno(),
                 stdout=subprocess.DEVNULL,
+                start_new_session=True,
             )
         except BaseException:
             ours.close()

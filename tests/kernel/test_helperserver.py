@@ -1,6 +1,7 @@
 """The layer helpers' fork server (``sandbox.helperserver``) with real processes: helpers come
 from one server, a dead server is replaced, a helper whose plan is under way dies with its
-server, the server ends with its caller, and a malformed request gets an error, not a fork.
+server, the server ends with its caller and is out of reach of its terminal, and a malformed
+request gets an error, not a fork.
 """
 
 from __future__ import annotations
@@ -143,3 +144,16 @@ def test_helperserver_refuses_a_malformed_request() -> None:
     finally:
         ours.close()
         assert server.wait(GONE_WITHIN) == 0  # the end of its socket ends it
+
+
+def test_helperserver_is_out_of_reach_of_its_callers_terminal(tmp_path: Path) -> None:
+    """A Ctrl-C (SIGINT to the caller's process group) does not reach the server."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        LayerHelper(fd).close()
+    finally:
+        os.close(fd)
+    server = helperserver.server_pid()
+    assert server is not None
+    assert os.getpgid(server) != os.getpgid(0)
+    assert os.getsid(server) == server
