@@ -190,6 +190,20 @@ _lock = threading.Lock()
 _server: _Server | None = None
 
 
+def _forget_in_child() -> None:
+    """A process forked from a caller starts a server of its own when it needs one: the two
+    must not talk over one socket. Its copy of the socket goes, so that the caller's server
+    still ends with the caller."""
+    global _lock, _server
+    _lock = threading.Lock()  # another thread may have held it at the fork
+    if _server is not None:
+        _server.sock.close()
+        _server = None
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def spawn(stdin: int, stdout: int, stderr: int, source: int) -> Helper:
     """A layer helper with these descriptors (see the module docstring), from the server,
     which is started (again) when there is none or it has gone.

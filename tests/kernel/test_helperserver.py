@@ -1,7 +1,7 @@
 """The layer helpers' fork server (``sandbox.helperserver``) with real processes: helpers come
 from one server, a dead server is replaced, a helper whose plan is under way dies with its
-server, the server ends with its caller and is out of reach of its terminal, and a malformed
-request gets an error, not a fork.
+server, the server ends with its caller and is out of reach of its terminal, a forked caller
+gets a server of its own, and a malformed request gets an error, not a fork.
 """
 
 from __future__ import annotations
@@ -157,3 +157,26 @@ def test_helperserver_is_out_of_reach_of_its_callers_terminal(tmp_path: Path) ->
     assert server is not None
     assert os.getpgid(server) != os.getpgid(0)
     assert os.getsid(server) == server
+
+
+def test_helperserver_forked_caller_gets_its_own(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        LayerHelper(fd).close()
+        ours = helperserver.server_pid()
+        pid = os.fork()
+        if pid == 0:  # the child: a helper from a server of its own, or exit 1
+            status = 1
+            try:
+                assert helperserver.server_pid() is None
+                LayerHelper(fd).close()
+                theirs = helperserver.server_pid()
+                status = 0 if theirs not in (None, ours) else 1
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert helperserver.server_pid() == ours
+        LayerHelper(fd).close()  # ours still answers
+    finally:
+        os.close(fd)
