@@ -84,11 +84,15 @@ def _child(sock: socket.socket, fds: list[int]) -> NoReturn:
 def serve(sock: socket.socket) -> None:
     """Fork a helper for each request until the socket ends (see the module docstring)."""
     signal.signal(signal.SIGCHLD, _reap)
+    try:
+        _serve(sock)
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the caller went away while it was being answered: as at the end of the socket
+
+
+def _serve(sock: socket.socket) -> None:
     while True:
-        try:
-            message, fds, _, _ = socket.recv_fds(sock, len(REQUEST), _FDS)
-        except ConnectionResetError:
-            return
+        message, fds, _, _ = socket.recv_fds(sock, len(REQUEST), _FDS)
         if not message:
             return
         if message != REQUEST or len(fds) != _FDS:
