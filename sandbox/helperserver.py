@@ -218,11 +218,9 @@ def spawn(stdin: int, stdout: int, stderr: int, source: int) -> Helper:
     """
     global _server
     fds = [stdin, stdout, stderr, source]
-    for _ in range(2):  # a server found dead is replaced once
+    for _ in range(2):  # a server found dead (its socket ended) is replaced once
         with _lock:
-            if _server is None or _server.process.poll() is not None:
-                if _server is not None:
-                    _server.close()
+            if _server is None:
                 _server = _Server()
             server = _server
         helper = server.spawn(fds)
@@ -230,8 +228,8 @@ def spawn(stdin: int, stdout: int, stderr: int, source: int) -> Helper:
             return helper
         with _lock:
             if _server is server:
-                server.close()
                 _server = None
+        server.close()
     raise SnapshotError("layer helper server: gone right after it was started")
 
 

@@ -855,7 +855,6 @@ class LayerHelper:
     """
 
     def __init__(self, source_fd: int) -> None:
-        self.source_fd = source_fd
         stdin_read, stdin = os.pipe2(os.O_CLOEXEC)
         stdout, stdout_write = os.pipe2(os.O_CLOEXEC)
         stderr, stderr_write = os.pipe2(os.O_CLOEXEC)
