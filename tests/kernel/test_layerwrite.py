@@ -226,6 +226,10 @@ def test_layerwrite_failure_once_begun_names_the_member(tmp_path: Path, source: 
 def unpack(tmp_path: Path, blob: bytes, root: Path, limits: UnpackLimits | None = None) -> None:
     path = tmp_path / "blob"
     path.write_bytes(blob)
+    unpack_file(path, root, limits)
+
+
+def unpack_file(path: Path, root: Path, limits: UnpackLimits | None = None) -> None:
     fd = os.open(path, os.O_RDONLY)
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -322,15 +326,9 @@ def test_unpack_failure_in_the_native_writer_names_the_member(tmp_path: Path, so
     root = tmp_path / "root"
     (root / "a/b").mkdir(parents=True)
     blob = tmp_path / "blob"
-    blob.write_bytes(tar)
-    fd = os.open(blob, os.O_RDONLY)
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with file_size_limit(4096), pytest.raises(InvalidArchiveError) as raised:
-            unpack_stream(fd, root_fd, UnpackLimits())
-    finally:
-        os.close(fd)
-        os.close(root_fd)
+    blob.write_bytes(tar)  # before the limit: the archive is larger than it
+    with file_size_limit(4096), pytest.raises(InvalidArchiveError) as raised:
+        unpack_file(blob, root)
     assert raised.value.details == {"entry": "a/b/f70000", "errno": "EFBIG"}
 
 
