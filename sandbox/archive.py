@@ -150,7 +150,8 @@ class LayerResult:
     Attributes:
         diff_id: ``sha256:<hex>`` of the uncompressed tar stream (the OCI diff ID).
         compressed_digest: ``sha256:<hex>`` of the bytes as read (equal to ``diff_id`` when
-            the stream was not compressed).
+            the stream was not compressed); None for a compressed stream unpacked without
+            ``hash_compressed`` (its reader hashed it).
         compression: What the stream was compressed with.
         size: Bytes of file data written.
         entries: Tar members (or source files) processed, skipped ones included.
@@ -158,7 +159,7 @@ class LayerResult:
     """
 
     diff_id: str
-    compressed_digest: str
+    compressed_digest: str | None
     compression: Compression
     size: int
     entries: int
@@ -184,7 +185,7 @@ class LayerResult:
         diff_id, digest = obj.get("diff_id"), obj.get("compressed_digest")
         size, entries = obj.get("size"), obj.get("entries")
         compression, warnings = obj.get("compression"), obj.get("warnings")
-        if not (isinstance(diff_id, str) and isinstance(digest, str)):
+        if not (isinstance(diff_id, str) and (digest is None or isinstance(digest, str))):
             raise InvalidParamsError("layer result: bad digests", details={"parameter": "diff_id"})
         if not (isinstance(size, int) and isinstance(entries, int)):
             raise InvalidParamsError("layer result: bad counts", details={"parameter": "size"})
@@ -222,7 +223,7 @@ class UnpackPlan:
     limits: UnpackLimits
     expected_diff_id: str | None = None
     expected_digest: str | None = None
-    known_digest: str | None = None
+    hash_compressed: bool = True
 
     def to_json(self) -> dict[str, Json]:
         return {
@@ -234,7 +235,7 @@ class UnpackPlan:
             "limits": self.limits.to_json(),
             "expected_diff_id": self.expected_diff_id,
             "expected_digest": self.expected_digest,
-            "known_digest": self.known_digest,
+            "hash_compressed": self.hash_compressed,
         }
 
     @classmethod
@@ -254,6 +255,11 @@ class UnpackPlan:
             raise InvalidParamsError(
                 "plan.source_fd: not a file descriptor", details={"parameter": "source_fd"}
             )
+        hash_compressed = obj.get("hash_compressed", True)
+        if not isinstance(hash_compressed, bool):
+            raise InvalidParamsError(
+                "plan.hash_compressed: not a boolean", details={"parameter": "hash_compressed"}
+            )
         plan = cls(
             name=_text(obj, "name"),
             source_fd=fd,
@@ -263,15 +269,16 @@ class UnpackPlan:
             limits=UnpackLimits.from_json(obj.get("limits")),
             expected_diff_id=_optional_text(obj, "expected_diff_id"),
             expected_digest=_optional_text(obj, "expected_digest"),
-            known_digest=_optional_text(obj, "known_digest"),
+            hash_compressed=hash_compressed,
         )
         if plan.parents and plan.work is None:
             raise InvalidParamsError(
                 "plan.work: needed with parents", details={"parameter": "work"}
             )
-        if plan.expected_digest is not None and plan.known_digest is not None:
+        if plan.expected_digest is not None and not plan.hash_compressed:
             raise InvalidParamsError(
-                "plan.known_digest: not with expected_digest", details={"parameter": "known_digest"}
+                "plan.expected_digest: needs hash_compressed",
+                details={"parameter": "expected_digest"},
             )
         return plan
 

@@ -48,8 +48,8 @@ Plan (stdin, one JSON object):
 ``work``            empty directory on DEST's filesystem (null without parents)
 ``limits``          :class:`sandbox.archive.UnpackLimits` as JSON
 ``expected_*``      ``expected_diff_id``/``expected_digest``: ``sha256:…`` or null
-``known_digest``    ``sha256:…`` of the source as its writer hashed it (not hashed again;
-                    see :func:`sandbox.unpack.unpack_stream`), or null
+``hash_compressed`` false when the source's writer hashed it: a compressed stream is then
+                    not hashed again (see :func:`sandbox.unpack.unpack_stream`)
 =================== ===============================================================
 
 Status records (stdout, exactly one):
@@ -168,7 +168,7 @@ def unpack(plan: UnpackPlan, root: Path) -> LayerResult:
             name=plan.name,
             expected_diff_id=plan.expected_diff_id,
             expected_digest=plan.expected_digest,
-            known_digest=plan.known_digest,
+            hash_compressed=plan.hash_compressed,
         )
     finally:
         os.close(root_fd)

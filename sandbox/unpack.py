@@ -42,6 +42,7 @@ Decisions beyond the per-member table in ``sandbox.archive``:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -695,43 +696,38 @@ def unpack_stream(
     name: str = "layer",
     expected_diff_id: str | None = None,
     expected_digest: str | None = None,
-    known_digest: str | None = None,
+    hash_compressed: bool = True,
 ) -> LayerResult:
     """Unpack the tar stream on ``fd`` into the directory ``root_fd``, in this process.
 
     The helper calls this with ``root_fd`` on the merged overlay (or the bare layer directory
     for a layer without parents); it is not meant for the daemon itself.
 
-    ``expected_digest`` is checked against the sha256 of the bytes read. ``known_digest``
-    (exclusive with it) is the sha256 the caller computed over exactly the bytes ``fd``
-    holds while it wrote them into a file only it can write (the store's staging copy): a
-    compressed stream's bytes are then not hashed again and it is reported as the
-    compressed digest; an uncompressed stream is hashed anyway (that digest is its diff_id)
-    and must match it.
+    ``expected_digest`` is checked against the sha256 of the bytes read. Without
+    ``hash_compressed`` a compressed stream's bytes are not hashed (the result has no
+    compressed digest): for a caller that hashed exactly the bytes ``fd`` holds as it wrote
+    them into a file only it can write (the store's staging copy). An uncompressed stream is
+    hashed anyway: that digest is its diff_id.
 
     Raises:
         InvalidArchiveError: corrupt, truncated or hostile archive, or a digest mismatch.
         LimitExceededError: beyond ``limits``.
         KernelError: the host failed while writing.
-        InternalError: both ``expected_digest`` and ``known_digest`` given.
+        InternalError: ``expected_digest`` without ``hash_compressed``.
     """
-    if expected_digest is not None and known_digest is not None:
-        raise InternalError(f"{name}: an expected digest is checked, a known one trusted: not both")
-    stream = LayerStream(fd, limits, name=name, hash_compressed=known_digest is None)
+    if expected_digest is not None and not hash_compressed:
+        raise InternalError(f"{name}: an expected digest needs the stream hashed")
+    stream = LayerStream(fd, limits, name=name, hash_compressed=hash_compressed)
     try:
         entries, warnings, size = _unpack_members(stream, root_fd, limits, name)
         stream.finish()
     finally:
         stream.close()
-    hashed = stream.compressed_digest
     _check_digest(name, "diff_id", expected_diff_id, stream.diff_id)
-    if hashed is not None:
-        _check_digest(name, "digest", expected_digest or known_digest, hashed)
-    digest = hashed or known_digest
-    assert digest is not None  # hashed unless known_digest was given
+    _check_digest(name, "digest", expected_digest, stream.compressed_digest)
     return LayerResult(
         diff_id=stream.diff_id,
-        compressed_digest=digest,
+        compressed_digest=stream.compressed_digest,
         compression=stream.compression,
         size=size,
         entries=entries,
@@ -799,7 +795,7 @@ def _member_data(
     return _Slice(stream, entry.size)
 
 
-def _check_digest(name: str, what: str, expected: str | None, actual: str) -> None:
+def _check_digest(name: str, what: str, expected: str | None, actual: str | None) -> None:
     if expected is not None and expected != actual:
         raise InvalidArchiveError(
             f"{name}: {what} mismatch: expected {expected}, got {actual}",
@@ -819,7 +815,7 @@ def apply_layer(
     limits: UnpackLimits = DEFAULT_LIMITS,
     expected_diff_id: str | None = None,
     expected_digest: str | None = None,
-    known_digest: str | None = None,
+    hash_compressed: bool = True,
     name: str = "layer",
 ) -> LayerResult:
     """Unpack the layer stream on ``source_fd`` into the empty directory ``dest``: a
@@ -837,7 +833,7 @@ def apply_layer(
             limits=limits,
             expected_diff_id=expected_diff_id,
             expected_digest=expected_digest,
-            known_digest=known_digest,
+            hash_compressed=hash_compressed,
             name=name,
         )
 
@@ -885,11 +881,18 @@ class LayerHelper:
         if not self._fds:
             return
         if not self._gone:
-            signal.pidfd_send_signal(self._fds["pidfd"], signal.SIGKILL)
+            self.kill()
             self._wait_gone()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+    def kill(self) -> None:
+        """SIGKILL the helper unless it is gone. Safe from another thread while :meth:`apply`
+        waits for the helper (apply then raises SnapshotError): a pidfd never names another
+        process."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._fds["pidfd"], signal.SIGKILL)
 
     def _wait_gone(self) -> None:
         """Until the helper has exited (its pidfd turns readable; a zombie counts)."""
@@ -907,7 +910,7 @@ class LayerHelper:
         limits: UnpackLimits = DEFAULT_LIMITS,
         expected_diff_id: str | None = None,
         expected_digest: str | None = None,
-        known_digest: str | None = None,
+        hash_compressed: bool = True,
         name: str = "layer",
     ) -> LayerResult:
         """Unpack the layer stream on ``source_fd`` into the empty directory ``dest``.
@@ -919,7 +922,7 @@ class LayerHelper:
         representation of the layer: whiteouts as 0/0 character devices, opaque directories
         with the ``user.overlay.opaque`` xattr. Every overlay mount over such layers must pass
         ``userxattr``. The helper reads ``source_fd`` to its end; ``name`` names the blob in
-        errors; ``expected_digest`` and ``known_digest`` are as in :func:`unpack_stream`.
+        errors; ``expected_digest`` and ``hash_compressed`` are as in :func:`unpack_stream`.
 
         On failure ``dest`` and ``work`` are emptied (the caller removes the directories).
 
@@ -943,7 +946,7 @@ class LayerHelper:
             limits=limits,
             expected_diff_id=expected_diff_id,
             expected_digest=expected_digest,
-            known_digest=known_digest,
+            hash_compressed=hash_compressed,
         )
         try:
             return LayerResult.from_json(self._run(plan))

@@ -154,7 +154,13 @@ def test_layerdecode_digest_mismatch_is_invalid(tmp_path: Path, which: str) -> N
     root = os.open(tmp_path / "root", os.O_RDONLY | os.O_DIRECTORY)
     try:
         with pytest.raises(InvalidArchiveError, match=f"{which} mismatch"):
-            unpack_stream(fd, root, UnpackLimits(), **expected)
+            unpack_stream(
+                fd,
+                root,
+                UnpackLimits(),
+                expected_diff_id=expected["expected_diff_id"],
+                expected_digest=expected["expected_digest"],
+            )
     finally:
         os.close(fd)
         os.close(root)

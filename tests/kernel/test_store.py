@@ -180,11 +180,12 @@ def test_store_repeated_import_is_a_lookup(tmp_path: Path, images: dict[str, Pat
         assert phases == []
         assert store.import_source(images["layered"]).id == first.id
         assert again.platform == ARM64
-        # The same content under another name is found by its digest, not unpacked again.
+        # The same content under another name is found by its digest, not unpacked again:
+        # the unpack begun during the copy (no other import was in flight) is abandoned.
         copy = tmp_path / "copy.tar.gz"
         copy.write_bytes(images["tar.gz"].read_bytes())
         assert store.import_source(copy).id == again.id
-        assert phases == []
+        assert phases == ["unpacking", "copied"]
         # A file changed in place is read again (here: the same tar, compressed with zstd,
         # so it is unpacked and then found to be the layer already stored).
         copy.write_bytes(images["tar.zst"].read_bytes())
@@ -253,9 +254,10 @@ def test_store_commit_upper_deeper_than_the_recursion_limit(
 def test_store_tarball_helper_started_early_never_outlives_the_import(
     store: Store, images: dict[str, Path], tmp_path: Path
 ) -> None:
-    """The store starts the unpack helper before it copies the archive into staging. Whether
-    the copy's digest is found already stored (the helper is killed unused) or the archive is
-    cut short (the helper reports it), no helper is left behind and staging is empty."""
+    """The store starts the unpack helper before it copies the archive into staging, and
+    (alone) gives it its plan at once. Whether the copy's digest is found already stored (the
+    helper is killed mid-unpack) or the archive is cut short (the helper reports it), no
+    helper is left behind and staging is empty."""
     first = store.import_source(images["tar.zst"])
     copy = tmp_path / "copy.tar.zst"
     data = images["tar.zst"].read_bytes()
@@ -269,6 +271,91 @@ def test_store_tarball_helper_started_early_never_outlives_the_import(
     assert layer_helpers() == []
     assert list(store.staging_dir.iterdir()) == []
     assert [info.id for info in store.list()] == [first.id]
+
+
+class _PausedImport:
+    """An import in a thread with a store of its own, stopped at the checkpoint ``at`` (once
+    reached, when given) until :meth:`finish`."""
+
+    def __init__(self, state: Path, source: Path, *, at: str | None = None) -> None:
+        self.phases: list[str] = []
+        self.ids: list[str] = []
+        self._reached, self._release = threading.Event(), threading.Event()
+
+        def checkpoint(name: str) -> None:
+            self.phases.append(name)
+            if name == at:
+                self._reached.set()
+                assert self._release.wait(60)
+
+        def run() -> None:
+            with Store(state, checkpoint=checkpoint) as store:
+                self.ids.append(store.import_source(source).id)
+
+        self._thread = threading.Thread(target=run)
+        self._thread.start()
+        if at is not None:
+            assert self._reached.wait(60), f"never reached {at}: {self.phases}"
+
+    def finish(self) -> str:
+        self._release.set()
+        self._thread.join(120)
+        assert len(self.ids) == 1, f"the import failed after {self.phases}"
+        return self.ids[0]
+
+
+def _flock_waiters(path: Path) -> int:
+    """How many flock requests wait for ``path`` (``/proc/locks`` marks them with "->")."""
+    inode = os.stat(path).st_ino
+    return sum(
+        1
+        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines())
+        if fields[1] == "->" and int(fields[6].rsplit(":", 1)[1]) == inode
+    )
+
+
+def test_store_tarball_import_unpacks_during_its_copy_only_alone(
+    tmp_path: Path, images: dict[str, Path]
+) -> None:
+    """Alone, an import gives the helper its plan before it copies the archive. With another
+    tarball import in flight (here: paused once unpacked, holding the gate shared), it copies
+    first, so it could still find the content stored before unpacking anything."""
+    state = tmp_path / "state"
+    first = _PausedImport(state, images["tar.gz"], at="unpacked")
+    assert first.phases[:3] == ["unpacking", "copied", "unpacked"]
+    phases: list[str] = []
+    try:
+        with Store(state, checkpoint=phases.append) as store:
+            second = store.import_source(images["tar.zst"])
+    finally:
+        # The same tar under another compression: one snapshot, one layer.
+        assert first.finish() == second.id
+    assert phases[:3] == ["copied", "unpacking", "unpacked"]
+
+
+def test_store_concurrent_tarball_imports_of_one_content_unpack_once(
+    tmp_path: Path, images: dict[str, Path]
+) -> None:
+    """The first import unpacks during its copy, holding the gate exclusively; the second,
+    of the same bytes under another name, waits at the gate (seen in /proc/locks), copies,
+    waits for the first to commit and finds the content: the helper is planned once."""
+    state = tmp_path / "state"
+    copy = tmp_path / "copy.tar.zst"
+    copy.write_bytes(images["tar.zst"].read_bytes())
+    first = _PausedImport(state, images["tar.zst"], at="unpacking")
+    second = _PausedImport(state, copy)
+    try:
+        gate = state / "locks" / "tarballs.lock"
+        for _ in range(600):
+            if _flock_waiters(gate):
+                break
+            threading.Event().wait(0.05)
+        assert _flock_waiters(gate) == 1
+    finally:
+        first_id = first.finish()
+    assert second.finish() == first_id
+    assert first.phases.count("unpacking") == first.phases.count("unpacked") == 1
+    assert second.phases == ["copied"]
 
 
 def test_store_corrupt_blob_is_rejected_and_leaves_nothing(

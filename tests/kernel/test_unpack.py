@@ -88,7 +88,7 @@ def apply_bytes(
     *,
     expected_diff_id: str | None = None,
     expected_digest: str | None = None,
-    known_digest: str | None = None,
+    hash_compressed: bool = True,
 ) -> LayerResult:
     path = tmp_path / "blob"
     path.write_bytes(blob)
@@ -101,7 +101,7 @@ def apply_bytes(
             limits=limits or UnpackLimits(),
             expected_diff_id=expected_diff_id,
             expected_digest=expected_digest,
-            known_digest=known_digest,
+            hash_compressed=hash_compressed,
         )
     finally:
         os.close(fd)
@@ -219,43 +219,43 @@ def test_unpack_digest_mismatch_is_invalid_and_leaves_nothing(
     assert os.listdir(layer) == []
 
 
-def test_unpack_known_digest_is_not_hashed_again(
-    tmp_path: Path, staging: tuple[Path, Path]
+@pytest.mark.parametrize("compression", [Compression.ZSTD, Compression.GZIP])
+def test_unpack_without_hash_compressed_leaves_the_digest_to_the_writer(
+    tmp_path: Path, staging: tuple[Path, Path], compression: Compression
 ) -> None:
-    """The store hashes a blob as it writes it into staging and passes that digest on: the
-    helper reports it without hashing the compressed bytes a second time (a stand-in digest
-    shows that), while the diff_id is still computed and checked."""
+    """The store hashes a blob as it writes it into staging: the helper does not hash the
+    compressed bytes a second time (native zstd and Python's codecs alike) and reports no
+    compressed digest, while the diff_id is still computed and checked."""
     layer, _ = staging
-    blob = compress(Compression.ZSTD, SMALL)
-    stand_in = "sha256:" + "1" * 64
+    blob = compress(compression, SMALL)
     result = apply_bytes(
-        tmp_path, blob, layer, expected_diff_id=sha256(SMALL), known_digest=stand_in
+        tmp_path, blob, layer, expected_diff_id=sha256(SMALL), hash_compressed=False
     )
-    assert result.compressed_digest == stand_in
+    assert result.compressed_digest is None
     assert result.diff_id == sha256(SMALL)
     assert (layer / "a").read_bytes() == b"a" * 5000
+    again = tmp_path / "again"
+    again.mkdir()
+    wrong = "sha256:" + "0" * 64
+    with pytest.raises(InvalidArchiveError, match="diff_id mismatch"):
+        apply_bytes(tmp_path, blob, again, expected_diff_id=wrong, hash_compressed=False)
+    assert os.listdir(again) == []
 
 
-@pytest.mark.slow
-def test_unpack_known_digest_of_a_plain_tar_is_checked_and_leaves_nothing(
+def test_unpack_plain_tar_is_hashed_even_without_hash_compressed(
     tmp_path: Path, staging: tuple[Path, Path]
 ) -> None:
-    """An uncompressed stream is hashed anyway (its digest is the diff_id): a known digest
-    that differs is a mismatch, and nothing is left."""
+    """An uncompressed stream's digest is its diff_id, which is always computed."""
     layer, _ = staging
-    wrong = "sha256:" + "0" * 64
-    with pytest.raises(InvalidArchiveError, match="digest mismatch"):
-        apply_bytes(tmp_path, SMALL, layer, known_digest=wrong)
-    assert os.listdir(layer) == []
-    assert apply_bytes(tmp_path, SMALL, layer, known_digest=sha256(SMALL)).diff_id == sha256(SMALL)
+    result = apply_bytes(tmp_path, SMALL, layer, hash_compressed=False)
+    assert result.compressed_digest == result.diff_id == sha256(SMALL)
 
 
 def test_layer_helper_started_before_its_source_is_written(
     tmp_path: Path, staging: tuple[Path, Path]
 ) -> None:
-    """The store's order: create the blob, start the helper on it, then fill the blob. The
-    helper reads only once it has its plan, so it unpacks what was written after it started;
-    one that never gets a plan is killed and reaped on close."""
+    """A helper started on an empty file reads only once it has its plan, so it unpacks what
+    was written after it started; one that never gets a plan is killed and reaped on close."""
     layer, _ = staging
     blob = tmp_path / "blob"
     fd = os.open(blob, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -224,7 +224,7 @@ def test_unpack_plan_json_round_trip() -> None:
         work="/s/work",
         limits=UnpackLimits(max_entries=7),
         expected_diff_id="sha256:" + "c" * 64,
-        known_digest="sha256:" + "d" * 64,
+        hash_compressed=False,
     )
     assert UnpackPlan.from_json(plan.to_json()) == plan
 
@@ -238,11 +238,9 @@ def test_unpack_plan_json_round_trip() -> None:
         ({"dest": ""}, "dest"),
         ({"work": None}, "work"),  # parents need a work directory
         ({"limits": {}}, "limits.max_bytes"),
-        # A digest is either checked or trusted, never both.
-        (
-            {"expected_digest": "sha256:" + "a" * 64, "known_digest": "sha256:" + "a" * 64},
-            "known_digest",
-        ),
+        ({"hash_compressed": "no"}, "hash_compressed"),
+        # A digest cannot be checked without hashing.
+        ({"expected_digest": "sha256:" + "a" * 64, "hash_compressed": False}, "expected_digest"),
     ],
 )
 def test_unpack_plan_from_json_names_the_bad_field(change: dict[str, Json], parameter: str) -> None:
