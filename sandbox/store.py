@@ -108,7 +108,8 @@ MAX_MANIFESTS: Final = 256
 SHORT_ID: Final = 12
 IDLE_CONNECTIONS: Final = 4
 MIN_PREFIX: Final = 4
-# Lock names are digests' hex or "src-<hex>"; nothing else reaches the file system.
+# Lock names are digests' hex, "src-<hex>", "snap-<hex>" or the tarball gate's; nothing else
+# reaches the file system.
 _LOCK_NAME_RE: Final = re.compile(r"[a-z0-9-]{1,140}")
 
 _SCHEMA: Final = """
@@ -353,11 +354,15 @@ class _StagedBlob:
     def _send(self) -> None:
         while self._sent < self.size and self._pipe >= 0:
             try:
-                self._sent += os.sendfile(self._pipe, self._fd, self._sent, self.size - self._sent)
+                sent = os.sendfile(self._pipe, self._fd, self._sent, self.size - self._sent)
             except BlockingIOError:
                 return
             except BrokenPipeError:
                 self._end()
+                return
+            if not sent:  # only the store writes the blob: it cannot have shrunk
+                raise InternalError(f"{self.path}: shorter than the {self.size} bytes written")
+            self._sent += sent
 
     def _end(self) -> None:
         os.close(self._pipe)

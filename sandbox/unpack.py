@@ -842,10 +842,10 @@ class LayerHelper:
     """A ``sandbox.layerhelper`` process, forked ready by the fork server of
     ``sandbox.helperserver`` and blocked reading its plan.
 
-    Start one before the source is ready (the store creates the staging blob, starts the
-    helper on it, then copies the archive into the blob). The helper holds ``source_fd`` (the
-    same open file description, as its :data:`~sandbox.helperserver.SOURCE_FD`) and reads
-    nothing from it before :meth:`apply` sends the plan. It is followed through a pidfd: it
+    Start one before the source is ready (the store starts it on a pipe that it fills from
+    the staging blob as it copies the archive). The helper holds ``source_fd`` (the same open
+    file description, as its :data:`~sandbox.helperserver.SOURCE_FD`) and reads nothing from
+    it before :meth:`apply` sends the plan. It is followed through a pidfd: it
     is not this process's child. Use it as a context manager: leaving kills a helper that
     never got a plan and waits until it is gone.
     """

@@ -273,6 +273,24 @@ def test_store_tarball_helper_started_early_never_outlives_the_import(
     assert [info.id for info in store.list()] == [first.id]
 
 
+def test_store_tarball_corrupt_early_fails_while_still_copied(store: Store, tmp_path: Path) -> None:
+    """A tarball that is bad from its first header and much larger than the helper's pipe:
+    the helper fails and goes while the store still sends it the blob, the sending ends
+    with it (EPIPE) and the import fails naming the member, with nothing left."""
+    data = tmp_path / "data"
+    data.write_bytes(bytes(32 << 20))
+    tar = tmp_path / "big.tar"
+    subprocess.run(["tar", "-C", tmp_path, "-cf", tar, "data"], check=True)
+    with tar.open("r+b") as f:
+        f.seek(148)
+        f.write(b"0000001\0")  # the first header's checksum
+    with pytest.raises(InvalidArchiveError, match="checksum"):
+        store.import_source(tar)
+    assert layer_helpers() == []
+    assert list(store.staging_dir.iterdir()) == []
+    assert store.list() == []
+
+
 class _PausedImport:
     """An import in a thread with a store of its own, stopped at the checkpoint ``at`` (once
     reached, when given) until :meth:`finish`."""
