@@ -371,11 +371,12 @@ class _StagedBlob:
 
 class _Gate:
     """A tarball import's hold on the store's gate (:meth:`Store._tarball_gate`): ``gate_fd``
-    flocked exclusively if that was free at once (``alone``), else shared (waiting for it).
+    flocked exclusively at once if that was free without waiting (``alone``), else shared
+    once the import has copied its tarball (:meth:`hold_content`).
 
     flock(2) turns an exclusive lock into a shared one by dropping it first, and another
     process may take it in that gap. So the exclusive holder also holds ``turn_fd``, which a
-    candidate must get before it tries the gate, until its lock is shared again.
+    candidate must get before it tries the gate, until its lock is shared.
     """
 
     def __init__(self, gate_fd: int, turn_fd: int) -> None:
@@ -383,12 +384,20 @@ class _Gate:
         self.alone = _flock_now(turn_fd, fcntl.LOCK_EX) and _flock_now(gate_fd, fcntl.LOCK_EX)
         if not self.alone:
             fcntl.flock(turn_fd, fcntl.LOCK_UN)
-            fcntl.flock(gate_fd, fcntl.LOCK_SH)
 
-    def share(self) -> None:
-        """Let other imports in: the caller holds the lock of its content now."""
+    def hold_content(
+        self, held: contextlib.ExitStack[bool | None], lock: contextlib.AbstractContextManager[bool]
+    ) -> None:
+        """Take ``lock``, the lock of the import's content, into ``held``, and the gate
+        shared. The import that holds the gate exclusively takes its content's lock first;
+        any other waits for the gate first: so none takes the lock of a content before an
+        import that began unpacking it during its copy."""
+        if self.alone:
+            held.enter_context(lock)
         fcntl.flock(self._gate_fd, fcntl.LOCK_SH)
         fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
+        if not self.alone:
+            held.enter_context(lock)
 
 
 def _flock_now(fd: int, mode: int) -> bool:
@@ -960,8 +969,7 @@ class Store:
             keys = [f"tarball {digest} {wanted or ''}"]
             if _stat_identity(os.stat(source)) == _stat_identity(before):
                 keys.append(file_key)
-            held.enter_context(self._lock("src-" + oci.digest_hex(digest)))
-            gate.share()
+            gate.hold_content(held, self._lock("src-" + oci.digest_hex(digest)))
             found = self._lookup_source(keys[0])
             if found is not None:  # the same content, from another file
                 self._add_sources(found.id, keys)
@@ -976,18 +984,20 @@ class Store:
 
     @contextlib.contextmanager
     def _tarball_gate(self) -> Iterator[_Gate]:
-        """The gate every tarball import holds while it runs: exclusively (``alone``) when no
-        other one is in flight, else shared.
+        """The gate of tarball imports: exclusive (``alone``) for the one that may unpack
+        during its copy, shared by every other from the end of its copy to its end.
 
         A tarball's digest, hence its ``src-<digest>`` lock, is known only once it is copied,
         so an import that unpacks during its copy cannot yet know whether another import of
         the same content is in flight; the issue asks that two of them unpack it once. So one
-        unpacks during its copy only if it got the gate exclusively without waiting, and keeps
-        it so until its ``src-`` lock is taken (:meth:`_Gate.share`). An import that arrives
-        meanwhile waits for that (about as long as the copy), then copies, and unpacks only if
-        the content is not stored by then; an import of content stored under another file name
-        wastes only the unpack begun during its copy. Imports of images take the chain locks
-        before they copy a layer and do not need the gate.
+        unpacks during its copy only if it got the gate exclusively without waiting (no other
+        import between its copy and its end), and keeps it so until it holds its ``src-`` lock
+        (:meth:`_Gate.hold_content`). Any other import copies first, then waits for the gate
+        (at most the rest of that one's copy), takes its ``src-`` lock and unpacks only if the
+        content is not stored by then. Costs: an import of content stored under another file
+        name, alone, drops the unpack begun during its copy; a copy from a slow file delays
+        the unpacks, not the copies, of imports that arrive meanwhile. Imports of images take
+        the chain locks before they copy a layer and do not need the gate.
         """
         gate, turn = self._lock_fd("tarballs"), self._lock_fd("tarballs-turn")
         try:

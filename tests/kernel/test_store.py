@@ -355,8 +355,9 @@ def test_store_concurrent_tarball_imports_of_one_content_unpack_once(
     tmp_path: Path, images: dict[str, Path]
 ) -> None:
     """The first import unpacks during its copy, holding the gate exclusively; the second,
-    of the same bytes under another name, waits at the gate (seen in /proc/locks), copies,
-    waits for the first to commit and finds the content: the helper is planned once."""
+    of the same bytes under another name, copies meanwhile, then waits at the gate (seen in
+    /proc/locks), takes the lock of its content once the first holds it, waits for the first
+    to commit and finds the content: the helper is planned once."""
     state = tmp_path / "state"
     copy = tmp_path / "copy.tar.zst"
     copy.write_bytes(images["tar.zst"].read_bytes())
@@ -369,6 +370,7 @@ def test_store_concurrent_tarball_imports_of_one_content_unpack_once(
                 break
             threading.Event().wait(0.05)
         assert _flock_waiters(gate) == 1
+        assert second.phases == ["copied"]  # before the first has even begun its copy
     finally:
         first_id = first.finish()
     assert second.finish() == first_id
