@@ -962,7 +962,7 @@ class Store:
             blob = held.enter_context(_StagedBlob(tmp / "blob"))
             say(f"{'unpacking' if gate.alone else 'copying'} {source}")
             unpacked = None
-            if gate.alone:  # no other tarball import in flight: unpack during the copy
+            if gate.alone:  # no other tarball import is past its copy: unpack during this one
                 unpacked = held.enter_context(self._unpacking(tmp, blob, parents=[], diff_id=None))
             digest = _copy_hashing(source, blob)
             self._checkpoint("copied")
