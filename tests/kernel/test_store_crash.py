@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.store import Store
-from tests.kernel.store_images import require_tools, umoci_layered_image
+from tests.kernel.store_images import busybox_root, gnu_tar, require_tools, umoci_layered_image
 from tests.support import require_root
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -48,6 +48,14 @@ def clean_id(layered: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
         return store.import_source(layered).id
 
 
+@pytest.fixture(scope="module")
+def tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_root()
+    require_tools("tar", "zstd")
+    base = tmp_path_factory.mktemp("crash-tarball")
+    return gnu_tar(busybox_root(base / "root", "arm64"), base / "rootfs.tar.zst", "--zstd")
+
+
 def _start(phase: str, state: Path, source: Path, log: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", IMPORTER, phase, str(state), str(source), str(log)],
@@ -57,7 +65,7 @@ def _start(phase: str, state: Path, source: Path, log: Path) -> subprocess.Popen
     )
 
 
-def _check_consistent(state: Path) -> int:
+def _check_consistent(state: Path, layers: int = 4) -> int:
     """Reopen the store: all or nothing, no staging, no layer directory without its row."""
     with Store(state) as store:
         snapshots = store.list()
@@ -65,7 +73,7 @@ def _check_consistent(state: Path) -> int:
         used = {layer.chain_id[7:] for s in snapshots for layer in s.layers}
         assert {p.name for p in store.layers_dir.iterdir()} == used
         for snapshot in snapshots:
-            assert len(snapshot.layers) == 4
+            assert len(snapshot.layers) == layers
             assert all(p.is_dir() for p in store.layer_paths(snapshot.id))
         return len(snapshots)
 
@@ -93,6 +101,37 @@ def test_store_crash_at_any_phase_is_all_or_nothing(
     with Store(state) as store:
         assert store.import_source(layered).id == clean_id
     assert _check_consistent(state) == 1
+
+
+@pytest.mark.parametrize(
+    ("phase", "survives"),
+    [
+        ("unpacking:1", False),  # the gate held exclusively, the helper fed during the copy
+        ("copied:1", False),  # the copy done, the content's lock not yet taken
+        ("unpacked:1", False),
+        ("snapshot-committed:1", True),
+    ],
+)
+def test_store_tarball_crash_while_unpacking_during_its_copy(
+    tarball: Path, tmp_path: Path, phase: str, survives: bool
+) -> None:
+    """A tarball import killed while it holds the gate: the next store finds all or nothing,
+    and the gate and the content's lock died with the importer: the next import, from another
+    file name so that it is not a lookup, finds the gate free and completes."""
+    state = tmp_path / "state"
+    proc = _start(phase, state, tarball, tmp_path / "log")
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -9, err
+    assert _check_consistent(state, layers=1) == int(survives)
+    copy = tmp_path / "copy.tar.zst"
+    copy.write_bytes(tarball.read_bytes())
+    proc = _start("none", state, copy, tmp_path / "log2")
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    phases = (tmp_path / "log2").read_text().split()
+    assert phases[0] == "unpacking"  # alone: the dead importer holds no gate
+    assert ("unpacked" in phases) != survives  # a surviving snapshot is found, not unpacked
+    assert _check_consistent(state, layers=1) == 1
 
 
 @pytest.mark.parametrize("delay", [0.15, 0.4, 0.7])
