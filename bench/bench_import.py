@@ -13,9 +13,9 @@ turn within each round and a ratio is the median of the per-round ratios, so tha
 spike on a shared machine hits all of them alike. A first round, not counted, warms the page
 cache for every tool. Our layer helpers' fork server is started once, before, by an import
 timed on its own ("first import of this process"): a running daemon has it from its first
-import on. The CPU rows (user + system, all threads and
-processes, GNU tar's decompressor and our layer helper included) vary less than wall time
-on a shared VM: they say how much work each tool does.
+import on. The CPU rows (user + system, all threads and processes, GNU tar's decompressor and
+our layer helper included) vary less than wall time on a shared VM: they say how much work
+each tool does.
 """
 
 from __future__ import annotations
