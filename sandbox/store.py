@@ -332,8 +332,7 @@ class _StagedBlob:
 
     def __exit__(self, *exc: object) -> None:
         self.helper.close()
-        if self._pipe >= 0:
-            os.close(self._pipe)
+        self._end()
         os.close(self._fd)
 
     def write(self, data: bytes) -> None:
@@ -365,8 +364,10 @@ class _StagedBlob:
             self._sent += sent
 
     def _end(self) -> None:
-        os.close(self._pipe)
-        self._pipe = -1
+        """End the helper's stream (idempotent)."""
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
 
 
 class _Gate:

@@ -21,6 +21,7 @@ from runtimed.errors import (
     InvalidArchiveError,
     LimitExceededError,
     PlatformError,
+    SnapshotError,
     SnapshotInUseError,
     SnapshotNotFoundError,
     UsageError,
@@ -350,6 +351,36 @@ def test_store_tarball_import_unpacks_during_its_copy_only_alone(
         first_id = first.finish()
     assert first_id == second.id  # the same tar under another compression: one snapshot
     assert phases[:3] == ["copied", "unpacking", "unpacked"]
+
+
+def test_store_tarball_helper_gone_before_the_rest_is_sent(
+    tmp_path: Path, images: dict[str, Path]
+) -> None:
+    """With another import in flight the helper gets its plan only after the copy, so its
+    pipe is full and most of the blob unsent; here it is killed just then. Sending the rest
+    meets a closed pipe (EPIPE), and the import fails because the helper left no report,
+    with nothing left behind (it once failed with EBADF, closing the pipe twice)."""
+    state = tmp_path / "state"
+    big = tmp_path / "big.tar"
+    (tmp_path / "data").write_bytes(bytes(8 << 20))
+    subprocess.run(["tar", "-C", tmp_path, "-cf", big, "data"], check=True)
+    first = _PausedImport(state, images["tar.gz"], at="unpacked")
+
+    def kill_helper(phase: str) -> None:
+        if phase == "unpacking":
+            (helper,) = layer_helpers()  # the first import's has ended
+            helper.kill()
+            helper.wait(10)
+
+    try:
+        with Store(state, checkpoint=kill_helper) as store:
+            staged = set(store.staging_dir.iterdir())  # the first import's
+            with pytest.raises(SnapshotError, match="without a report"):
+                store.import_source(big)
+            assert set(store.staging_dir.iterdir()) == staged
+            assert layer_helpers() == []
+    finally:
+        first.finish()
 
 
 def test_store_concurrent_tarball_imports_of_one_content_unpack_once(
