@@ -277,7 +277,7 @@ def process_state(pid: int) -> str | None:
     """The state letter of ``/proc/PID/stat`` (after the command's closing parenthesis)."""
     try:
         stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or before the read
         return None
     return stat_line.rpartition(")")[2].split()[0]
 
