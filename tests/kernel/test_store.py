@@ -427,6 +427,36 @@ def test_store_corrupt_blob_is_rejected_and_leaves_nothing(
     assert list(store.layers_dir.iterdir()) == []
 
 
+def test_store_layer_named_by_sha512_is_checked_and_kept_under_sha256(
+    store: Store, images: dict[str, Path], tmp_path: Path
+) -> None:
+    """A manifest may name a layer by sha512: the store's copy checks that digest, and the
+    helper hashes the blob with sha256, the name blobs are kept and exported under."""
+    original = store.import_source(images["layered"])
+    layout = tmp_path / "sha512"
+    manifest = copy_layout(images["layered"], layout)
+    first = manifest["layers"][0]
+    data = blob_path(layout, first["digest"]).read_bytes()
+    sha512 = hashlib.sha512(data).hexdigest()
+    (layout / "blobs" / "sha512").mkdir()
+    (layout / "blobs" / "sha512" / sha512).write_bytes(data)
+    first["digest"] = f"sha512:{sha512}"
+    encoded = json.dumps(manifest).encode()
+    digest = hashlib.sha256(encoded).hexdigest()
+    blob_path(layout, f"sha256:{digest}").write_bytes(encoded)
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"][0].update(digest=f"sha256:{digest}", size=len(encoded))
+    (layout / "index.json").write_text(json.dumps(index))
+    with Store(tmp_path / "other") as other:
+        imported = other.import_source(layout)
+        assert imported.id == original.id  # the same config: the same snapshot
+        assert imported.layers[0].blob_digest == f"sha256:{hashlib.sha256(data).hexdigest()}"
+        assert imported.layers == original.layers
+        (layout / "blobs" / "sha512" / sha512).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        with Store(tmp_path / "third") as third, pytest.raises(InvalidArchiveError, match="sha512"):
+            third.import_source(layout)
+
+
 def test_store_export_oci_round_trip_and_real_tools(
     store: Store, images: dict[str, Path], tmp_path: Path
 ) -> None:
