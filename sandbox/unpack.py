@@ -845,9 +845,9 @@ class LayerHelper:
     Start one before the source is ready (the store starts it on a pipe that it fills from
     the staging blob as it copies the archive). The helper holds ``source_fd`` (the same open
     file description, as its :data:`~sandbox.helperserver.SOURCE_FD`) and reads nothing from
-    it before :meth:`apply` sends the plan. It is followed through a pidfd: it
-    is not this process's child. Use it as a context manager: leaving kills a helper that
-    never got a plan and waits until it is gone.
+    it before :meth:`apply` sends the plan. It is followed through a pidfd: it is not this
+    process's child. Use it as a context manager: leaving kills a helper that never got a
+    plan and waits until it is gone.
     """
 
     def __init__(self, source_fd: int) -> None:

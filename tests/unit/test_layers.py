@@ -5,10 +5,10 @@
   aside), directly or lazily inside a function.
 - Modules of ``binfmt`` and ``sandbox`` import only ``runtimed.errors`` from ``runtimed``.
 - The exec'd, single-threaded helpers (``sandbox/layerhelper.py``, its fork server
-  ``sandbox/helperserver.py``, ``binfmt/helper.py``) import
-  only the standard library and their own package (plus the leaf ``runtimed.errors``, which
-  imports only the standard library); whatever project modules they pull in import only the
-  standard library: no trio, no third-party package (nothing that may start a thread).
+  ``sandbox/helperserver.py``, ``binfmt/helper.py``) import only the standard library and
+  their own package (plus the leaf ``runtimed.errors``, which imports only the standard
+  library); whatever project modules they pull in import only the standard library: no
+  trio, no third-party package (nothing that may start a thread).
 
 Modules are discovered afresh at collection, so files added later are checked too.
 """
