@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from sandbox import syscalls
 
 LIBRARY: Final = Path(__file__).parent / "native" / "layerwrite.so"
 # A window of 2 MiB holds at most 4096 members; a call stops early when a record might not
@@ -50,6 +53,15 @@ _lib.layerwrite_run.argtypes = [
     ctypes.POINTER(_Int64s),
     ctypes.c_int64,
     ctypes.POINTER(_Result),
+]
+_lib.layerwrite_dir_times.restype = ctypes.c_int64
+_lib.layerwrite_dir_times.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_int64,
+    ctypes.POINTER(ctypes.c_int64),
+    ctypes.POINTER(ctypes.c_int32),
+    ctypes.POINTER(ctypes.c_int32),
 ]
 
 
@@ -117,3 +129,26 @@ class PlainWriter:
             dirs=dirs,
             err=result.err,
         )
+
+
+def set_dir_times(root_fd: int, dirs: Sequence[tuple[bytes, int]]) -> None:
+    """Set each directory's mtime (path as the native writer reports it, ``b""`` for the root;
+    nanoseconds), in this order, resolved in the directory ``root_fd`` as the writers resolve
+    parents; one that is no longer a directory (replaced or removed by a later member) is
+    skipped. One native call for a whole layer.
+
+    Raises:
+        KernelError: a directory could not be opened or its time set.
+    """
+    if not dirs:
+        return
+    paths = b"".join(path + b"\0" for path, _ in dirs)
+    mtimes = (ctypes.c_int64 * len(dirs))(*(mtime for _, mtime in dirs))
+    err, call = ctypes.c_int32(), ctypes.c_int32()
+    done = _lib.layerwrite_dir_times(
+        root_fd, paths, len(dirs), mtimes, ctypes.byref(err), ctypes.byref(call)
+    )
+    if done < len(dirs):
+        path = os.fsdecode(dirs[done][0]) or "."
+        syscall = "futimens" if call.value else "openat2"
+        raise syscalls.kernel_error(err.value, syscall=syscall, path=path)

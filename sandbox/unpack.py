@@ -83,7 +83,7 @@ from sandbox.archive import (
 )
 from sandbox.fstree import clear, walk_tree
 from sandbox.layerstream import CHUNK, LayerStream
-from sandbox.layerwrite import PlainWriter, Written
+from sandbox.layerwrite import PlainWriter, Written, set_dir_times
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ class LayerWriter:
         self._root = root_fd
         self._limits = limits
         self._created: set[tuple[str, ...]] = set()
-        self._dir_times: list[tuple[tuple[str, ...], int]] = []
+        # (path as the native writer reports it, mtime in ns) of every directory written.
+        self._dir_times: list[tuple[bytes, int]] = []
         # Recently used directories, kept open by path (least recently used first): archives
         # list a directory's entries together, depth first, so nearly every entry finds its
         # parent here instead of resolving it again with openat2. Each fd is either resolved
@@ -235,9 +236,7 @@ class LayerWriter:
         self.size += written.file_bytes
         if written.created:
             self._plain_created.append(written.created)
-        self._dir_times.extend(
-            (_parts(path), mtime * 1_000_000_000) for path, mtime in written.dirs
-        )
+        self._dir_times.extend((path, mtime * 1_000_000_000) for path, mtime in written.dirs)
         if written.err:
             header = bytes(window[written.consumed : written.consumed + BLOCK])
             member = simple_member(header)
@@ -421,7 +420,7 @@ class LayerWriter:
             os.close(fd)
             raise
         # Later entries change the directory's mtime: it is set once all are written.
-        self._dir_times.append((entry.path, entry.mtime_ns))
+        self._dir_times.append((os.fsencode("/".join(entry.path)), entry.mtime_ns))
         return fd
 
     def _hardlink(self, parent: int, name: str, entry: Entry) -> None:
@@ -476,18 +475,10 @@ class LayerWriter:
             os.close(fd)
 
     def finish(self) -> None:
-        """Set directory mtimes, deepest and latest first, once nothing else changes them."""
-        for path, mtime_ns in reversed(self._dir_times):
-            try:
-                fd = self._open(path, _DIR_READ)
-            except KernelError as exc:
-                if path and exc.errno_name in ("ENOENT", "ENOTDIR", "ELOOP"):
-                    continue  # no longer a directory: replaced or removed by a later entry
-                raise
-            try:
-                os.utime(fd, ns=(mtime_ns, mtime_ns))
-            finally:
-                os.close(fd)
+        """Set directory mtimes, deepest and latest first, once nothing else changes them
+        (natively: one call for the whole layer, see ``sandbox.layerwrite``); a directory
+        replaced or removed by a later entry is skipped."""
+        set_dir_times(self._root, self._dir_times[::-1])
 
 
 def _parts(path: bytes) -> tuple[str, ...]:

@@ -32,6 +32,12 @@
  * directory into dir_offsets (where its path starts in `created`) and dir_mtimes, for the
  * Python writer's own records. A failure once a member was begun (write ENOSPC, fchown EPERM,
  * ...) stops the call with res->err set: the member at res->consumed failed.
+ *
+ * layerwrite_dir_times sets those directory times at the end of a layer, as
+ * sandbox.unpack.LayerWriter.finish did in Python: each path resolved in the root with
+ * openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS), O_DIRECTORY, then futimens. In Python that
+ * loop was the serial tail of every import (~30 ms for the 821 directories of a Debian rootfs,
+ * with nothing else left to overlap it).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -314,4 +320,44 @@ void layerwrite_run(const unsigned char *window, int64_t len, int root, int64_t 
     for (int i = 0; i < CACHED_DIRS; i++)
         if (cache.fd[i] >= 0)
             close(cache.fd[i]);
+}
+
+/* Set the mtime (and atime) of each of the `count` directories in `paths` (NUL-terminated,
+ * components joined by '/', "" for the root) to mtimes_ns[i], in that order. A path that is
+ * no longer a directory (ENOENT, ENOTDIR, ELOOP: replaced or removed by a later member) is
+ * skipped; the root never is. Returns `count`, or the index of the path that failed with
+ * *err its errno and *call 0 for openat2, 1 for futimens. */
+int64_t layerwrite_dir_times(int root, const char *paths, int64_t count, const int64_t *mtimes_ns,
+                             int32_t *err, int32_t *call)
+{
+    const char *path = paths;
+    for (int64_t i = 0; i < count; path += strlen(path) + 1, i++) {
+        struct open_how how = {
+            .flags = O_RDONLY | O_DIRECTORY | O_CLOEXEC,
+            .resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
+        };
+        int fd = (int)syscall(SYS_openat2, root, *path ? path : ".", &how, sizeof how);
+        if (fd < 0) {
+            if (*path && (errno == ENOENT || errno == ENOTDIR || errno == ELOOP))
+                continue;
+            *err = errno;
+            *call = 0;
+            return i;
+        }
+        /* Floor division, as os.utime(ns=...) splits nanoseconds before 1970. */
+        int64_t sec = mtimes_ns[i] / 1000000000, nsec = mtimes_ns[i] % 1000000000;
+        if (nsec < 0) {
+            sec -= 1;
+            nsec += 1000000000;
+        }
+        struct timespec times[2] = {{sec, nsec}, {sec, nsec}};
+        int failed = futimens(fd, times) < 0 ? errno : 0;
+        close(fd);
+        if (failed) {
+            *err = failed;
+            *call = 1;
+            return i;
+        }
+    }
+    return count;
 }

@@ -1,7 +1,8 @@
 """The native writer of plain members (``sandbox.layerwrite``) on archives made by GNU tar: what
 it takes and where it hands back to the Python writer (a hardlink, a long name, a path that
 exists, a parent that does not, the budgets), parents resolved inside the root, the records it
-reports, a failure once a member is begun; and through ``unpack_stream``, trees identical to
+reports, a failure once a member is begun; the directory times set at a layer's end
+(``set_dir_times``); and through ``unpack_stream``, trees identical to
 GNU tar's own extraction across chunk boundaries, whiteouts and opaque markers that keep what
 the same layer wrote natively, and a later member replacing one written natively. Owners are
 the test's own uid (``tests/root/test_unpack_root.py`` has the root case).
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from runtimed.errors import InvalidArchiveError, LimitExceededError
+from runtimed.errors import InvalidArchiveError, KernelError, LimitExceededError
 from sandbox.archive import Compression, UnpackLimits
 from sandbox.layerstream import CHUNK
-from sandbox.layerwrite import PlainWriter, Written
+from sandbox.layerwrite import PlainWriter, Written, set_dir_times
 from sandbox.unpack import unpack_stream
 from tests.kernel.test_unpack import compress
 from tests.support import require
@@ -343,3 +344,75 @@ def test_unpack_cut_after_a_member_names_it(tmp_path: Path, source: Path, last: 
     with pytest.raises(InvalidArchiveError, match="no end-of-archive marker") as raised:
         unpack(tmp_path, tar[: ends[last]], root)
     assert raised.value.details == {"blob": "layer", "entry": last}
+
+
+def dir_times(root: Path, dirs: list[tuple[bytes, int]]) -> None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        set_dir_times(fd, dirs)
+    finally:
+        os.close(fd)
+
+
+def test_set_dir_times_in_order_the_root_included(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    # Before 1970 too: nanoseconds split as os.utime splits them (floor division).
+    dir_times(root, [(b"a/b", MTIME * 10**9 + 7), (b"a", -1), (b"", MTIME * 10**9)])
+    assert (root / "a" / "b").stat().st_mtime_ns == MTIME * 10**9 + 7
+    assert (root / "a").stat().st_mtime_ns == -1
+    assert root.stat().st_mtime_ns == MTIME * 10**9
+
+
+def test_set_dir_times_skips_what_is_no_longer_a_directory(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "kept").mkdir(parents=True)
+    (root / "file").write_bytes(b"replaced a directory")
+    (root / "link").symlink_to("file")
+    dir_times(
+        root,
+        [(b"gone", 1), (b"file", 2), (b"file/below", 3), (b"link", 4), (b"kept", MTIME * 10**9)],
+    )
+    assert (root / "kept").stat().st_mtime_ns == MTIME * 10**9  # the ones after still set
+    assert (root / "file").stat().st_mtime_ns != 2
+
+
+def test_set_dir_times_resolves_in_the_root(tmp_path: Path) -> None:
+    """A symlink to an absolute path or up out of the root resolves inside it, as the writers
+    resolve parents: the directory outside keeps its time."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    before = outside.stat().st_mtime_ns
+    root = tmp_path / "root"
+    (root / "inside" / "outside").mkdir(parents=True)
+    (root / "abs").symlink_to(outside)
+    (root / "up").symlink_to("../outside")
+    dir_times(root, [(b"abs", 1), (b"up", 2), (b"inside/../../outside", 3)])
+    assert outside.stat().st_mtime_ns == before
+    assert (root / "inside" / "outside").stat().st_mtime_ns != 1
+
+
+def test_set_dir_times_names_the_directory_it_could_not_open(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    long = "d" * 5000  # beyond PATH_MAX: neither gone nor replaced, so not skipped
+    with pytest.raises(KernelError) as caught:
+        dir_times(root, [(long.encode(), 1)])
+    assert caught.value.errno_name == "ENAMETOOLONG"
+    assert caught.value.details["syscall"] == "openat2"
+    assert caught.value.details["path"] == long
+
+
+def test_set_dir_times_never_skips_the_root(tmp_path: Path) -> None:
+    """ENOTDIR for a path below the root is a directory replaced by a later member (skipped);
+    for the root itself it is an error."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_bytes(b"")
+    fd = os.open(not_a_dir, os.O_RDONLY)
+    try:
+        with pytest.raises(KernelError) as caught:
+            set_dir_times(fd, [(b"", 1)])
+    finally:
+        os.close(fd)
+    assert caught.value.errno_name == "ENOTDIR"
+    assert caught.value.details["path"] == "."
