@@ -22,7 +22,13 @@ _DIGEST_SIZE: Final = hashlib.sha256().digest_size
 
 _lib = ctypes.CDLL(str(LIBRARY))
 _lib.layerdecode_new.restype = ctypes.c_void_p
-_lib.layerdecode_new.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+_lib.layerdecode_new.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_size_t,
+]
 _lib.layerdecode_read.restype = ctypes.c_ssize_t
 _lib.layerdecode_read.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 _lib.layerdecode_digest.restype = ctypes.c_int
@@ -35,6 +41,9 @@ _lib.layerdecode_free.restype = None
 _lib.layerdecode_free.argtypes = [ctypes.c_void_p]
 
 Buffer = ctypes.Array[ctypes.c_char]
+
+BLOCK_MAX: Final = 128 * 1024
+"""ZSTD_BLOCKSIZE_MAX: the shortest region :meth:`ZstdDecoder.read_into` accepts."""
 
 
 def new_buffer(size: int) -> Buffer:
@@ -49,6 +58,9 @@ class ZstdDecoder:
     start, skippable frames included, is trailing garbage. Use it from one thread at a time
     and :meth:`close` it from the thread that reads: a read blocked in the kernel still holds
     the native state.
+
+    A frame whose window is at most ``history_max`` bytes is decoded straight into the
+    caller's regions, which must then be laid out as in a ring (see :meth:`read_into`).
     """
 
     def __init__(
@@ -58,23 +70,28 @@ class ZstdDecoder:
         *,
         hash_compressed: bool,
         invalid: Callable[[str], InvalidArchiveError],
+        history_max: int,
     ) -> None:
         self._invalid = invalid
-        handle = _lib.layerdecode_new(fd, head, len(head), int(hash_compressed))
+        handle = _lib.layerdecode_new(fd, head, len(head), int(hash_compressed), history_max)
         if not handle:
             raise InternalError("layerdecode: out of memory")
         self._handle: int | None = handle
         self._hash_compressed = hash_compressed
 
-    def read_into(self, buffer: Buffer) -> int:
-        """Fill ``buffer`` with decoded bytes: its length unless the stream ended, 0 at the
-        clean end.
+    def read_into(self, ring: Buffer, start: int, size: int) -> int:
+        """Decode into ``ring[start:start + size]``: the bytes decoded (fewer than ``size``
+        only at the end of the stream or before a block that might not fit), 0 at the clean
+        end. The region (at least :data:`BLOCK_MAX` long) follows the previous one or starts
+        the ring, and leaves the last ``history_max`` bytes decoded before it intact.
 
         Raises:
             InvalidArchiveError: corrupt or truncated frame, trailing garbage (from ``invalid``).
             KernelError: reading the fd failed.
         """
-        got: int = _lib.layerdecode_read(self._handle, buffer, len(buffer))
+        if start < 0 or size < BLOCK_MAX or start + size > len(ring):
+            raise InternalError(f"layerdecode: region {start}+{size} of a ring of {len(ring)}")
+        got: int = _lib.layerdecode_read(self._handle, ctypes.addressof(ring) + start, size)
         if got >= 0:
             return got
         errno = _lib.layerdecode_errno(self._handle)

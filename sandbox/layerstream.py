@@ -10,14 +10,16 @@ daemon threads of a bounded pipeline (decoder -> hasher -> parser), so they over
 parsing and writing as GNU tar's separate decompressor process does: start a stream only
 after any ``unshare``, which needs a single-threaded process. zlib, lzma, bz2 and hashlib
 release the GIL while they work; zstd, the fastest codec and so the one where the GIL hand-offs
-cost most, is read and decoded in one native call per chunk (``sandbox.layerdecode``). Every
-chunk is a writable buffer of a small pool of reused ones (:meth:`LayerStream.window` hands
-them to the native writer of ``sandbox.layerwrite``).
+cost most, is read and decoded in one native call per chunk (``sandbox.layerdecode``), straight
+into the chunk when the frame's window allows. Every chunk is a writable region of one ring
+that the decoder reuses once the parser has given the chunk back (:meth:`LayerStream.window`
+hands them to the native writer of ``sandbox.layerwrite``).
 """
 
 from __future__ import annotations
 
 import bz2
+import collections
 import hashlib
 import lzma
 import os
@@ -30,7 +32,7 @@ from typing import Final, Protocol, TypeVar
 from runtimed.errors import InternalError, InvalidArchiveError, LimitExceededError
 from sandbox import syscalls
 from sandbox.archive import MAGIC, SNIFF_BYTES, Compression, UnpackLimits, sniff_compression
-from sandbox.layerdecode import Buffer, ZstdDecoder, new_buffer
+from sandbox.layerdecode import BLOCK_MAX, ZstdDecoder, new_buffer
 
 # Decoded chunks of 2 MiB rather than 1: half the decompress calls and queue hand-offs, each of
 # which needs the GIL back from the parsing thread. The parser waited 110-157 ms for data per
@@ -38,7 +40,15 @@ from sandbox.layerdecode import Buffer, ZstdDecoder, new_buffer
 # the helper's wall time dropped by 4-13% over three sets of 8-10 alternating runs.
 CHUNK: Final = 2 * 1024 * 1024
 _QUEUE_CHUNKS: Final = 8
-_POOL_CHUNKS: Final = 6
+# The ring the chunks are decoded into. A zstd frame whose window is at most _HISTORY_MAX is
+# decoded straight into it (larger ones go through libzstd's own window; zstd -19 has an 8
+# MiB window, -3, the default, 2 MiB for a stream of unknown size), and the frame refers back
+# to that window. A region starts where the last one ended or, when the ring's end is less
+# than a block away, at its start, and is at most a CHUNK long: it overwrites only bytes
+# decoded more than _RING - CHUNK - BLOCK_MAX ago, never the window. Beyond that, about six
+# chunks can be in flight between decoder, hasher and parser (a fixed pool of six before).
+_HISTORY_MAX: Final = 8 * 1024 * 1024
+_RING: Final = _HISTORY_MAX + 6 * CHUNK + 2 * BLOCK_MAX
 _STOP_POLL: Final = 0.1  # seconds between checks of the stop flag while the queue is full
 
 
@@ -109,8 +119,10 @@ class _Decoder:
     ``2 * _QUEUE_CHUNKS`` pieces (decoded chunks and compressed reads, each at most
     :data:`CHUNK` bytes) wait for the hasher and ``_QUEUE_CHUNKS`` chunks after it: a
     decompression bomb never sits in memory. Chunks are decoded (zstd natively, the other
-    codecs by copying their output) or read into the buffers of a fixed pool, which the
-    consumer gives back (:meth:`recycle`) once it has read them.
+    codecs by copying their output) or read into regions of one ring of :data:`_RING`
+    bytes, which the consumer gives back in order (:meth:`recycle`) once it has read them:
+    the decoder waits while the next region would overlap a chunk not given back (the ring
+    is large enough that it never overlaps the window of a zstd frame decoded into it).
     """
 
     def __init__(self, fd: int, limits: UnpackLimits, name: str, *, hash_compressed: bool) -> None:
@@ -133,14 +145,20 @@ class _Decoder:
         self._decoder: _Decompressor | None = None
         self.native: ZstdDecoder | None = None
         self._native_digest: str | None = None
-        # One buffer being filled, one being hashed, one the consumer reads, and a few queued
-        # between them.
-        self._pool: queue.Queue[Buffer] = queue.Queue()
-        for _ in range(_POOL_CHUNKS):
-            self._pool.put(new_buffer(CHUNK))
+        # Positions in the ring are counted from the start of the stream's first region, so
+        # that position p is ring offset p % _RING and writing it overwrites p - _RING.
+        self._ring = new_buffer(_RING)
+        self._ring_view = memoryview(self._ring).cast("B")
+        self._head = 0  # where the last chunk decoded ends
+        self._out: collections.deque[tuple[int, int]] = collections.deque()  # not given back
+        self._given_back = threading.Condition()
         if self.compression is Compression.ZSTD:
             self.native = ZstdDecoder(
-                fd, self._input, hash_compressed=hash_compressed, invalid=self.invalid
+                fd,
+                self._input,
+                hash_compressed=hash_compressed,
+                invalid=self.invalid,
+                history_max=_HISTORY_MAX,
             )
         elif hash_compressed:
             self.raw_hash = hashlib.sha256()
@@ -179,22 +197,40 @@ class _Decoder:
         self._decoder = _DECOMPRESSORS[self.compression]()
         return True
 
+    def _region(self) -> tuple[int, int]:
+        """Where the next chunk goes: (position, length), waiting until it is at least
+        BLOCK_MAX long."""
+        with self._given_back:
+            while not self.stopped.is_set():
+                start = self._head
+                if _RING - start % _RING < BLOCK_MAX:  # too little left before the ring's end
+                    start += _RING - start % _RING
+                # Writing position p overwrites p - _RING, which no chunk not given back yet
+                # may hold.
+                oldest = self._out[0][0] if self._out else start
+                size = min(oldest + _RING - start, _RING - start % _RING, CHUNK)
+                if size >= BLOCK_MAX:
+                    return start, size
+                self._given_back.wait(_STOP_POLL)
+        raise InternalError(f"{self.name}: the stream was closed while it was decoded")
+
     def _produce(self) -> memoryview:
-        """Up to CHUNK new uncompressed bytes in a buffer of the pool; empty only at the end
-        of the stream."""
-        buffer = self._get(self._pool)
-        if buffer is None:
-            raise InternalError(f"{self.name}: the stream was closed while it was decoded")
-        view = memoryview(buffer).cast("B")
-        got = self._produce_into(view)
+        """Up to CHUNK new uncompressed bytes in the ring; empty only at the end of the
+        stream."""
+        start, size = self._region()
+        offset = start % _RING
+        view = self._ring_view[offset : offset + size]
+        got = self._produce_into(view, offset)
         if not got:
-            self._pool.put(buffer)
             return _EMPTY
+        with self._given_back:
+            self._out.append((start, start + got))
+        self._head = start + got
         return view[:got]
 
-    def _produce_into(self, view: memoryview) -> int:
+    def _produce_into(self, view: memoryview, offset: int) -> int:
         if self.native is not None:
-            got = self.native.read_into(view.obj)  # type: ignore[arg-type]  # a pool Buffer
+            got = self.native.read_into(self._ring, offset, len(view))
             if not got:
                 self._native_digest = self.native.digest()
             return got
@@ -217,7 +253,7 @@ class _Decoder:
                 data, self._input = self._input or self._read_compressed(), b""
                 at_end = not data
             try:
-                out = decoder.decompress(data, CHUNK)
+                out = decoder.decompress(data, len(view))
             except _DECOMPRESS_ERRORS as exc:
                 raise self.invalid(f"corrupt data: {exc}") from exc
             if decoder.eof:
@@ -232,8 +268,13 @@ class _Decoder:
                 raise self.invalid("truncated: the stream ends inside a member")
 
     def recycle(self, chunk: memoryview) -> None:
-        """Give a chunk's buffer back to the pool: the consumer holds no view of it any more."""
-        self._pool.put(chunk.obj)  # type: ignore[arg-type]  # a Buffer of the pool
+        """Give the oldest chunk not given back yet (``chunk``) back to the ring: the consumer
+        holds no view of it any more."""
+        with self._given_back:
+            start, end = self._out.popleft()
+            if end - start != len(chunk):
+                raise InternalError(f"{self.name}: a chunk given back out of order")
+            self._given_back.notify()
 
     def run(self) -> None:
         """Decoder thread: every chunk, then None; or the exception that stopped it."""

@@ -2,7 +2,9 @@
 the real ``zstd`` tool: frames read to their end and their checksums checked, concatenated
 frames as one stream, corrupt, truncated and trailing bytes (garbage, a cut magic, a skippable
 frame that ``zstd -d`` itself accepts) rejected naming the blob, digests checked, limits
-enforced, read errors reported, and the buffer pool neither leaking nor reusing a chunk early.
+enforced, read errors reported, and the ring neither leaking nor reusing a chunk early; frames
+with windows up to 8 MiB decoded straight into the ring with matches reaching back across its
+wrap, larger ones through libzstd's own window, both kinds in one stream.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from runtimed.errors import InvalidArchiveError, KernelError, LimitExceededError
+from runtimed.errors import InternalError, InvalidArchiveError, KernelError, LimitExceededError
 from sandbox.archive import Compression, UnpackLimits
-from sandbox.layerdecode import ZstdDecoder, new_buffer
+from sandbox.layerdecode import BLOCK_MAX, ZstdDecoder, new_buffer
 from sandbox.layerstream import CHUNK, LayerStream
 from sandbox.unpack import unpack_stream
 from tests.kernel.test_unpack import SMALL
@@ -75,10 +78,12 @@ def test_layerdecode_frames_of_the_tool_are_one_stream(tmp_path: Path) -> None:
     assert stream.compressed_digest == sha256(blob)
 
 
-def test_layerdecode_views_stay_intact_while_buffers_are_reused(tmp_path: Path) -> None:
-    # Random data, more chunks than the pool holds, read in pieces that straddle chunks:
-    # a buffer given back too early would show up as wrong bytes.
-    data = os.urandom(7 * CHUNK + 123)
+def test_layerdecode_views_stay_intact_while_the_ring_is_reused(tmp_path: Path) -> None:
+    # Random data, more than the ring holds, read in pieces that straddle chunks, by a reader
+    # that first lets the decoder run as far ahead as it may (the queues would take more
+    # chunks than the ring has room for): a region decoded over a chunk not given back yet
+    # would show up as wrong bytes.
+    data = os.urandom(14 * CHUNK + 123)
     path = tmp_path / "blob"
     path.write_bytes(zstd(data, "-1"))
     fd = os.open(path, os.O_RDONLY)
@@ -86,6 +91,7 @@ def test_layerdecode_views_stay_intact_while_buffers_are_reused(tmp_path: Path) 
     try:
         stream = LayerStream(fd, LIMITS)
         try:
+            time.sleep(0.5)
             while piece := stream.read_some(CHUNK // 3):
                 got += piece
                 got += stream.read(700)
@@ -168,10 +174,12 @@ def test_layerdecode_digest_mismatch_is_invalid(tmp_path: Path, which: str) -> N
 
 def test_layerdecode_read_error_is_a_kernel_error(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # read(2) fails with EISDIR
-    decoder = ZstdDecoder(fd, zstd(b"")[:4], hash_compressed=True, invalid=InvalidArchiveError)
+    decoder = ZstdDecoder(
+        fd, zstd(b"")[:4], hash_compressed=True, invalid=InvalidArchiveError, history_max=0
+    )
     try:
         with pytest.raises(KernelError) as raised:
-            decoder.read_into(new_buffer(4096))
+            decoder.read_into(new_buffer(BLOCK_MAX), 0, BLOCK_MAX)
         assert raised.value.details["errno"] == "EISDIR"
     finally:
         decoder.close()
@@ -190,4 +198,42 @@ def test_layerdecode_close_stops_a_decoder_waiting_for_buffers(tmp_path: Path) -
             thread.join(timeout=5)
             assert not thread.is_alive()
     finally:
+        os.close(fd)
+
+
+def test_layerdecode_matches_reach_back_across_the_ring(tmp_path: Path) -> None:
+    """Random blocks repeated 3 MiB apart: every match refers back 3 MiB, into earlier
+    regions and, past the ring's size, across its wrap; frames of both kinds in one stream."""
+    block = os.urandom((3 << 20) + 777)
+    data = block * 9 + os.urandom(5 << 20) + block * 3
+    frames = [zstd(data, "-3", "--long=23"), zstd(data, "-3", "--long=24"), zstd(data, "-1")]
+    path = tmp_path / "blob"
+    path.write_bytes(b"".join(frames))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stream = LayerStream(fd, UnpackLimits(max_bytes=1 << 30))
+        try:
+            stream.finish()
+        finally:
+            stream.close()
+    finally:
+        os.close(fd)
+    assert stream.diff_id == sha256(data * 3)
+
+
+def test_layerdecode_refuses_a_region_shorter_than_a_block(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(zstd(SMALL))
+    fd = os.open(path, os.O_RDONLY)
+    head = os.read(fd, 4)
+    decoder = ZstdDecoder(
+        fd, head, hash_compressed=False, invalid=InvalidArchiveError, history_max=0
+    )
+    try:
+        with pytest.raises(InternalError):
+            decoder.read_into(new_buffer(BLOCK_MAX), 1, BLOCK_MAX)  # beyond the ring's end
+        with pytest.raises(InternalError):
+            decoder.read_into(new_buffer(BLOCK_MAX), 0, BLOCK_MAX - 1)
+    finally:
+        decoder.close()
         os.close(fd)
