@@ -136,20 +136,20 @@ def time_xargs_bwrap(root: Path) -> float:
 
 
 async def measure(
-    sock: Path, snapshots: dict[str, str], roots: dict[str, Path], runs: int, rounds: int
+    sock: Path, snapshots: dict[str, str], roots: dict[str, Path], per_block: int, rounds: int
 ) -> dict[str, list[float]]:
-    """Every measurement, ours and bubblewrap's in alternating blocks (``rounds`` of each),
-    so that the VM's speed drifting over the run affects both alike. Within a block, our Execs
-    come back to back over one connection, as a build frontend's would."""
+    """Every measurement, ours and bubblewrap's in alternating blocks (``rounds`` of each,
+    ``per_block`` runs a block), so that the VM's speed drifting over the run affects both
+    alike. Within a block, our Execs come back to back over one connection, as a build
+    frontend's would."""
 
     def spec(arch: str) -> dict[str, Json]:
         return {"snapshot": snapshots[arch], "args": ["/bin/busybox", "true"]}
 
     out: dict[str, list[float]] = {"rpc": [], "concurrent": [], "xargs": []}
-    per_block = max(1, runs // rounds)
     async with open_client(sock) as client:
         # The RPC layer alone (framing, dispatch, peer check done once per connection).
-        for _ in range(runs * 10):
+        for _ in range(per_block * rounds * 10):
             start = time.perf_counter()
             await client.get_info()
             out["rpc"].append(time.perf_counter() - start)
@@ -197,6 +197,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.inner_binfmt_misc is None:
         return reexec_in_private_namespace(sys.argv)
+    per_block = max(1, args.runs // args.rounds)
     work = Path(tempfile.mkdtemp(prefix="runtimed-bench-"))
     proc, sock = start_daemon(work, args.inner_binfmt_misc)
     try:
@@ -207,7 +208,7 @@ def main() -> int:
             with tar.open("rb") as f:
                 snapshots[arch] = str(client.import_snapshot(f.fileno())["id"])
         bwrap_roots = {arch: root for arch, (root, _) in roots.items()}
-        times = trio.run(measure, sock, snapshots, bwrap_roots, args.runs, args.rounds)
+        times = trio.run(measure, sock, snapshots, bwrap_roots, per_block, args.rounds)
         idle_rss = psutil.Process(proc.pid).memory_info().rss
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -217,7 +218,6 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     results: dict[str, float] = {}
-    per_block = max(1, args.runs // args.rounds)
     for arch in ARCHES:
         ours, theirs = times[f"seq_{arch}"], times[f"bwrap_{arch}"]
         results[f"exec_median_{arch}_s"] = statistics.median(ours)
