@@ -49,7 +49,7 @@ _QUEUE_CHUNKS: Final = 8
 # chunks can be in flight between decoder, hasher and parser (a fixed pool of six before).
 _HISTORY_MAX: Final = 8 * 1024 * 1024
 _RING: Final = _HISTORY_MAX + 6 * CHUNK + 2 * BLOCK_MAX
-_STOP_POLL: Final = 0.1  # seconds between checks of the stop flag while the queue is full
+_STOP_POLL: Final = 0.1  # seconds between checks of the stop flag while a queue or the ring is full
 
 
 def _digest(h: hashlib._Hash) -> str:
