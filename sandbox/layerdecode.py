@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import mmap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -47,8 +48,12 @@ BLOCK_MAX: Final = 128 * 1024
 
 
 def new_buffer(size: int) -> Buffer:
-    """A buffer :meth:`ZstdDecoder.read_into` can fill (``memoryview`` reads it)."""
-    return (ctypes.c_char * size)()
+    """A buffer :meth:`ZstdDecoder.read_into` can fill (``memoryview`` reads it).
+
+    Anonymous memory, whose pages the kernel zeroes when they are first written: a ctypes
+    array of its own is zeroed whole when it is made (~14 ms and 5,000 page faults for the
+    20 MiB ring, at the start of every layer's helper, however small the layer)."""
+    return (ctypes.c_char * size).from_buffer(mmap.mmap(-1, size))
 
 
 class ZstdDecoder:
