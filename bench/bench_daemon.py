@@ -38,6 +38,7 @@ import trio
 
 from runtimed.client import SyncClient, open_client
 from runtimed.errors import Json
+from vmsteal import StealMeter
 
 CACHE: Final = Path(os.environ.get("RUNTIMED_TEST_CACHE", "/var/cache/runtimed-tests"))
 CONCURRENT: Final = 50
@@ -208,7 +209,9 @@ def main() -> int:
             with tar.open("rb") as f:
                 snapshots[arch] = str(client.import_snapshot(f.fileno())["id"])
         bwrap_roots = {arch: root for arch, (root, _) in roots.items()}
+        meter = StealMeter()
         times = trio.run(measure, sock, snapshots, bwrap_roots, per_block, args.rounds)
+        steal = meter.read()
         idle_rss = psutil.Process(proc.pid).memory_info().rss
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -238,6 +241,8 @@ def main() -> int:
     )
     results["idle_rss_mb"] = idle_rss / 1024 / 1024
     results["rpc_roundtrip_median_s"] = statistics.median(times["rpc"])
+    results["stolen_cpu_s"] = steal.seconds
+    results["stolen_share"] = steal.share
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -257,6 +262,7 @@ def main() -> int:
         print(
             f"RPC round trip    {results['rpc_roundtrip_median_s'] * 1e6:.0f} us (GetInfo median)"
         )
+        print(steal.describe())
     return 0
 
 

@@ -37,6 +37,7 @@ from runtimed.errors import Json
 from sandbox.launch import Runners, open_run, open_runners
 from sandbox.spec import ExecSpec
 from sandbox.store import Store
+from vmsteal import StealMeter
 
 CACHE = Path(os.environ.get("RUNTIMED_TEST_CACHE", "/var/cache/runtimed-tests"))
 ARCHES = {"amd64": "linux/amd64", "arm64": "linux/arm64"}
@@ -129,8 +130,10 @@ async def inner(args: argparse.Namespace) -> None:
     report = platform_report(Path(args.binfmt_misc))
     store = Store(work / "state")
     snapshots = json.loads((work / "snapshots.json").read_text())
+    meter = StealMeter()
     async with open_runners() as runners:
         rows = await measure(args, runners, store, snapshots, report, work)
+    steal = meter.read()
     print(f"per-exec medians over {args.runs} rounds (ms); ratio = median of ours/peer per round")
     print(f"{'platform':14} {'command':9} {'ours':>7} " + " ".join(f"{p:>15}" for p in PEERS))
     for platform, label, times in rows:
@@ -141,6 +144,7 @@ async def inner(args: argparse.Namespace) -> None:
             cells.append(f"{statistics.median(times[peer]) * 1e3:6.1f} x{ratio:5.2f}")
         median = statistics.median(ours) * 1e3
         print(f"{platform:14} {label:9} {median:7.1f} " + " ".join(f"{c:>15}" for c in cells))
+    print(steal.describe())
 
 
 Row = tuple[str, str, dict[str, list[float]]]
