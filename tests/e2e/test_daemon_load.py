@@ -31,7 +31,7 @@ def idle_level(proc: psutil.Process) -> tuple[list[str], int, int]:
 
 
 async def settled_level(proc: psutil.Process) -> tuple[list[str], int, int]:
-    """The idle level once the last run's runner is reaped and the next spare started: the
+    """The idle level once the last run's runner is reaped and the next spares started: the
     same children for a few steps in a row."""
     level = idle_level(proc)
     steady = 0
@@ -48,8 +48,8 @@ async def settled_level(proc: psutil.Process) -> tuple[list[str], int, int]:
 def open_files(pid: int) -> list[str]:
     """What each descriptor of ``pid`` points at; one closed while we list is not open.
 
-    Pipes are counted, not named: the spare runner the daemon keeps ready (and the pipes to
-    it) is a new one after every exec."""
+    Pipes are counted, not named: the spare runners the daemon keeps ready (and the pipes to
+    them) change with every exec."""
     targets = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:

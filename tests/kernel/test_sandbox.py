@@ -487,7 +487,7 @@ async def test_sandbox_runners_hand_a_spare_its_limits_and_clean_up_after(
                 result = await execution.wait()
                 groups.append(execution.group.name)
             assert (result.signal, b"".join(chunks)) == (signal.SIGTERM, b"2\n")
-            await trio.sleep(0.3)  # time to start the next spare
+            await _settled(runners)
     # The first run started its own runner; the next ones took the spare started meanwhile.
     assert not groups[0].startswith("runtimed-spare-")
     assert all(name.startswith("runtimed-spare-") for name in groups[1:])
@@ -532,13 +532,32 @@ async def test_sandbox_runners_a_limit_never_takes_a_spare_outside_its_cgroup(
                 result = await execution.wait()
                 groups.append(execution.group)
             assert result.signal == (None if spec is plain else signal.SIGTERM)
-            await trio.sleep(0.3)  # time to start the next spare
+            await _settled(runners)
     names = [group.name for group in groups]
     assert names[1].startswith("runtimed-spare-")
     # The spare made after a run without a limit is in that controller's cgroup only where
     # it comes with the others (cgroup v2): elsewhere the limited run starts its own.
     assert names[2].startswith("runtimed-spare-") == groups[1].has(controller)
     assert names[3].startswith("runtimed-spare-")  # made after a limited run: in it
+
+
+async def _settled(
+    runners: launch.Runners, *, running: int = 0, besides: int | None = None
+) -> None:
+    """Wait until the pool builds no spare and its runners are the spares it keeps (and
+    ``running`` runs' own): the last run's runner reaped, discarded spares gone. A fixed sleep
+    is too short on a busy host, where each of a shape's spares, built one after the other,
+    can take a good part of a second. Polled: the processes are seen through psutil."""
+
+    def settled() -> bool:
+        kept = sum(map(len, runners._spares.values()))
+        return (
+            not runners._making and len(_pool_runners(runners, besides=besides)) == running + kept
+        )
+
+    with trio.fail_after(30):
+        while not settled():  # noqa: ASYNC110 (no event tells when a runner is reaped)
+            await trio.sleep(0.01)
 
 
 def _pool_runners(runners: launch.Runners, *, besides: int | None = None) -> list[psutil.Process]:
@@ -551,29 +570,62 @@ def _pool_runners(runners: launch.Runners, *, besides: int | None = None) -> lis
 async def test_sandbox_runners_build_the_next_spare_during_an_emulated_run(
     source: DirectorySource, emulated: bool
 ) -> None:
-    # After an idle spell, the spare for a native run's successor is built once that run
-    # ended (built meanwhile, it slows a short run down); an emulated run outlasts a build, so
-    # the next spare is built while it runs (built after it, the spare's first cgroup move
-    # after the idle spell, an RCU grace period, fell on the next run's path).
+    # After an idle spell, the spare replacing the one a native run took is built once that
+    # run ended (built meanwhile, it slows a short run down); an emulated run outlasts a
+    # build, so its replacement is built while it runs (built after it, the spare's first
+    # cgroup move after the idle spell, an RCU grace period, fell on the next run's path).
     spec = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
     async with open_runners() as runners:
         prepared, encoded = await runners.prepare(spec, source, NATIVE_REPORT)
         assert encoded is not None
         key, hierarchies = encoded.shape, prepared.hierarchies
-        runners.ended(key, hierarchies)  # as after a first run: a spare is built
+        runners.ended(key, hierarchies)  # as after a first run: the spares are built
+        await _settled(runners)
         await trio.sleep(0.3)  # and the host is idle
+        assert len(_pool_runners(runners)) == launch.SPARES_PER_SHAPE
         spare = await runners.take(key, hierarchies, limited=frozenset(), emulated=emulated)
         assert spare is not None
         try:
             runners.running(key, hierarchies)
             await trio.sleep(0.3)
-            assert len(_pool_runners(runners, besides=spare.runner.pid)) == (1 if emulated else 0)
+            await _settled(runners, besides=spare.runner.pid)
+            others = len(_pool_runners(runners, besides=spare.runner.pid))
+            assert others == launch.SPARES_PER_SHAPE - (0 if emulated else 1)
             runners.ended(key, hierarchies)
-            await trio.sleep(0.3)
-            # One spare, whenever it was built.
-            assert len(_pool_runners(runners, besides=spare.runner.pid)) == 1
+            await _settled(runners, besides=spare.runner.pid)
+            # As many spares as before, whenever the replacement was built.
+            others = len(_pool_runners(runners, besides=spare.runner.pid))
+            assert others == launch.SPARES_PER_SHAPE
         finally:
             await launch._discard_spare(spare)
+    assert our_children(recursive=True) == []
+
+
+async def test_sandbox_runners_keep_a_second_spare_for_a_run_right_after(
+    source: DirectorySource,
+) -> None:
+    # Two runs back to back after an idle spell: the second finds a spare ready too, without
+    # waiting for the one that replaces the first's (built after the first run, or slowed by
+    # an RCU grace period).
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
+    async with open_runners() as runners:
+        prepared, encoded = await runners.prepare(spec, source, NATIVE_REPORT)
+        assert encoded is not None
+        key, hierarchies = encoded.shape, prepared.hierarchies
+        runners.ended(key, hierarchies)  # as after a first run
+        await _settled(runners)
+        await trio.sleep(0.3)  # and the host is idle
+        taken = []
+        try:
+            for _ in range(2):
+                spare = await runners.take(key, hierarchies, limited=frozenset(), emulated=False)
+                assert spare is not None
+                taken.append(spare)
+            # Taking them started no build: the pool's runners are these two.
+            assert {p.pid for p in _pool_runners(runners)} == {s.runner.pid for s in taken}
+        finally:
+            for spare in taken:
+                await launch._discard_spare(spare)
     assert our_children(recursive=True) == []
 
 
@@ -590,9 +642,10 @@ async def test_sandbox_runners_build_the_next_spare_during_a_lasting_native_run(
             await trio.sleep(0.3)  # the host is idle
             async with open_run(spec, source, NATIVE_REPORT, runners=runners) as execution:
                 assert (await execution.output.receive()).data == b"up\n"
-                await trio.sleep(0.3)
-                # This run's runner, and the next spare while this run sleeps.
-                assert len(_pool_runners(runners)) == 2
+                await trio.sleep(0.1)  # the run has lasted: the next spares are started
+                await _settled(runners, running=1)
+                # This run's runner, and the spares for the next while this run sleeps.
+                assert len(_pool_runners(runners)) == 1 + launch.SPARES_PER_SHAPE
                 async for _chunk in execution.output:
                     pass
                 assert (await execution.wait()).exit_code == 0
@@ -605,7 +658,8 @@ async def test_sandbox_runners_keep_a_spare_per_sandbox(
     source: DirectorySource, tmp_path: Path
 ) -> None:
     # A multi-platform build alternates between its platforms' roots: each root keeps the
-    # spare built after its last run, up to SPARES_KEPT of them; a removal lets them all go.
+    # spares built after its last run, for up to SPARES_KEPT roots; a removal lets them all
+    # go.
     roots = [source] + [
         DirectorySource(make_busybox_root(tmp_path / f"root{i}"), tmp_path / f"s{i}")
         for i in range(launch.SPARES_KEPT)
@@ -620,36 +674,38 @@ async def test_sandbox_runners_keep_a_spare_per_sandbox(
                     pass
                 assert (await execution.wait()).exit_code == 0
                 took.append(execution.group.name.startswith("runtimed-spare-"))
-            await trio.sleep(0.3)  # time to build the next spare
+            await _settled(runners)
         # Alternating, every run after the first of its root took that root's spare.
         assert took[:6] == [False, False, True, True, True, True]
         assert took[6:] == [True, True] + [False] * (len(roots) - 2)
-        assert len(_pool_runners(runners)) == launch.SPARES_KEPT  # the oldest root's went
+        # The oldest root's went.
+        assert len(_pool_runners(runners)) == launch.SPARES_KEPT * launch.SPARES_PER_SHAPE
         spec = ExecSpec.from_json({"snapshot": "s1", "args": ["true"]})
         async with open_run(spec, roots[1], NATIVE_REPORT, runners=runners) as execution:
             async for _ in execution.output:
                 pass
         # Its root's next spare is being built now; it goes as well once it is.
         runners.discard_spares()
-        await trio.sleep(0.3)
-        assert _pool_runners(runners) == []
+        await _settled(runners)
     assert our_children(recursive=True) == []
 
 
 async def test_sandbox_runners_replace_a_spare_that_died(source: DirectorySource) -> None:
     spec = ExecSpec.from_json({"snapshot": "s", "args": ["sh", "-c", "echo ok"]})
     async with open_runners() as runners:
-        for kill_spare in (False, True, False):
-            if kill_spare:
-                # The spare built after the last run: a runner of ours nobody uses yet.
-                (spare,) = _pool_runners(runners)
-                spare.kill()
-                await trio.to_thread.run_sync(spare.wait)
+        for kill_spares in (False, True, False):
+            if kill_spares:
+                # The spares built after the last run: runners of ours nobody uses yet.
+                spares = _pool_runners(runners)
+                assert len(spares) == launch.SPARES_PER_SHAPE
+                for spare in spares:
+                    spare.kill()
+                    await trio.to_thread.run_sync(spare.wait)
             async with open_run(spec, source, NATIVE_REPORT, runners=runners) as execution:
                 chunks = [chunk.data async for chunk in execution.output]
                 result = await execution.wait()
             assert (result.exit_code, b"".join(chunks)) == (0, b"ok\n")
-            await trio.sleep(0.3)  # time to start the next spare
+            await _settled(runners)
 
 
 async def test_sandbox_runners_remember_a_plan_until_the_report_changes(
