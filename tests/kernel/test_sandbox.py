@@ -566,6 +566,20 @@ def _pool_runners(runners: launch.Runners, *, besides: int | None = None) -> lis
     return [p for p in our_children() if p.pid not in (runners.spawner.pid, besides)]
 
 
+async def _idle_with_spares(
+    runners: launch.Runners, source: DirectorySource
+) -> tuple[bytes, cgroups.Hierarchies]:
+    """The pool as after a first run of ``true`` and an idle spell: its spares built. The
+    sandbox's key and cgroup hierarchies."""
+    spec = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
+    prepared, encoded = await runners.prepare(spec, source, NATIVE_REPORT)
+    assert encoded is not None
+    runners.ended(encoded.shape, prepared.hierarchies)  # as after a first run
+    await _settled(runners)
+    await trio.sleep(0.3)  # and the host is idle
+    return encoded.shape, prepared.hierarchies
+
+
 @pytest.mark.parametrize("emulated", [False, True])
 async def test_sandbox_runners_build_the_next_spare_during_an_emulated_run(
     source: DirectorySource, emulated: bool
@@ -574,14 +588,8 @@ async def test_sandbox_runners_build_the_next_spare_during_an_emulated_run(
     # run ended (built meanwhile, it slows a short run down); an emulated run outlasts a
     # build, so its replacement is built while it runs (built after it, the spare's first
     # cgroup move after the idle spell, an RCU grace period, fell on the next run's path).
-    spec = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
     async with open_runners() as runners:
-        prepared, encoded = await runners.prepare(spec, source, NATIVE_REPORT)
-        assert encoded is not None
-        key, hierarchies = encoded.shape, prepared.hierarchies
-        runners.ended(key, hierarchies)  # as after a first run: the spares are built
-        await _settled(runners)
-        await trio.sleep(0.3)  # and the host is idle
+        key, hierarchies = await _idle_with_spares(runners, source)
         assert len(_pool_runners(runners)) == launch.SPARES_PER_SHAPE
         spare = await runners.take(key, hierarchies, limited=frozenset(), emulated=emulated)
         assert spare is not None
@@ -607,14 +615,8 @@ async def test_sandbox_runners_keep_a_second_spare_for_a_run_right_after(
     # Two runs back to back after an idle spell: the second finds a spare ready too, without
     # waiting for the one that replaces the first's (built after the first run, or slowed by
     # an RCU grace period).
-    spec = ExecSpec.from_json({"snapshot": "s", "args": ["true"]})
     async with open_runners() as runners:
-        prepared, encoded = await runners.prepare(spec, source, NATIVE_REPORT)
-        assert encoded is not None
-        key, hierarchies = encoded.shape, prepared.hierarchies
-        runners.ended(key, hierarchies)  # as after a first run
-        await _settled(runners)
-        await trio.sleep(0.3)  # and the host is idle
+        key, hierarchies = await _idle_with_spares(runners, source)
         taken = []
         try:
             for _ in range(2):
