@@ -211,13 +211,14 @@ class DaemonBackend:
         request = ExecSpec.from_json(dict(spec))
         report = self._report or await self.refresh_platforms()
         result = await self._run(request, report, output)
+        summary = result.report.summary()
         log.info(
             "exec exited %d after %.3f s: %s",
             result.exit_code,
             trio.current_time() - start,
-            result.report.summary(),
+            summary,
         )
-        return {**result.to_json(), "summary": result.report.summary()}
+        return {**result.to_json(), "summary": summary}
 
     async def _run(
         self,
