@@ -87,7 +87,7 @@ HOST_RESOLV_CONF: Final = Path("/etc/resolv.conf")
 HERMETIC_KERNEL: Final = (6, 7)
 PREPARED_KEPT: Final = 16
 SPARES_KEPT: Final = 4
-"""Sandbox shapes spares are kept for at most (the most recently built): a multi-platform
+"""At most this many sandbox shapes keep spares (those built most recently): a multi-platform
 build alternates between the roots of its platforms."""
 SPARES_PER_SHAPE: Final = 2
 """Spares kept ready per shape. With one, a run that follows another at once waits for the
