@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -38,10 +39,11 @@ from typing import IO, Any, Final
 
 from runtimed.client import Client
 from runtimed.commands.options import add_state_dir_argument
-from runtimed.errors import Json, RpcError, SnapshotError, UsageError
+from runtimed.errors import InvalidArchiveError, Json, RpcError, SnapshotError, UsageError
 from runtimed.interface import is_source_name
 from runtimed.session import add_session_arguments, run_session
 from sandbox import fstree, layertar
+from sandbox.archive import parse_member_path
 from sandbox.store import ExportFormat, Store
 
 TAR_SUFFIX: Final = ".tar"
@@ -391,18 +393,38 @@ def _export_layout_dir(args: argparse.Namespace, dest: Path) -> None:
 
 
 def _unpack_layout(archive: IO[bytes], dest: Path) -> None:
-    """Unpack the daemon's OCI layout tar.
+    """Unpack the daemon's OCI layout tar into the fresh, empty directory ``dest``.
+
+    A layout holds only directories and regular files, so nothing else is accepted, and names
+    stay below ``dest`` (``..`` is refused, a leading ``/`` dropped). With no symlink ever made
+    there, no name can lead out. (``extractall(filter="data")`` would do much the same, but
+    Debian 12's Python, 3.11.2, predates extraction filters.)
 
     Raises:
         SnapshotError: the archive is not a layout tar we can unpack.
     """
     try:
         with tarfile.open(fileobj=archive, mode="r:") as tar:
-            # The "data" filter refuses absolute names, links out of the tree and devices: a
-            # layout holds only directories and regular files.
-            tar.extractall(dest, filter="data")
-    except (tarfile.TarError, OSError) as exc:
+            for member in tar:
+                _unpack_member(tar, member, dest)
+    except (tarfile.TarError, OSError, InvalidArchiveError) as exc:
         raise SnapshotError(f"export: unpacking the daemon's layout into {dest}: {exc}") from exc
+
+
+def _unpack_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    path = dest.joinpath(*parse_member_path(member.name))
+    if member.isdir():
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    source = tar.extractfile(member) if member.isreg() else None
+    if source is None:
+        raise InvalidArchiveError(
+            f"archive member {member.name!r}: not a directory or a regular file",
+            details={"entry": member.name},
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with source, path.open("xb") as out:  # O_EXCL: a name met twice is refused
+        shutil.copyfileobj(source, out)
 
 
 def _export(args: argparse.Namespace) -> int:
