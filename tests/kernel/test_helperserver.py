@@ -21,7 +21,7 @@ from runtimed.errors import SnapshotError
 from sandbox import helperserver
 from sandbox.archive import UnpackLimits
 from sandbox.unpack import LayerHelper
-from tests.kernel.test_unpack import SMALL, process_state
+from tests.kernel.test_unpack import ENDED, SMALL, process_state
 
 pytestmark = pytest.mark.kernel
 
@@ -37,7 +37,7 @@ def parent_of(pid: int) -> int:
 
 def wait_gone(pid: int) -> None:
     deadline = time.monotonic() + GONE_WITHIN
-    while process_state(pid) not in ("Z", None):
+    while process_state(pid) not in ENDED:
         assert time.monotonic() < deadline, f"process {pid} still runs"
         time.sleep(0.01)
 

@@ -17,6 +17,7 @@ import tarfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 import pytest
 
@@ -266,11 +267,15 @@ def test_layer_helper_started_before_its_source_is_written(
         assert (layer / "a").read_bytes() == b"a" * 5000
         assert result.compressed_digest == sha256(blob.read_bytes())
         unused = LayerHelper(fd)
-        assert process_state(unused.pid) not in ("Z", None)  # waiting for its plan
+        assert process_state(unused.pid) not in ENDED  # waiting for its plan
         unused.close()
-        assert process_state(unused.pid) in ("Z", None)  # killed (its server reaps it)
+        assert process_state(unused.pid) in ENDED  # killed (its server reaps it)
     finally:
         os.close(fd)
+
+
+ENDED: Final = ("Z", "X", None)
+"""The states of an ended process: a zombie, dead while being reaped (X), gone."""
 
 
 def process_state(pid: int) -> str | None:
