@@ -8,8 +8,8 @@ host's is never touched):
 - 50 concurrent Execs (one connection each) against ``xargs -P50 bwrap ...``;
 - the daemon's idle RSS, and a GetInfo round trip (the RPC layer without a sandbox).
 
-Usage: ``.venv/bin/python bench/bench_daemon.py [--runs N] [--rounds N] [--json]`` (as root;
-needs bubblewrap, qemu-user-static and the busybox fixtures of scripts/fetch-test-fixtures).
+Usage: ``.venv/bin/python bench/bench_daemon.py [--runs N] [--rounds N] [--json]`` (as root,
+after ``scripts/setup``: QEMU and the busybox fixtures; it installs bubblewrap if missing).
 The defaults (120 Execs per platform in 12 blocks, 12 bursts of 50) take about 35 s. With 30
 Execs in 5 blocks and 5 bursts, the ratios moved by up to 0.15 between back-to-back runs on
 this shared 2-core VM, more than the margins they are judged by: a median of so few samples
@@ -36,6 +36,7 @@ from typing import Final
 import psutil
 import trio
 
+from peers import ensure_tools
 from runtimed.client import SyncClient, open_client
 from runtimed.errors import Json
 from vmsteal import StealMeter
@@ -197,6 +198,7 @@ def main() -> int:
     parser.add_argument("--inner-binfmt-misc", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner_binfmt_misc is None:
+        ensure_tools({"bwrap": "bubblewrap"})  # as the host's root, before the namespace
         return reexec_in_private_namespace(sys.argv)
     per_block = max(1, args.runs // args.rounds)
     work = Path(tempfile.mkdtemp(prefix="runtimed-bench-"))

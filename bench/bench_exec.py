@@ -33,6 +33,7 @@ import trio
 
 from binfmt.detect import platform_report
 from binfmt.report import PlatformReport
+from peers import ensure_tools
 from runtimed.errors import Json
 from sandbox.launch import Runners, open_run, open_runners
 from sandbox.spec import ExecSpec
@@ -43,13 +44,6 @@ CACHE = Path(os.environ.get("RUNTIMED_TEST_CACHE", "/var/cache/runtimed-tests"))
 ARCHES = {"amd64": "linux/amd64", "arm64": "linux/arm64"}
 COMMANDS = {"true": ["/bin/true"], "uname -m": ["/bin/uname", "-m"]}
 PEERS = ("bwrap", "crun", "unshare+chroot")
-
-
-def ensure_peers() -> None:
-    wanted = (("bwrap", "bubblewrap"), ("crun", "crun"))
-    missing = [pkg for tool, pkg in wanted if not shutil.which(tool)]
-    if missing:
-        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
 
 
 def make_root(path: Path, arch: str) -> Path:
@@ -185,7 +179,7 @@ async def measure(
 
 
 def outer(args: argparse.Namespace) -> None:
-    ensure_peers()
+    ensure_tools({"bwrap": "bubblewrap", "crun": "crun"})
     work = Path(tempfile.mkdtemp(prefix="bench-exec-", dir="/var/tmp"))
     try:
         snapshots = {}
