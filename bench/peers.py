@@ -21,7 +21,9 @@ def ensure_tools(packages: Mapping[str, str]) -> None:
     if not missing:
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    # Not checked: an index that fails (a mirror mid-sync, a foreign architecture's security
+    # list) leaves the others usable, as scripts/setup does; the install says if it was not.
+    subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
     subprocess.run(
         ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
         check=True,
