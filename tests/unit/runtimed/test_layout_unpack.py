@@ -37,7 +37,8 @@ def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
     return info, data
 
 
-def _link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
+def _other(name: str, kind: bytes, target: str = "") -> tuple[tarfile.TarInfo, None]:
+    """A member of another type than directory or regular file (a link to ``target``)."""
     info = tarfile.TarInfo(name)
     info.type = kind
     info.linkname = target
@@ -65,10 +66,10 @@ def test_layout_unpack_writes_directories_and_files(tmp_path: Path) -> None:
     [
         (_file("../escaped", b"x"), "'..' component"),
         (_file("blobs/../../escaped", b"x"), "'..' component"),
-        (_link("index.json", "/etc/passwd", tarfile.SYMTYPE), "not a directory or a regular file"),
-        (_link("index.json", "/etc/passwd", tarfile.LNKTYPE), "not a directory or a regular file"),
-        (_link("dev", "", tarfile.CHRTYPE), "not a directory or a regular file"),
-        (_link("fifo", "", tarfile.FIFOTYPE), "not a directory or a regular file"),
+        (_other("index.json", tarfile.SYMTYPE, "/etc/passwd"), "not a directory or a regular file"),
+        (_other("index.json", tarfile.LNKTYPE, "/etc/passwd"), "not a directory or a regular file"),
+        (_other("dev", tarfile.CHRTYPE), "not a directory or a regular file"),
+        (_other("fifo", tarfile.FIFOTYPE), "not a directory or a regular file"),
     ],
     ids=["dotdot", "nested-dotdot", "symlink", "hardlink", "device", "fifo"],
 )
